@@ -1,0 +1,69 @@
+"""The one small interface every backend implements.
+
+A backend answers: where is the remote Jupyter server, how do I authenticate to it, how is a
+remote kernel started, interrupted, checked and stopped. The proxy kernel (``kernelapp``) calls
+these methods from its event loop; the relay never sees a backend.
+
+Backends: ``jupyter`` (any Jupyter server or gateway), ``local`` (a private jupyter-server on
+loopback, the embedded default), ``colab`` (a Colab runtime: assignment, keep-alive and
+proxy-token refresh wrap the same Jupyter REST and WebSocket calls).
+"""
+
+from __future__ import annotations
+
+import abc
+from enum import Enum
+
+from tornado.httpclient import HTTPRequest
+
+
+class KernelHealth(Enum):
+    """What the remote server says about our kernel, asked after a connection dropped."""
+
+    ALIVE = "alive"
+    GONE = "gone"  # deleted, dead, or the server restarted without it
+    AUTH_EXPIRED = "auth_expired"  # credentials refused: re-authenticate before judging
+    UNREACHABLE = "unreachable"  # the server did not answer at all
+
+
+class Backend(abc.ABC):
+    """How one proxy kernel finds, starts, and stops its remote kernel."""
+
+    #: Shown to the user in notices and errors; never contains a secret.
+    description: str = "the remote kernel"
+
+    @abc.abstractmethod
+    async def start_kernel(self) -> str:
+        """Make sure a remote kernel exists and return its id.
+
+        Called by the proxy when it first needs the remote and again after the remote kernel was
+        lost. Raises :class:`~cgpu_kernel.exceptions.RemoteError` subclasses with messages that
+        say what to do.
+        """
+
+    @abc.abstractmethod
+    def websocket_request(self, session_id: str) -> HTTPRequest:
+        """The request that opens the kernel's channels WebSocket (URL, headers, TLS options)."""
+
+    @abc.abstractmethod
+    async def interrupt_kernel(self) -> None:
+        """Interrupt the running cell (REST), so it works even when the kernel is busy."""
+
+    @abc.abstractmethod
+    async def kernel_health(self) -> KernelHealth:
+        """Ask the server whether our kernel still exists (after a dropped connection)."""
+
+    async def reauthenticate(self) -> bool:
+        """Refresh expired credentials; True when there is something new worth retrying with.
+
+        The Colab backend refreshes its runtime proxy token here; a plain Jupyter server token
+        cannot be refreshed, so the default says no.
+        """
+        return False
+
+    @abc.abstractmethod
+    async def shutdown_kernel(self) -> None:
+        """Delete the remote kernel (and anything started for it). Safe to call twice."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook with nothing to do by default
+        """Release clients and helpers at process exit, after :meth:`shutdown_kernel`."""

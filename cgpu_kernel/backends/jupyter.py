@@ -1,0 +1,267 @@
+"""The ``jupyter`` backend: any Jupyter server, Jupyter Kernel Gateway or Enterprise Gateway.
+
+REST (``/api/kernelspecs``, ``/api/kernels``) starts, interrupts, checks and deletes the remote
+kernel; the channels WebSocket is opened by ``connection``. The token is sent only in the
+``Authorization`` header: never in a URL, never in a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from .. import registry
+from ..exceptions import (
+    ConfigurationError,
+    RemoteAuthError,
+    RemoteError,
+    RemoteKernelGoneError,
+    RemoteKernelSpecError,
+    RemoteProtocolError,
+    RemoteUnreachableError,
+)
+from .base import Backend, KernelHealth
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "cgpu-kernel"
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:port/base/`` from what a user typed; refuses credentials in the URL."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"{safe_url(url)!r} is not an http(s) URL. Give the remote Jupyter server's base URL,"
+            " for example --url https://jupyter.example.org/user/me/"
+        )
+    if "token=" in parts.query or parts.username or parts.password:
+        raise ConfigurationError(
+            "The server URL carries a credential. Pass the URL without it and give the token in"
+            " the CGPU_TOKEN environment variable or a --token-file, so it never lands in"
+            " kernel.json, a process list or a log."
+        )
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def safe_url(url: str) -> str:
+    """``url`` without user info, query or fragment: fit for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class JupyterServerClient:
+    """Small REST client for one Jupyter server, mapping failures to errors that say what to do."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        *,
+        validate_cert: bool = True,
+        ca_certs: str | None = None,
+        extra_headers: dict[str, str] | None = None,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.token = token
+        self.validate_cert = validate_cert
+        self.ca_certs = ca_certs
+        self.extra_headers = dict(extra_headers or {})
+        self.request_timeout = request_timeout
+        self._http = AsyncHTTPClient(force_instance=True)
+
+    def headers(self) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, **self.extra_headers}
+        if self.token:
+            headers["Authorization"] = f"token {self.token}"
+        return headers
+
+    def http_request(self, url: str, **kwargs: Any) -> HTTPRequest:
+        return HTTPRequest(
+            url,
+            headers=self.headers(),
+            validate_cert=self.validate_cert,
+            ca_certs=self.ca_certs,
+            **kwargs,
+        )
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One REST call; returns the decoded JSON (None for an empty body)."""
+        url = self.base_url + path
+        where = safe_url(url)
+        request = self.http_request(
+            url,
+            method=method,
+            body=None if body is None else json.dumps(body),
+            allow_nonstandard_methods=True,
+            connect_timeout=min(10.0, self.request_timeout),
+            request_timeout=self.request_timeout,
+        )
+        try:
+            response = await self._http.fetch(request)
+        except HTTPClientError as exc:
+            if exc.code == 599 or exc.response is None:
+                raise RemoteUnreachableError(
+                    f"Could not reach the Jupyter server at {where}: {exc.message}. Check that it"
+                    " is running and that the URL is right."
+                ) from None
+            if exc.code in (401, 403):
+                raise RemoteAuthError(
+                    f"The Jupyter server at {safe_url(self.base_url)} refused our credentials"
+                    f" (HTTP {exc.code}). Set CGPU_TOKEN (or --token-file) to the server's token."
+                ) from None
+            raise RemoteProtocolError(
+                f"{method} {where} failed with HTTP {exc.code}: {_server_reason(exc)}"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise RemoteUnreachableError(
+                f"Could not reach the Jupyter server at {where}: {exc}. Check that it is running,"
+                " that the URL is right, and (for https) that its certificate is valid."
+            ) from None
+        if not response.body:
+            return None
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            kind = response.headers.get("Content-Type", "unknown content")
+            raise RemoteProtocolError(
+                f"{where} answered with {kind}, not the JSON of a Jupyter server API. Check that"
+                " the URL is the server's base URL (where /api/kernels lives)."
+            ) from None
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _server_reason(exc: HTTPClientError) -> str:
+    body = exc.response.body if exc.response is not None else b""
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or exc.message)
+
+
+class JupyterBackend(Backend):
+    """A remote kernel on a Jupyter server we can reach over HTTP(S)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None,
+        kernel_name: str = "python3",
+        *,
+        validate_cert: bool = True,
+        ca_certs: str | None = None,
+        record_for_reclaim: bool = True,
+    ) -> None:
+        self.client = JupyterServerClient(
+            base_url, token, validate_cert=validate_cert, ca_certs=ca_certs
+        )
+        self.kernel_name = kernel_name
+        self.kernel_id: str | None = None
+        self.record_for_reclaim = record_for_reclaim
+        self.description = f"the {kernel_name!r} kernel at {safe_url(self.client.base_url)}"
+
+    @property
+    def base_url(self) -> str:
+        return self.client.base_url
+
+    async def start_kernel(self) -> str:
+        if self.kernel_id is not None:
+            health = await self.kernel_health()
+            if health is KernelHealth.ALIVE:
+                return self.kernel_id
+            self._forget_kernel()
+        if self.record_for_reclaim:
+            await registry.reclaim_orphans(self.client)
+        specs = await self.client.call("GET", "api/kernelspecs")
+        names = sorted((specs or {}).get("kernelspecs", {})) if isinstance(specs, dict) else []
+        if not isinstance(specs, dict) or "kernelspecs" not in specs:
+            raise RemoteProtocolError(
+                f"{safe_url(self.base_url)} does not list kernelspecs like a Jupyter server."
+            )
+        if self.kernel_name not in names:
+            raise RemoteKernelSpecError(
+                f"The server at {safe_url(self.base_url)} has no kernelspec named"
+                f" {self.kernel_name!r}. Available: {', '.join(names) or 'none'}. Reinstall with"
+                " --remote-kernel set to one of them."
+            )
+        model = await self.client.call("POST", "api/kernels", {"name": self.kernel_name})
+        if not isinstance(model, dict) or not isinstance(model.get("id"), str):
+            raise RemoteProtocolError(
+                f"{safe_url(self.base_url)} started a kernel but did not say its id."
+            )
+        self.kernel_id = model["id"]
+        if self.record_for_reclaim:
+            registry.record(self.base_url, self.kernel_id)
+        log.info("started remote kernel %s on %s", self.kernel_id, safe_url(self.base_url))
+        return self.kernel_id
+
+    def _kernel_path(self) -> str:
+        if self.kernel_id is None:
+            raise RemoteKernelGoneError("No remote kernel has been started yet.")
+        return f"api/kernels/{quote(self.kernel_id)}"
+
+    def websocket_request(self, session_id: str) -> HTTPRequest:
+        scheme = "wss" if self.base_url.startswith("https") else "ws"
+        url = (
+            scheme
+            + self.base_url[self.base_url.index(":") :]
+            + self._kernel_path()
+            + f"/channels?session_id={quote(session_id)}"
+        )
+        return self.client.http_request(url, connect_timeout=15.0)
+
+    async def interrupt_kernel(self) -> None:
+        if self.kernel_id is None:
+            return  # nothing started yet: the relay already cancelled the queued cells
+        await self.client.call("POST", self._kernel_path() + "/interrupt", {})
+
+    async def kernel_health(self) -> KernelHealth:
+        if self.kernel_id is None:
+            return KernelHealth.GONE
+        try:
+            model = await self.client.call("GET", self._kernel_path())
+        except RemoteAuthError:
+            return KernelHealth.AUTH_EXPIRED
+        except RemoteUnreachableError:
+            return KernelHealth.UNREACHABLE
+        except RemoteProtocolError:
+            return KernelHealth.GONE  # 404 and friends: the server does not know it any more
+        if isinstance(model, dict) and model.get("execution_state") == "dead":
+            return KernelHealth.GONE
+        return KernelHealth.ALIVE
+
+    async def shutdown_kernel(self) -> None:
+        if self.kernel_id is None:
+            return
+        try:
+            await self.client.call("DELETE", self._kernel_path())
+        except RemoteProtocolError as exc:
+            log.info("remote kernel was already gone: %s", exc)
+        except RemoteError as exc:
+            # Keep the reclaim record: the next cgpu kernel on this server, or
+            # `cgpu-kernel reclaim`, deletes the kernel once the server answers again.
+            log.warning("could not delete remote kernel %s: %s", self.kernel_id, exc)
+            self.kernel_id = None
+            return
+        self._forget_kernel()
+
+    def _forget_kernel(self) -> None:
+        if self.kernel_id is not None and self.record_for_reclaim:
+            registry.forget(self.base_url, self.kernel_id)
+        self.kernel_id = None
+
+    async def close(self) -> None:
+        self.client.close()

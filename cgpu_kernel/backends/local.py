@@ -1,0 +1,85 @@
+"""The ``local`` backend: the embedded default that needs no account.
+
+Starts a private jupyter-server (``local_server``) on 127.0.0.1 with a random port and a random
+token, and uses it exactly like any remote Jupyter server. The server lives as long as this
+proxy: it is stopped on shutdown, and it stops itself if the proxy dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sys
+
+from ..exceptions import RemoteUnreachableError
+from .jupyter import JupyterBackend
+
+log = logging.getLogger(__name__)
+
+SERVER_START_TIMEOUT = 60.0
+
+
+class LocalBackend(JupyterBackend):
+    """A kernel on a private jupyter-server started by (and for) this proxy."""
+
+    def __init__(self, kernel_name: str = "python3", root_dir: str | None = None) -> None:
+        self._token = secrets.token_urlsafe(32)
+        super().__init__("http://127.0.0.1:1/", self._token, kernel_name, record_for_reclaim=False)
+        self.root_dir = root_dir or os.getcwd()
+        self.description = f"the {kernel_name!r} kernel on a private local Jupyter server"
+        self._server: asyncio.subprocess.Process | None = None
+
+    async def start_kernel(self) -> str:
+        if self._server is None or self._server.returncode is not None:
+            await self._start_server()
+        return await super().start_kernel()
+
+    async def _start_server(self) -> None:
+        env = dict(os.environ, JUPYTER_TOKEN=self._token)
+        env.pop("CGPU_TOKEN", None)
+        self._server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cgpu_kernel.backends.local_server",
+            "--parent-pid",
+            str(os.getpid()),
+            "--root-dir",
+            self.root_dir,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert self._server.stdout is not None
+        try:
+            line = await asyncio.wait_for(self._server.stdout.readline(), SERVER_START_TIMEOUT)
+            port = int(json.loads(line)["port"])
+        except (asyncio.TimeoutError, ValueError, KeyError, TypeError):
+            await self._stop_server()
+            raise RemoteUnreachableError(
+                "The private local Jupyter server did not start (see the kernel log above for"
+                " its error). Check that jupyter-server and ipykernel are installed in"
+                f" {sys.executable}'s environment."
+            ) from None
+        self.client.base_url = f"http://127.0.0.1:{port}/"
+        log.info("private Jupyter server listening on 127.0.0.1:%d", port)
+
+    async def shutdown_kernel(self) -> None:
+        try:
+            if self._server is not None and self._server.returncode is None:
+                await super().shutdown_kernel()
+        finally:
+            await self._stop_server()
+
+    async def _stop_server(self) -> None:
+        server, self._server = self._server, None
+        if server is None or server.returncode is not None:
+            return
+        server.terminate()
+        try:
+            await asyncio.wait_for(server.wait(), 5.0)
+        except asyncio.TimeoutError:
+            server.kill()
+            await server.wait()

@@ -1,0 +1,189 @@
+"""The ``cgpu-kernel`` command: install, list, remove, demo, reclaim -- and the kernel itself.
+
+``python -m cgpu_kernel -f CONNECTION_FILE ...`` (what kernelspecs run) starts the proxy kernel;
+everything else is a subcommand. Errors print one line saying what to do and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import sys
+from typing import Any
+
+from . import __version__, kernelspec
+from .exceptions import CgpuError
+
+SUBCOMMANDS = ("install", "list", "remove", "demo", "reclaim", "config-reference")
+
+
+def _install(args: argparse.Namespace) -> int:
+    backend = args.backend
+    name = args.name or kernelspec.default_name(backend)
+    token_file = args.token_file
+    if args.token_stdin:
+        token = sys.stdin.readline() if not sys.stdin.isatty() else getpass.getpass("Token: ")
+        token_file = str(kernelspec.save_token(name, token))
+    argv = kernelspec.make_argv(
+        backend,
+        url=args.url,
+        remote_kernel=args.remote_kernel,
+        token_file=token_file,
+        extra=[f"--startup-timeout={args.startup_timeout}"] if args.startup_timeout else None,
+    )
+    spec = kernelspec.make_kernel_dict(
+        argv,
+        args.display_name or kernelspec.DEFAULT_DISPLAY_NAMES[backend],
+        backend=backend,
+        interrupt_mode=args.interrupt_mode,
+    )
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    path = kernelspec.install(spec, name, user=args.user, prefix=prefix)
+    print(f"Installed kernelspec {name} in {path}")
+    if backend == "jupyter" and not token_file:
+        print("The kernel reads the server's token from CGPU_TOKEN in the frontend's environment.")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    specs = kernelspec.list_specs()
+    if args.json:
+        print(json.dumps(specs, indent=2))
+    elif not specs:
+        print("No cgpu kernelspecs installed. Add one with `cgpu-kernel install`.")
+    else:
+        width = max(len(s["name"]) for s in specs)
+        for spec in specs:
+            print(f"{spec['name']:<{width}}  {spec['backend']:<8} {spec['resource_dir']}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    for name in args.names:
+        print(f"Removed {kernelspec.remove(name)}")
+    return 0
+
+
+def _reclaim(args: argparse.Namespace) -> int:
+    from . import registry
+    from .backends.jupyter import JupyterServerClient, safe_url
+    from .kernelapp import read_token
+
+    async def reclaim() -> int:
+        urls = sorted({r["url"] for r in registry.records() if not registry.owner_alive(r)})
+        if not urls:
+            print("No remote kernels left behind by dead cgpu kernels.")
+            return 0
+        failures = 0
+        for url in urls:
+            client = JupyterServerClient(url, read_token(args.token_file or ""))
+            try:
+                done = await registry.reclaim_orphans(client)
+            finally:
+                client.close()
+            left = [
+                r for r in registry.records() if r["url"] == url and not registry.owner_alive(r)
+            ]
+            print(f"{safe_url(url)}: deleted {len(done)} kernel(s), {len(left)} left")
+            failures += len(left)
+        return 1 if failures else 0
+
+    return asyncio.run(reclaim())
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from .config import trait_reference
+    from .kernelapp import ProxyKernel
+
+    rows = trait_reference(ProxyKernel)
+    print("| Option | Type | Default | Environment | Description |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        env = f"`{row['env']}`" if row["env"] else ""
+        print(f"| `{row['option']}` | {row['type']} | `{row['default']}` | {env} | {row['help']} |")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.notebook, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cgpu-kernel",
+        description="Use a remote GPU kernel (Colab, any Jupyter server) from any Jupyter tool.",
+    )
+    parser.add_argument("--version", action="version", version=f"cgpu-kernel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    install = commands.add_parser("install", help="install a kernelspec")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
+    where.add_argument("--prefix", help="install into PREFIX/share/jupyter/kernels")
+    install.add_argument("--name", help="kernelspec name (default: cgpu-<backend>)")
+    install.add_argument("--display-name", help="name shown in kernel pickers")
+    install.add_argument("--backend", choices=kernelspec.BACKENDS, default="local")
+    install.add_argument("--url", help="remote Jupyter server base URL (jupyter backend)")
+    install.add_argument("--remote-kernel", help="kernelspec on the remote (default python3)")
+    install.add_argument("--token-file", help="file holding the remote server's token")
+    install.add_argument(
+        "--token-stdin",
+        action="store_true",
+        help="read the token from stdin into a private 0600 file and use that",
+    )
+    install.add_argument("--interrupt-mode", choices=("message", "signal"), default="message")
+    install.add_argument("--startup-timeout", type=float, help="seconds (default 60)")
+    install.set_defaults(func=_install)
+
+    listing = commands.add_parser("list", help="list installed cgpu kernelspecs")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_list)
+
+    remove = commands.add_parser("remove", help="remove cgpu kernelspecs")
+    remove.add_argument("names", nargs="+", metavar="NAME")
+    remove.set_defaults(func=_remove)
+
+    demo = commands.add_parser(
+        "demo", help="run examples/quickstart.ipynb through the proxy on a private local server"
+    )
+    demo.add_argument("--notebook", help="notebook to run instead of the quickstart")
+    demo.add_argument("--timeout", type=float, default=120.0, help="seconds per cell")
+    demo.set_defaults(func=_demo)
+
+    reclaim = commands.add_parser(
+        "reclaim", help="delete remote kernels left running by cgpu kernels that were killed"
+    )
+    reclaim.add_argument("--token-file", help="token file (else CGPU_TOKEN)")
+    reclaim.set_defaults(func=_reclaim)
+
+    reference = commands.add_parser("config-reference", help="print the option table (Markdown)")
+    reference.set_defaults(func=_config_reference)
+    return parser
+
+
+def _is_kernel_launch(args: list[str]) -> bool:
+    """True for ``-f CONNECTION_FILE ...`` (a frontend starting the kernel), not a subcommand."""
+    if not args or args[0] in SUBCOMMANDS:
+        return False
+    return any(a in ("-f", "--f") or a.startswith(("-f=", "--f=")) for a in args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args_list = sys.argv[1:] if argv is None else argv
+    if _is_kernel_launch(args_list):
+        from .kernelapp import launch_kernel
+
+        launch_kernel(args_list)
+        return
+    args = build_parser().parse_args(args_list)
+    try:
+        code: Any = args.func(args)
+    except CgpuError as exc:
+        print(f"cgpu-kernel: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)

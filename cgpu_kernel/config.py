@@ -1,0 +1,59 @@
+"""Configuration plumbing: ``CGPU_*`` environment variables as a fallback for traits.
+
+Every option is a traitlets trait with help text, settable from a config file and the command
+line. A trait tagged ``.tag(env="CGPU_SOMETHING")`` also reads that environment variable when
+neither the command line nor a config file set it: precedence is command line, then config
+file, then environment, then the default. The documentation's option table is generated from
+the same traits (``cgpu-kernel config-reference``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from traitlets import TraitError
+from traitlets.config import Configurable
+
+from .exceptions import ConfigurationError
+
+
+class EnvConfigurable(Configurable):
+    """A Configurable whose traits tagged with ``env=`` fall back to environment variables."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        explicit = set(kwargs)
+        for cls in type(self).mro():
+            section = self.config.get(cls.__name__)
+            if section:
+                explicit.update(section.keys())
+        for name, trait in self.traits(env=lambda value: value is not None).items():
+            variable = trait.metadata["env"]
+            raw = os.environ.get(variable)
+            if name in explicit or raw is None or raw == "":
+                continue
+            try:
+                setattr(self, name, trait.from_string(raw))
+            except (TraitError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"The environment variable {variable}={raw!r} is not a valid value for"
+                    f" {type(self).__name__}.{name}: {exc}. Fix or unset it."
+                ) from None
+
+
+def trait_reference(configurable: type[Configurable]) -> list[dict[str, str]]:
+    """Rows for the documentation's option table: name, type, default, env var, help."""
+    rows = []
+    for name, trait in sorted(configurable.class_traits(config=True).items()):
+        default = trait.default_value_repr()
+        rows.append(
+            {
+                "option": f"{configurable.__name__}.{name}",
+                "type": type(trait).__name__,
+                "default": default,
+                "env": str(trait.metadata.get("env", "")),
+                "help": " ".join(str(trait.help).split()),
+            }
+        )
+    return rows

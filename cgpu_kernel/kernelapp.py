@@ -1,0 +1,498 @@
+"""The proxy kernel process: ``python -m cgpu_kernel -f {connection_file}``.
+
+Wires the parts together and owns the lifecycle: binds the frontend sockets, asks the backend
+for a remote kernel, opens the channels WebSocket, reconnects it when it drops, forwards
+interrupts (message or SIGINT) to the remote over REST, and deletes the remote kernel on
+shutdown, on SIGTERM, and when the frontend that started it disappears.
+
+Every routing decision is the relay's; this module performs the relay's actions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import psutil
+from jupyter_client.session import Session
+from tornado.httpclient import HTTPRequest
+from traitlets import Bool, Enum, Float, Int, Unicode
+from traitlets.config import Application
+
+from . import __version__
+from .backends.base import Backend, KernelHealth
+from .config import EnvConfigurable
+from .connection import ChannelsClosedError, RemoteChannels
+from .exceptions import (
+    CgpuError,
+    ConfigurationError,
+    RemoteAuthError,
+    RemoteKernelGoneError,
+    StartupTimeoutError,
+)
+from .frontend import FrontendSockets
+from .relay import (
+    Action,
+    ConnectRemote,
+    InterruptRemote,
+    Publish,
+    Relay,
+    RemoteState,
+    Request,
+    SendToFrontend,
+    SendToRemote,
+    ShutdownRemote,
+)
+from .wire import Message
+
+log = logging.getLogger("cgpu_kernel")
+
+TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
+
+
+def read_token(token_file: str) -> str | None:
+    """The remote server's token: ``CGPU_TOKEN``, else the token file, else none."""
+    token = os.environ.get(TOKEN_ENV)
+    if token:
+        return token.strip()
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Cannot read the token file {path}: {exc.strerror}. Fix the path, or set"
+                f" {TOKEN_ENV}."
+            ) from None
+    return None
+
+
+class ProxyKernel(EnvConfigurable):
+    """Options of the proxy kernel process (kernelspec argv, config file, or CGPU_* env)."""
+
+    backend = Enum(
+        ["local", "jupyter", "colab"],
+        "local",
+        config=True,
+        help="""Where the remote kernel runs: 'local' starts a private jupyter-server on
+        loopback (no account needed), 'jupyter' uses the server at --url, 'colab' a Colab
+        runtime.""",
+    ).tag(env="CGPU_BACKEND")
+    url = Unicode(
+        "",
+        config=True,
+        help="""Base URL of the remote Jupyter server (jupyter backend). Give the token in
+        CGPU_TOKEN or --token-file, never in the URL.""",
+    ).tag(env="CGPU_URL")
+    remote_kernel = Unicode(
+        "python3", config=True, help="Name of the kernelspec to start on the remote server."
+    ).tag(env="CGPU_REMOTE_KERNEL")
+    token_file = Unicode(
+        "",
+        config=True,
+        help="""File holding the remote server's token (used when CGPU_TOKEN is unset). Keep it
+        private (mode 0600).""",
+    ).tag(env="CGPU_TOKEN_FILE")
+    startup_timeout = Float(
+        60.0,
+        config=True,
+        help="""Seconds to wait for the remote kernel to be ready before queued requests fail
+        with a clear error. The kernel stays up and the next cell tries again.""",
+    ).tag(env="CGPU_STARTUP_TIMEOUT")
+    reconnect_budget = Float(
+        900.0,
+        config=True,
+        help="""Seconds to keep trying to reconnect after the connection drops (long enough for
+        a laptop lid). After that, waiting requests fail; the next cell tries again.""",
+    ).tag(env="CGPU_RECONNECT_BUDGET")
+    ping_interval = Float(
+        10.0,
+        config=True,
+        help="""Seconds between WebSocket pings; a connection whose pong does not come back
+        within one more interval is treated as lost. 0 disables pings.""",
+    ).tag(env="CGPU_PING_INTERVAL")
+    max_queue = Int(
+        1000,
+        config=True,
+        help="Messages held while the remote is not connected; beyond that, requests fail.",
+    ).tag(env="CGPU_MAX_QUEUE")
+    max_message_size = Int(
+        1 << 30,
+        config=True,
+        help="""Largest single message accepted from the remote, in bytes (tornado's default is
+        10 MiB, which silently loses big outputs and buffers).""",
+    ).tag(env="CGPU_MAX_MESSAGE_SIZE")
+    validate_cert = Bool(
+        True,
+        config=True,
+        help="Verify the remote server's TLS certificate. Leave on outside of tests.",
+    ).tag(env="CGPU_VALIDATE_CERT")
+    ca_certs = Unicode(
+        "", config=True, help="CA bundle for a remote server with a private certificate."
+    ).tag(env="CGPU_CA_CERTS")
+
+    def make_backend(self) -> Backend:
+        if self.backend == "local":
+            from .backends.local import LocalBackend
+
+            return LocalBackend(self.remote_kernel)
+        if self.backend == "jupyter":
+            from .backends.jupyter import JupyterBackend
+
+            if not self.url:
+                raise ConfigurationError(
+                    "The jupyter backend needs the server's URL: reinstall the kernelspec with"
+                    " --url, or set CGPU_URL."
+                )
+            return JupyterBackend(
+                self.url,
+                read_token(self.token_file),
+                self.remote_kernel,
+                validate_cert=self.validate_cert,
+                ca_certs=self.ca_certs or None,
+            )
+        raise ConfigurationError(
+            "The colab backend is not available in this version: use --backend local or"
+            " --backend jupyter."
+        )
+
+
+class UnavailableBackend(Backend):
+    """Stands in when the options cannot work: every attempt fails with the reason."""
+
+    def __init__(self, error: CgpuError) -> None:
+        self.error = error
+        self.description = "the remote kernel (misconfigured)"
+
+    async def start_kernel(self) -> str:
+        raise self.error
+
+    def websocket_request(self, session_id: str) -> HTTPRequest:
+        raise self.error
+
+    async def interrupt_kernel(self) -> None:
+        return None
+
+    async def kernel_health(self) -> KernelHealth:
+        return KernelHealth.GONE
+
+    async def shutdown_kernel(self) -> None:
+        return None
+
+
+class ProxyKernelRun:
+    """One run of the proxy: from binding the sockets to deleting the remote kernel."""
+
+    def __init__(
+        self, options: ProxyKernel, connection_info: dict[str, Any], backend: Backend
+    ) -> None:
+        self.options = options
+        self.backend = backend
+        key = str(connection_info.get("key", "")).encode("ascii")
+        self.session = Session(
+            key=key,
+            signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
+            username="cgpu-kernel",
+        )
+        self.relay = Relay(
+            self.session.session,
+            remote_description=backend.description,
+            max_queue=options.max_queue,
+        )
+        self.frontend = FrontendSockets(connection_info, self.session)
+        self.channels: RemoteChannels | None = None
+        self._want_remote = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.frontend.bind()
+        for loop_coroutine in self.frontend.loops(self.on_frontend, self.on_subscribe):
+            self._spawn(loop_coroutine)
+        self._spawn(self._supervise_remote())
+        self._spawn(self._watch_parent())
+        self._install_signal_handlers()
+        self.perform(self.relay.start())
+        try:
+            await self._stopped.wait()
+        finally:
+            await self._cleanup()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._stopped.set()
+
+    async def _cleanup(self) -> None:
+        self._stopping = True
+        if self.channels is not None:
+            self.channels.close()
+        try:
+            await asyncio.wait_for(self.backend.shutdown_kernel(), 10.0)
+        except (CgpuError, asyncio.TimeoutError) as exc:
+            log.warning("could not delete the remote kernel at exit: %s", exc)
+        await self.backend.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.frontend.close()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal task failed; stopping", exc_info=task.exception())
+            self.stop()
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        if sys.platform == "win32":
+            signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(self._sigint))
+            return
+        loop.add_signal_handler(signal.SIGINT, self._sigint)
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+
+    def _sigint(self) -> None:
+        """``interrupt_mode: signal``: the frontend signalled us; interrupt the remote."""
+        self._spawn(self._interrupt(None))
+
+    async def _watch_parent(self) -> None:
+        """Stop (deleting the remote kernel) when the frontend that launched us is gone."""
+        try:
+            parent = psutil.Process().parent()
+        except psutil.Error:
+            return
+        if parent is None or parent.pid == 1:
+            return
+        while True:
+            await asyncio.sleep(1.0)
+            if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
+                log.warning("the frontend process %d is gone; shutting down", parent.pid)
+                self.stop()
+                return
+
+    # --- relay events and actions -------------------------------------------------------------
+
+    def on_frontend(self, channel: str, identities: tuple[bytes, ...], msg: Message) -> None:
+        self.perform(self.relay.frontend_message(channel, identities, msg))
+
+    def on_subscribe(self, topic: bytes) -> None:
+        self.perform(self.relay.subscribed(topic))
+
+    def perform(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendToRemote):
+                self._send_remote(action.request)
+            elif isinstance(action, SendToFrontend):
+                self.frontend.send(action.channel, action.identities, action.msg)
+            elif isinstance(action, Publish):
+                self.frontend.publish(action.msg)
+            elif isinstance(action, InterruptRemote):
+                self._spawn(self._interrupt(action.request))
+            elif isinstance(action, ShutdownRemote):
+                self._spawn(self._shutdown(action.request, action.restart))
+            elif isinstance(action, ConnectRemote):
+                self._want_remote.set()
+
+    def _send_remote(self, request: Request) -> None:
+        if self.channels is None:
+            self.perform(self.relay.send_failed(request))
+            return
+        try:
+            self.channels.send(request.msg)
+        except ChannelsClosedError:
+            self.perform(self.relay.send_failed(request))
+
+    async def _interrupt(self, request: Request | None) -> None:
+        error: CgpuError | None = None
+        try:
+            await self.backend.interrupt_kernel()
+        except CgpuError as exc:
+            log.warning("interrupt failed: %s", exc)
+            error = exc
+        if request is not None:
+            self.perform(self.relay.interrupt_finished(request, error))
+
+    async def _shutdown(self, request: Request, restart: bool) -> None:
+        self._stopping = True
+        if self.channels is not None:
+            self.channels.close()
+        try:
+            await asyncio.wait_for(self.backend.shutdown_kernel(), 10.0)
+        except (CgpuError, asyncio.TimeoutError) as exc:
+            log.warning("could not delete the remote kernel: %s", exc)
+        self.perform(self.relay.shutdown_finished(request, restart))
+        self.stop()
+
+    # --- the remote side ----------------------------------------------------------------------
+
+    async def _supervise_remote(self) -> None:
+        while not self._stopping:
+            await self._want_remote.wait()
+            self._want_remote.clear()
+            if self._stopping:
+                return
+            try:
+                channels = await asyncio.wait_for(self._open_remote(), self.options.startup_timeout)
+            except asyncio.TimeoutError:
+                self._remote_failed(
+                    StartupTimeoutError(
+                        f"{self.backend.description} was not ready within"
+                        f" {self.options.startup_timeout:g} s. Run the cell again to retry, or"
+                        " raise --startup-timeout (CGPU_STARTUP_TIMEOUT)."
+                    )
+                )
+                continue
+            except CgpuError as exc:
+                self._remote_failed(exc)
+                continue
+            await self._serve(channels)
+
+    def _remote_failed(self, error: CgpuError) -> None:
+        log.error("%s", error)
+        self.perform(self.relay.remote_failed(error))
+
+    async def _open_remote(self) -> RemoteChannels:
+        await self.backend.start_kernel()
+        return await RemoteChannels.open(
+            self.backend.websocket_request(self.session.session),
+            self.backend.description,
+            ping_interval=self.options.ping_interval,
+            max_message_size=self.options.max_message_size,
+        )
+
+    async def _serve(self, channels: RemoteChannels | None) -> None:
+        """Relay until the remote is lost for good, reconnecting while it is not."""
+        while channels is not None:
+            self.channels = channels
+            self.perform(self.relay.remote_connected())
+            while (msg := await channels.receive()) is not None:
+                self.perform(self.relay.remote_message(msg))
+            self.channels = None
+            if self._stopping:
+                return
+            log.warning("lost the connection to %s (%s)", channels.where, channels.close_reason)
+            self.perform(self.relay.remote_disconnected())
+            channels = await self._reconnect()
+
+    async def _reconnect(self) -> RemoteChannels | None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.options.reconnect_budget
+        delay, attempt = 0.1, 0
+        while not self._stopping:
+            attempt += 1
+            health = await self.backend.kernel_health()
+            if health is KernelHealth.AUTH_EXPIRED and not await self.backend.reauthenticate():
+                self._remote_failed(
+                    RemoteAuthError(
+                        f"The server stopped accepting our credentials for"
+                        f" {self.backend.description}. Renew the token and run the cell again."
+                    )
+                )
+                return None
+            if health is KernelHealth.GONE:
+                self._remote_failed(
+                    RemoteKernelGoneError(
+                        f"{self.backend.description} is gone (deleted, died, or its server"
+                        " restarted): its variables are lost. The next cell starts a fresh"
+                        " kernel."
+                    )
+                )
+                return None
+            if health is KernelHealth.ALIVE:
+                try:
+                    channels = await self._open_remote()
+                except CgpuError as exc:
+                    log.info("reconnect attempt %d failed: %s", attempt, exc)
+                else:
+                    log.info(
+                        "reconnected after %.1f s (%d attempts)", loop.time() - started, attempt
+                    )
+                    return channels
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay + random.uniform(0, delay / 2), remaining))
+            delay = min(delay * 2, 10.0)
+        if not self._stopping:
+            self._remote_failed(
+                RemoteKernelGoneError(
+                    f"Gave up reconnecting to {self.backend.description} after"
+                    f" {self.options.reconnect_budget:g} s. Run the cell again to retry; raise"
+                    " --reconnect-budget (CGPU_RECONNECT_BUDGET) to wait longer."
+                )
+            )
+        return None
+
+    @property
+    def state(self) -> RemoteState:
+        return self.relay.state
+
+
+class ProxyKernelApp(Application):
+    """``python -m cgpu_kernel -f CONNECTION_FILE``: the kernel process frontends launch."""
+
+    name = "cgpu-kernel"
+    version = __version__
+    description = "A Jupyter kernel that runs cells on a remote kernel (Colab, Jupyter server)."
+    classes = [ProxyKernel]  # noqa: RUF012 - traitlets reads this class attribute
+    connection_file = Unicode("", config=True, help="Connection file written by the frontend.")
+    aliases = {  # noqa: RUF012
+        "f": "ProxyKernelApp.connection_file",
+        "backend": "ProxyKernel.backend",
+        "url": "ProxyKernel.url",
+        "remote-kernel": "ProxyKernel.remote_kernel",
+        "token-file": "ProxyKernel.token_file",
+        "startup-timeout": "ProxyKernel.startup_timeout",
+        "reconnect-budget": "ProxyKernel.reconnect_budget",
+        "ping-interval": "ProxyKernel.ping_interval",
+        "max-queue": "ProxyKernel.max_queue",
+        "log-level": "Application.log_level",
+    }
+
+    def start(self) -> None:
+        if not self.connection_file:
+            raise ConfigurationError("Give the connection file with -f CONNECTION_FILE.")
+        self.load_config_file("cgpu_kernel_config")
+        logging.basicConfig(
+            level=int(self.log_level),  # type: ignore[call-overload]
+            format="[cgpu-kernel %(levelname)s %(asctime)s %(name)s] %(message)s",
+            stream=sys.stderr,
+        )
+        connection_info = json.loads(Path(self.connection_file).read_text())
+        options = ProxyKernel(parent=self)
+        try:
+            backend: Backend = options.make_backend()
+        except CgpuError as exc:
+            # Stay up and show the error in the cell: a kernel that exits at once only makes
+            # the frontend restart it in a loop, with the reason buried in a log.
+            log.error("%s", exc)
+            backend = UnavailableBackend(exc)
+        if sys.platform == "win32":
+            asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())  # type: ignore[attr-defined]
+        asyncio.run(ProxyKernelRun(options, connection_info, backend).run())
+
+
+def launch_kernel(argv: list[str]) -> None:
+    app = ProxyKernelApp()
+    try:
+        app.initialize(argv)
+        app.start()
+    except CgpuError as exc:
+        print(f"cgpu-kernel: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,89 @@
+"""Records of the remote kernels this machine's proxies started, so none is left running.
+
+A proxy killed with SIGKILL cannot delete its remote kernel. Each proxy therefore writes a small
+record (owner pid and start time, server URL, kernel id; never a token) when it starts a remote
+kernel and removes it after deleting the kernel. Whoever comes next to the same server -- a new
+proxy kernel, or ``cgpu-kernel reclaim`` -- deletes the kernels whose owner is dead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import psutil
+from jupyter_core.paths import jupyter_runtime_dir
+
+from .exceptions import RemoteError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from .backends.jupyter import JupyterServerClient
+
+log = logging.getLogger(__name__)
+
+
+def registry_dir() -> Path:
+    path = Path(os.environ.get("CGPU_STATE_DIR") or jupyter_runtime_dir()) / "cgpu-kernel"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _record_path(kernel_id: str) -> Path:
+    return registry_dir() / f"remote-kernel-{kernel_id}.json"
+
+
+def record(base_url: str, kernel_id: str) -> None:
+    me = psutil.Process()
+    data = {"pid": me.pid, "create_time": me.create_time(), "url": base_url, "kernel_id": kernel_id}
+    path = _record_path(kernel_id)
+    path.write_text(json.dumps(data))
+    path.chmod(0o600)
+
+
+def forget(base_url: str, kernel_id: str) -> None:
+    _record_path(kernel_id).unlink(missing_ok=True)
+
+
+def records() -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(registry_dir().glob("remote-kernel-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable record %s", path)
+            continue
+        if isinstance(data, dict) and {"pid", "url", "kernel_id"} <= data.keys():
+            found.append(data)
+    return found
+
+
+def owner_alive(data: dict[str, Any]) -> bool:
+    try:
+        process = psutil.Process(int(data["pid"]))
+        return bool(abs(process.create_time() - float(data.get("create_time", 0))) < 1.0)
+    except (psutil.Error, ValueError, TypeError):
+        return False
+
+
+async def reclaim_orphans(client: JupyterServerClient) -> list[str]:
+    """Delete the remote kernels on ``client``'s server whose proxy died; their ids."""
+    reclaimed = []
+    for data in records():
+        if data["url"] != client.base_url or owner_alive(data):
+            continue
+        kernel_id = str(data["kernel_id"])
+        try:
+            await client.call("DELETE", f"api/kernels/{quote(kernel_id)}")
+        except RemoteProtocolError:
+            pass  # already gone (404): nothing left to reclaim
+        except RemoteError as exc:
+            log.warning("could not reclaim orphaned remote kernel %s: %s", kernel_id, exc)
+            continue
+        forget(client.base_url, kernel_id)
+        log.info("reclaimed remote kernel %s left by dead proxy pid %s", kernel_id, data["pid"])
+        reclaimed.append(kernel_id)
+    return reclaimed

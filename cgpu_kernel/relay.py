@@ -1,0 +1,390 @@
+"""The relay core: every routing decision between local frontends and the remote kernel.
+
+Sans-I/O, in the style of the ``websockets`` protocol core: the ZMQ shell (``frontend``) and the
+WebSocket shell (``connection``) feed events in by calling methods, and each method returns the
+actions to carry out, in order. Nothing here touches a socket, a clock or an event loop, so
+every rule below is a fast, deterministic unit test.
+
+Rules the relay enforces:
+
+* A reply goes back to the identity (and channel) whose request caused it; an ``input_request``
+  goes to the stdin socket of the identity that sent the ``execute_request``. Several frontends
+  may share one kernel.
+* Requests that arrive before the remote is connected, or while it reconnects, are queued (up to
+  ``max_queue``) and sent in order once it is; nothing is sent twice.
+* A message the remote sends twice (a server replay after a reconnect) reaches frontends once:
+  the relay remembers recent ``msg_id``\\ s.
+* ``interrupt_request`` and ``shutdown_request`` (on control, or on shell as some VS Code versions
+  send them) are not forwarded: the remote server's REST API does them, which works even when the
+  remote kernel is too busy to read its control channel.
+* No request is left without an answer: when the remote fails, is lost, or the proxy shuts down,
+  every waiting request gets an error reply naming the reason, with ``busy``/``idle`` around it,
+  so no cell stays "busy" forever.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import __version__
+from .exceptions import CgpuError
+from .wire import PROTOCOL_VERSION, JsonDict, Message, make_header
+
+log = logging.getLogger(__name__)
+
+#: What a frontend gets from ``kernel_info_request`` while no remote kernel has answered one.
+FALLBACK_LANGUAGE_INFO: JsonDict = {
+    "name": "python",
+    "version": "3",
+    "mimetype": "text/x-python",
+    "file_extension": ".py",
+    "pygments_lexer": "ipython3",
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "nbconvert_exporter": "python",
+}
+
+
+class RemoteState(Enum):
+    CONNECTING = "connecting"  # first connection (or a fresh kernel) on its way
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # the socket dropped; the same remote kernel is expected back
+    FAILED = "failed"  # no remote; the next request asks for a new attempt
+    SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A message from one frontend, remembered until its reply is routed back."""
+
+    channel: str
+    identities: tuple[bytes, ...]
+    msg: Message
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendToRemote:
+    request: Request
+
+    @property
+    def msg(self) -> Message:
+        return self.request.msg
+
+
+@dataclass(frozen=True)
+class SendToFrontend:
+    channel: str
+    identities: tuple[bytes, ...]
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Publish:
+    msg: Message
+
+
+@dataclass(frozen=True)
+class InterruptRemote:
+    request: Request
+
+
+@dataclass(frozen=True)
+class ShutdownRemote:
+    request: Request
+    restart: bool
+
+
+@dataclass(frozen=True)
+class ConnectRemote:
+    """Ask the remote shell for a (new) connection attempt."""
+
+
+Action = SendToRemote | SendToFrontend | Publish | InterruptRemote | ShutdownRemote | ConnectRemote
+
+
+@dataclass
+class _RecentIds:
+    """A bounded set of message ids, oldest forgotten first."""
+
+    limit: int
+    _ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def add(self, msg_id: str) -> bool:
+        """Remember ``msg_id``; False when it was already known."""
+        if msg_id in self._ids:
+            return False
+        self._ids[msg_id] = None
+        if len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+        return True
+
+
+class Relay:
+    """The routing state machine. One per proxy kernel process."""
+
+    def __init__(
+        self,
+        session: str,
+        *,
+        remote_description: str = "the remote kernel",
+        max_queue: int = 1000,
+        dedupe_window: int = 65536,
+    ) -> None:
+        self.session = session
+        self.remote_description = remote_description
+        self.max_queue = max_queue
+        self.state = RemoteState.CONNECTING
+        self.last_error: CgpuError | None = None
+        self._inflight: dict[str, Request] = {}
+        self._queue: deque[Request] = deque()
+        self._seen = _RecentIds(dedupe_window)
+        self._kernel_info: JsonDict | None = None
+        self._execution_count = 0
+
+    # --- introspection (tests, status notices) ------------------------------------------------
+
+    @property
+    def inflight(self) -> list[Request]:
+        return list(self._inflight.values())
+
+    @property
+    def queued(self) -> list[Request]:
+        return list(self._queue)
+
+    # --- events from the frontend side --------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """The proxy process is up: say ``starting`` and ask for the remote."""
+        return [self._status("starting", None), ConnectRemote()]
+
+    def subscribed(self, topic: bytes) -> list[Action]:
+        """A frontend subscribed to iopub (JEP 65): welcome it."""
+        subscription = topic.decode("utf-8", "replace")
+        return [Publish(self._make("iopub", "iopub_welcome", {"subscription": subscription}))]
+
+    def frontend_message(
+        self, channel: str, identities: tuple[bytes, ...], msg: Message
+    ) -> list[Action]:
+        """A verified message arrived from a frontend on ``channel``."""
+        request = Request(channel, identities, msg)
+        msg_type = msg.msg_type
+        if msg_type == "interrupt_request" and channel in ("control", "shell"):
+            return self._interrupt(request)
+        if msg_type == "shutdown_request" and channel in ("control", "shell"):
+            self.state = RemoteState.SHUTTING_DOWN
+            restart = bool(msg.content.get("restart", False))
+            return [self._status("busy", msg), ShutdownRemote(request, restart)]
+        if self.state is RemoteState.SHUTTING_DOWN:
+            return self._fail(request, CgpuError("The kernel is shutting down."))
+        if msg_type == "kernel_info_request" and self.state is RemoteState.FAILED:
+            return self._local_kernel_info(request)
+        if self.state is RemoteState.CONNECTED:
+            return self._forward(request)
+        return self._enqueue(request)
+
+    def interrupt_finished(self, request: Request, error: CgpuError | None) -> list[Action]:
+        """The REST interrupt for ``request`` completed (``error`` is None on success)."""
+        if error is None:
+            content: JsonDict = {"status": "ok"}
+        else:
+            content = self._error_content(error)
+        return [
+            self._reply(request, "interrupt_reply", content),
+            self._status("idle", request.msg),
+        ]
+
+    def shutdown_finished(self, request: Request, restart: bool) -> list[Action]:
+        """The remote kernel is gone for good: answer the shutdown and every waiting request."""
+        actions = self._fail_waiting(CgpuError("The kernel was shut down before this finished."))
+        actions.append(self._reply(request, "shutdown_reply", {"status": "ok", "restart": restart}))
+        actions.append(self._status("idle", request.msg))
+        return actions
+
+    # --- events from the remote side ----------------------------------------------------------
+
+    def remote_connected(self) -> list[Action]:
+        """The WebSocket to the remote kernel is open: send what waited, in order."""
+        self.state = RemoteState.CONNECTED
+        self.last_error = None
+        actions: list[Action] = []
+        while self._queue:
+            actions.extend(self._forward(self._queue.popleft()))
+        return actions
+
+    def remote_disconnected(self) -> list[Action]:
+        """The socket dropped; the same remote kernel is expected back, so keep everything."""
+        if self.state is RemoteState.CONNECTED:
+            self.state = RemoteState.RECONNECTING
+        return []
+
+    def send_failed(self, request: Request) -> list[Action]:
+        """Writing ``request`` to the remote failed (the socket had closed): queue it again."""
+        self._inflight.pop(request.msg.msg_id, None)
+        self._queue.append(request)
+        return self.remote_disconnected()
+
+    def remote_failed(self, error: CgpuError) -> list[Action]:
+        """No remote kernel (could not start, lost, or gave up reconnecting).
+
+        Every request waiting on the remote is answered with ``error`` at once; the next
+        request asks for a fresh attempt.
+        """
+        if self.state is RemoteState.SHUTTING_DOWN:
+            return []
+        self.state = RemoteState.FAILED
+        self.last_error = error
+        return self._fail_waiting(error)
+
+    def remote_message(self, msg: Message) -> list[Action]:
+        """A message from the remote kernel."""
+        if not self._seen.add(msg.msg_id):
+            log.debug("dropping replayed duplicate %s", msg)
+            return []
+        if msg.channel == "iopub":
+            if msg.msg_type == "execute_input":
+                count = msg.content.get("execution_count")
+                if isinstance(count, int):
+                    self._execution_count = count
+            return [Publish(msg)]
+        if msg.channel not in ("shell", "control", "stdin"):
+            log.warning("remote sent %s on unknown channel %r; not forwarded", msg, msg.channel)
+            return []
+        parent_id = msg.parent_id
+        request = self._inflight.get(parent_id) if parent_id else None
+        if request is None:
+            log.debug("remote %s answers no request of ours; not forwarded", msg)
+            return []
+        if msg.channel != "stdin" and msg.msg_type.endswith("_reply"):
+            del self._inflight[request.msg.msg_id]
+            if msg.msg_type == "kernel_info_reply":
+                self._kernel_info = msg.content
+        return [SendToFrontend(msg.channel, request.identities, msg)]
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _forward(self, request: Request) -> list[Action]:
+        if request.channel != "stdin":
+            self._inflight[request.msg.msg_id] = request
+        return [SendToRemote(request)]
+
+    def _enqueue(self, request: Request) -> list[Action]:
+        if len(self._queue) >= self.max_queue:
+            return self._fail(
+                request,
+                CgpuError(
+                    f"{self.max_queue} messages are already waiting for {self.remote_description};"
+                    " this one was refused. Wait for the connection to come back, or raise"
+                    " --max-queue."
+                ),
+            )
+        self._queue.append(request)
+        actions: list[Action] = []
+        if self.state is RemoteState.FAILED:
+            self.state = RemoteState.CONNECTING
+            actions.append(ConnectRemote())
+        if request.msg.msg_type == "execute_request":
+            waiting = "reconnecting to" if self.state is RemoteState.RECONNECTING else "waiting for"
+            actions.append(self._status("busy", request.msg))
+            actions.append(
+                self._notice(request.msg, f"cgpu-kernel: {waiting} {self.remote_description}...")
+            )
+        return actions
+
+    def _interrupt(self, request: Request) -> list[Action]:
+        actions: list[Action] = [self._status("busy", request.msg)]
+        if self.state is not RemoteState.CONNECTED:
+            # Cells still waiting for the remote were never started: cancel them.
+            keep: deque[Request] = deque()
+            cancelled = CgpuError("Interrupted before the remote kernel started this cell.")
+            cancelled.ename = "KeyboardInterrupt"
+            for queued in self._queue:
+                if queued.msg.msg_type == "execute_request":
+                    actions.extend(self._fail(queued, cancelled))
+                else:
+                    keep.append(queued)
+            self._queue = keep
+        actions.append(InterruptRemote(request))
+        return actions
+
+    def _fail_waiting(self, error: CgpuError) -> list[Action]:
+        waiting = [*self._inflight.values(), *self._queue]
+        self._inflight.clear()
+        self._queue.clear()
+        actions: list[Action] = []
+        for request in waiting:
+            actions.extend(self._fail(request, error))
+        return actions
+
+    def _fail(self, request: Request, error: CgpuError) -> list[Action]:
+        """Answer ``request`` with ``error`` the way its frontend expects."""
+        msg = request.msg
+        if request.channel == "stdin":
+            log.warning("an %s could not be delivered: %s", msg.msg_type, error)
+            return []
+        if msg.msg_type == "kernel_info_request":
+            return self._local_kernel_info(request)
+        reply_type = msg.msg_type.replace("_request", "_reply")
+        content = self._error_content(error)
+        actions: list[Action] = [self._status("busy", msg)]
+        if msg.msg_type == "execute_request":
+            content["execution_count"] = self._execution_count
+            error_output = {k: content[k] for k in ("ename", "evalue", "traceback")}
+            actions.append(Publish(self._make("iopub", "error", error_output, msg)))
+        actions.append(self._reply(request, reply_type, content))
+        actions.append(self._status("idle", msg))
+        return actions
+
+    def _local_kernel_info(self, request: Request) -> list[Action]:
+        content = dict(self._kernel_info or self._fallback_kernel_info())
+        return [
+            self._status("busy", request.msg),
+            self._reply(request, "kernel_info_reply", content),
+            self._status("idle", request.msg),
+        ]
+
+    def _fallback_kernel_info(self) -> JsonDict:
+        banner = f"cgpu-kernel {__version__}: proxy to {self.remote_description}"
+        if self.last_error is not None:
+            banner += f"\n(not connected: {self.last_error})"
+        return {
+            "status": "ok",
+            "protocol_version": PROTOCOL_VERSION,
+            "implementation": "cgpu-kernel",
+            "implementation_version": __version__,
+            "language_info": FALLBACK_LANGUAGE_INFO,
+            "banner": banner,
+            "help_links": [],
+        }
+
+    @staticmethod
+    def _error_content(error: CgpuError) -> JsonDict:
+        ename = error.ename
+        evalue = str(error)
+        return {
+            "status": "error",
+            "ename": ename,
+            "evalue": evalue,
+            "traceback": [f"\x1b[0;31m{ename}\x1b[0m: {evalue}"],
+        }
+
+    def _make(
+        self, channel: str, msg_type: str, content: JsonDict, parent: Message | None = None
+    ) -> Message:
+        header = make_header(msg_type, self.session)
+        return Message.build(channel, header, parent.header if parent else {}, {}, content)
+
+    def _reply(self, request: Request, msg_type: str, content: JsonDict) -> SendToFrontend:
+        msg = self._make(request.channel, msg_type, content, request.msg)
+        return SendToFrontend(request.channel, request.identities, msg)
+
+    def _status(self, state: str, parent: Message | None) -> Publish:
+        return Publish(self._make("iopub", "status", {"execution_state": state}, parent))
+
+    def _notice(self, parent: Message, text: str) -> Publish:
+        content = {"name": "stderr", "text": text + "\n"}
+        return Publish(self._make("iopub", "stream", content, parent))

@@ -1,0 +1,306 @@
+"""Wire formats: Jupyter messages as ZMQ frames and as WebSocket frames, bytes in, bytes out.
+
+This module is the translation layer between the two protocols the proxy speaks. It does no
+I/O and imports no I/O library, so every format is tested by round trips on plain bytes.
+
+A :class:`Message` keeps the four JSON parts (header, parent header, metadata, content) as the
+exact bytes they arrived in. Forwarding a message from ZMQ to a v1 WebSocket (or back) therefore
+never decodes and re-encodes the content: only the small header and parent header are parsed,
+because routing needs them. The content is parsed lazily, the first time something asks.
+
+Formats:
+
+* ZMQ: ``[identities..., b"<IDS|MSG>", signature, header, parent, metadata, content, buffers...]``.
+  Signing and verifying is left to ``jupyter_client.session.Session`` in the ZMQ shell; this
+  module only cuts and joins frames.
+* WebSocket v1 (``v1.kernel.websocket.jupyter.org``): a little-endian uint64 count ``n``, ``n``
+  uint64 offsets, then channel, header, parent, metadata, content, buffers.
+* WebSocket legacy: a text frame holding one JSON object with a ``channel`` key, or, when the
+  message has buffers, a binary frame: big-endian uint32 count ``n``, ``n`` uint32 offsets, the
+  JSON, the buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from .exceptions import MalformedMessageError
+
+DELIMITER = b"<IDS|MSG>"
+V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"
+PROTOCOL_VERSION = "5.4"
+CHANNELS = ("shell", "control", "stdin", "iopub")
+
+JsonDict = dict[str, Any]
+Buffer = bytes | memoryview
+
+
+def _loads_dict(raw: Buffer, what: str) -> JsonDict:
+    try:
+        value = json.loads(bytes(raw))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessageError(f"the {what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MalformedMessageError(f"the {what} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, default=_json_default, ensure_ascii=False).encode("utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes | memoryview):
+        raise TypeError("binary data belongs in a message's buffers, not its JSON")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def utc_now_iso() -> str:
+    """The timestamp format Jupyter message headers use."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Message:
+    """One Jupyter message on one channel, holding its JSON parts as raw bytes.
+
+    ``header`` and ``parent_header`` are parsed on construction (routing needs them);
+    ``metadata`` and ``content`` are parsed on first access.
+    """
+
+    __slots__ = ("_content", "_metadata", "buffers", "channel", "header", "parent_header", "parts")
+
+    def __init__(
+        self,
+        channel: str,
+        parts: list[bytes],
+        buffers: list[Buffer] | None = None,
+        *,
+        header: JsonDict | None = None,
+        parent_header: JsonDict | None = None,
+        content: JsonDict | None = None,
+    ) -> None:
+        if len(parts) != 4:
+            raise MalformedMessageError(f"a message has 4 JSON parts, this one has {len(parts)}")
+        self.channel = channel
+        self.parts = parts
+        self.buffers: list[Buffer] = buffers or []
+        self.header = header if header is not None else _loads_dict(parts[0], "header")
+        self.parent_header = (
+            parent_header if parent_header is not None else _loads_dict(parts[1], "parent header")
+        )
+        self._metadata: JsonDict | None = None
+        self._content: JsonDict | None = content
+        if not isinstance(self.header.get("msg_id"), str) or not isinstance(
+            self.header.get("msg_type"), str
+        ):
+            raise MalformedMessageError("the header lacks a string msg_id or msg_type")
+
+    @classmethod
+    def build(
+        cls,
+        channel: str,
+        header: JsonDict,
+        parent_header: JsonDict | None = None,
+        metadata: JsonDict | None = None,
+        content: JsonDict | None = None,
+        buffers: list[Buffer] | None = None,
+    ) -> Message:
+        """Make a message from dicts (the proxy's own messages, legacy WebSocket frames)."""
+        parent = parent_header or {}
+        body = content or {}
+        parts = [_dumps(header), _dumps(parent), _dumps(metadata or {}), _dumps(body)]
+        return cls(channel, parts, buffers, header=header, parent_header=parent, content=body)
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.header["msg_id"])
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.header["msg_type"])
+
+    @property
+    def parent_id(self) -> str | None:
+        value = self.parent_header.get("msg_id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def content(self) -> JsonDict:
+        if self._content is None:
+            self._content = _loads_dict(self.parts[3], "content")
+        return self._content
+
+    @property
+    def metadata(self) -> JsonDict:
+        if self._metadata is None:
+            self._metadata = _loads_dict(self.parts[2], "metadata")
+        return self._metadata
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire, buffers included (what output limits count)."""
+        return sum(len(p) for p in self.parts) + sum(len(b) for b in self.buffers)
+
+    def with_content(self, content: JsonDict) -> Message:
+        """A copy with new content and a new msg_id (used when the proxy rewrites output)."""
+        header = dict(self.header, msg_id=new_id())
+        return Message(
+            self.channel,
+            [_dumps(header), self.parts[1], self.parts[2], _dumps(content)],
+            list(self.buffers),
+            header=header,
+            parent_header=self.parent_header,
+            content=content,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Message {self.channel} {self.msg_type} {self.msg_id}>"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_header(msg_type: str, session: str, username: str = "cgpu-kernel") -> JsonDict:
+    """A header for a message the proxy itself originates (status, local replies, notices)."""
+    return {
+        "msg_id": new_id(),
+        "msg_type": msg_type,
+        "session": session,
+        "username": username,
+        "date": utc_now_iso(),
+        "version": PROTOCOL_VERSION,
+    }
+
+
+# --- ZMQ -------------------------------------------------------------------------------------
+
+
+def split_zmq_frames(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split ``frames`` at the delimiter: (identities, [signature, 4 parts, buffers...])."""
+    try:
+        index = frames.index(DELIMITER)
+    except ValueError:
+        raise MalformedMessageError("no <IDS|MSG> delimiter in the ZMQ frames") from None
+    rest = frames[index + 1 :]
+    if len(rest) < 5:
+        raise MalformedMessageError(f"{len(rest)} frames after the delimiter, at least 5 needed")
+    return frames[:index], rest
+
+
+def zmq_frames(identities: list[bytes], signature: bytes, msg: Message) -> list[Buffer]:
+    """Join a message into ZMQ frames, given the signature the shell computed over its parts."""
+    return [*identities, DELIMITER, signature, *msg.parts, *msg.buffers]
+
+
+# --- WebSocket v1 ----------------------------------------------------------------------------
+
+
+def to_ws_v1(msg: Message) -> bytes:
+    pieces: list[Buffer] = [msg.channel.encode("ascii"), *msg.parts, *msg.buffers]
+    count = len(pieces) + 1
+    offsets = [8 * (1 + count)]
+    for piece in pieces:
+        offsets.append(offsets[-1] + len(piece))
+    head = struct.pack(f"<{count + 1}Q", count, *offsets)
+    return b"".join([head, *pieces])
+
+
+def from_ws_v1(frame: Buffer) -> Message:
+    view = memoryview(frame)
+    if len(view) < 8:
+        raise MalformedMessageError("v1 frame shorter than its offset count")
+    (count,) = struct.unpack_from("<Q", view, 0)
+    if count < 6 or len(view) < 8 * (1 + count):
+        raise MalformedMessageError(f"v1 frame with {count} offsets cannot hold a message")
+    offsets = struct.unpack_from(f"<{count}Q", view, 8)
+    if list(offsets) != sorted(offsets) or offsets[-1] > len(view) or offsets[0] < 8 * (1 + count):
+        raise MalformedMessageError("v1 frame offsets are out of order or out of range")
+    pieces = [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+    try:
+        channel = bytes(pieces[0]).decode("ascii")
+    except UnicodeDecodeError:
+        raise MalformedMessageError("v1 frame channel is not ASCII") from None
+    return Message(channel, [bytes(p) for p in pieces[1:5]], [bytes(p) for p in pieces[5:]])
+
+
+# --- WebSocket legacy ------------------------------------------------------------------------
+
+
+def _legacy_json(msg: Message) -> bytes:
+    # The parts are already JSON: splice them into one object instead of re-encoding them.
+    channel = json.dumps(msg.channel).encode()
+    return b"".join(
+        [
+            b'{"channel":',
+            channel,
+            b',"header":',
+            msg.parts[0],
+            b',"parent_header":',
+            msg.parts[1],
+            b',"metadata":',
+            msg.parts[2],
+            b',"content":',
+            msg.parts[3],
+            b"}",
+        ]
+    )
+
+
+def to_ws_legacy(msg: Message) -> bytes | str:
+    """A text frame (str) without buffers, a binary frame (bytes) with them."""
+    body = _legacy_json(msg)
+    if not msg.buffers:
+        return body.decode("utf-8")
+    pieces: list[Buffer] = [body, *msg.buffers]
+    offsets = [4 * (1 + len(pieces))]
+    for piece in pieces[:-1]:
+        offsets.append(offsets[-1] + len(piece))
+    return b"".join([struct.pack(f">{len(pieces) + 1}I", len(pieces), *offsets), *pieces])
+
+
+def from_ws_legacy(frame: bytes | str) -> Message:
+    buffers: list[Buffer] = []
+    if isinstance(frame, str):
+        body: Buffer = frame.encode("utf-8")
+    else:
+        view = memoryview(frame)
+        if len(view) < 8:
+            raise MalformedMessageError("legacy binary frame shorter than its header")
+        (count,) = struct.unpack_from(">I", view, 0)
+        if count < 1 or len(view) < 4 * (1 + count):
+            raise MalformedMessageError(f"legacy binary frame with {count} offsets is truncated")
+        offsets = [*struct.unpack_from(f">{count}I", view, 4), len(view)]
+        if offsets != sorted(offsets):
+            raise MalformedMessageError("legacy binary frame offsets are out of order")
+        body = view[offsets[0] : offsets[1]]
+        buffers = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, count)]
+    obj = _loads_dict(body, "WebSocket message")
+    channel = obj.get("channel")
+    if not isinstance(channel, str):
+        raise MalformedMessageError("legacy WebSocket message without a channel")
+    header, parent = obj.get("header"), obj.get("parent_header") or {}
+    metadata, content = obj.get("metadata") or {}, obj.get("content") or {}
+    if not isinstance(header, dict) or not isinstance(parent, dict):
+        raise MalformedMessageError("legacy WebSocket message without a header object")
+    if not isinstance(metadata, dict) or not isinstance(content, dict):
+        raise MalformedMessageError("legacy WebSocket message with non-object metadata/content")
+    return Message.build(channel, header, parent, metadata, content, buffers)
+
+
+def to_ws(msg: Message, subprotocol: str | None) -> bytes | str:
+    return to_ws_v1(msg) if subprotocol == V1_SUBPROTOCOL else to_ws_legacy(msg)
+
+
+def from_ws(frame: bytes | str, subprotocol: str | None) -> Message:
+    if subprotocol == V1_SUBPROTOCOL:
+        if isinstance(frame, str):
+            raise MalformedMessageError("text frame on a v1 WebSocket")
+        return from_ws_v1(frame)
+    return from_ws_legacy(frame)
