@@ -1,0 +1,301 @@
+"""Real processes for the tests: a jupyter-server and a Kernel Gateway on loopback, kernelspecs.
+
+Nothing here is a double: the servers are the real ``jupyter_server`` and
+``jupyter_kernel_gateway`` running real ipykernels, and the frontends in the tests are real
+``jupyter_client`` clients. Every server binds 127.0.0.1 and is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+from cgpu_kernel import kernelspec
+
+TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RemoteServer:
+    """A real Jupyter server (or gateway) on loopback, used as the proxy's remote."""
+
+    url: str
+    token: str
+    process: subprocess.Popen[bytes]
+    token_file: Path
+    log_path: Path
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        request = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            data = response.read()
+        return json.loads(data) if data else None
+
+    def kernel_ids(self) -> set[str]:
+        return {k["id"] for k in self.api("GET", "api/kernels")}
+
+    def wait_for_kernel_count(self, count: int, timeout: float = 15) -> set[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ids = self.kernel_ids()
+            if len(ids) == count or time.monotonic() > deadline:
+                return ids
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _wait_until_up(server: RemoteServer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited: {server.log_path.read_text()[-3000:]}")
+        try:
+            server.api("GET", "api/kernelspecs")
+            return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.2)
+    raise RuntimeError(f"server did not come up: {server.log_path.read_text()[-3000:]}")
+
+
+def start_jupyter_server(
+    workdir: Path, *extra: str, port: int | None = None, token: str | None = None
+) -> RemoteServer:
+    token = token or secrets.token_hex(16)
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "server.log"
+    env = dict(os.environ, JUPYTER_TOKEN=token, JUPYTER_RUNTIME_DIR=str(workdir / "runtime"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={port}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={workdir}",
+            "--ServerApp.allow_root=True",
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("wb"),
+    )
+    token_file = workdir / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    server = RemoteServer(f"http://127.0.0.1:{port}/", token, process, token_file, log_path)
+    _wait_until_up(server)
+    return server
+
+
+def start_kernel_gateway(workdir: Path) -> RemoteServer:
+    token = secrets.token_hex(16)
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "gateway.log"
+    env = dict(os.environ, KG_AUTH_TOKEN=token)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kernel_gateway",
+            "--KernelGatewayApp.ip=127.0.0.1",
+            f"--KernelGatewayApp.port={port}",
+            "--KernelGatewayApp.port_retries=0",
+            "--JupyterWebsocketPersonality.list_kernels=True",
+        ],
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=log_path.open("wb"),
+    )
+    token_file = workdir / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    server = RemoteServer(f"http://127.0.0.1:{port}/", token, process, token_file, log_path)
+    _wait_until_up(server)
+    return server
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="cgpu-tests-") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture(scope="session")
+def jupyter_server(session_dir: Path) -> Iterator[RemoteServer]:
+    server = start_jupyter_server(session_dir / "server")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kernel_gateway(session_dir: Path) -> Iterator[RemoteServer]:
+    server = start_kernel_gateway(session_dir / "gateway")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kernel_dir(session_dir: Path) -> Path:
+    """A Jupyter data path on JUPYTER_PATH where tests install kernelspecs."""
+    return session_dir / "jupyter"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def jupyter_path(kernel_dir: Path, session_dir: Path) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "CGPU_STATE_DIR", "CGPU_TOKEN")}
+    os.environ["JUPYTER_PATH"] = str(kernel_dir)
+    os.environ["CGPU_STATE_DIR"] = str(session_dir / "state")
+    os.environ.pop("CGPU_TOKEN", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def install_spec(
+    kernel_dir: Path,
+    name: str,
+    backend: str,
+    *,
+    url: str | None = None,
+    token_file: Path | None = None,
+    remote_kernel: str | None = None,
+    interrupt_mode: str = "message",
+    extra: list[str] | None = None,
+) -> str:
+    argv = kernelspec.make_argv(
+        backend,
+        url=url,
+        token_file=str(token_file) if token_file else None,
+        remote_kernel=remote_kernel,
+        extra=extra,
+    )
+    spec = kernelspec.make_kernel_dict(
+        argv, f"test {name}", backend=backend, interrupt_mode=interrupt_mode
+    )
+    kernelspec.write_kernel_spec(spec, kernel_dir / "kernels" / name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def jupyter_spec(kernel_dir: Path, jupyter_server: RemoteServer) -> str:
+    """A kernelspec whose remote is the session's jupyter-server."""
+    return install_spec(
+        kernel_dir,
+        "cgpu-test-jupyter",
+        "jupyter",
+        url=jupyter_server.url,
+        token_file=jupyter_server.token_file,
+    )
+
+
+@pytest.fixture(scope="session")
+def gateway_spec(kernel_dir: Path, kernel_gateway: RemoteServer) -> str:
+    return install_spec(
+        kernel_dir,
+        "cgpu-test-gateway",
+        "jupyter",
+        url=kernel_gateway.url,
+        token_file=kernel_gateway.token_file,
+    )
+
+
+@pytest.fixture(scope="session")
+def local_spec(kernel_dir: Path) -> str:
+    return install_spec(kernel_dir, "cgpu-test-local", "local")
+
+
+def start_kernel(name: str, **kwargs: Any) -> tuple[KernelManager, BlockingKernelClient]:
+    km = KernelManager(kernel_name=name)
+    km.start_kernel(**kwargs)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+    except RuntimeError:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        raise
+    return km, kc
+
+
+@pytest.fixture
+def proxy(jupyter_spec: str) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+    """A proxy kernel (jupyter backend) and a client, shut down after the test."""
+    km, kc = start_kernel(jupyter_spec)
+    yield km, kc
+    kc.stop_channels()
+    if km.is_alive():
+        km.shutdown_kernel()
+
+
+def run_cell(
+    kc: BlockingKernelClient, code: str, timeout: float = TIMEOUT, **kwargs: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Execute ``code``; the shell reply and the iopub messages parented to it, up to idle."""
+    msg_id = kc.execute(code, **kwargs)
+    outputs = collect_iopub(kc, msg_id, timeout)
+    reply = kc.get_shell_msg(timeout=timeout)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=timeout)
+    return reply, outputs
+
+
+def collect_iopub(kc: BlockingKernelClient, msg_id: str, timeout: float = TIMEOUT) -> list[Any]:
+    outputs = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        outputs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return outputs
+
+
+def stdout_of(outputs: list[dict[str, Any]]) -> str:
+    return "".join(
+        m["content"]["text"]
+        for m in outputs
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+    )

@@ -1,0 +1,256 @@
+"""The relay's routing rules, event by event, with no sockets and no clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cgpu_kernel.exceptions import RemoteKernelGoneError, RemoteUnreachableError
+from cgpu_kernel.relay import (
+    ConnectRemote,
+    InterruptRemote,
+    Publish,
+    Relay,
+    RemoteState,
+    SendToFrontend,
+    SendToRemote,
+    ShutdownRemote,
+)
+from cgpu_kernel.wire import Message, make_header
+
+NOTEBOOK = (b"notebook",)
+CONSOLE = (b"console",)
+
+
+def request(msg_type: str, channel: str = "shell", **content: Any) -> Message:
+    return Message.build(channel, make_header(msg_type, "frontend"), {}, {}, content)
+
+
+def reply_to(req: Message, msg_type: str, channel: str = "shell", **content: Any) -> Message:
+    return Message.build(channel, make_header(msg_type, "kernel"), req.header, {}, content)
+
+
+def connected_relay() -> Relay:
+    relay = Relay("proxy")
+    relay.remote_connected()
+    return relay
+
+
+def kinds(actions: list[Any]) -> list[str]:
+    out = []
+    for action in actions:
+        if isinstance(action, Publish):
+            out.append(f"publish:{action.msg.msg_type}")
+        elif isinstance(action, SendToFrontend):
+            out.append(f"{action.channel}:{action.msg.msg_type}")
+        else:
+            out.append(type(action).__name__)
+    return out
+
+
+def test_start_says_starting_and_asks_for_remote() -> None:
+    actions = Relay("proxy").start()
+    assert isinstance(actions[0], Publish)
+    assert actions[0].msg.content == {"execution_state": "starting"}
+    assert isinstance(actions[1], ConnectRemote)
+
+
+def test_reply_goes_to_the_identity_that_asked() -> None:
+    relay = connected_relay()
+    from_notebook = request("execute_request", code="1")
+    from_console = request("execute_request", code="2")
+    assert kinds(relay.frontend_message("shell", NOTEBOOK, from_notebook)) == ["SendToRemote"]
+    relay.frontend_message("shell", CONSOLE, from_console)
+    out = relay.remote_message(reply_to(from_console, "execute_reply", status="ok"))
+    assert len(out) == 1 and isinstance(out[0], SendToFrontend)
+    assert out[0].identities == CONSOLE
+    out = relay.remote_message(reply_to(from_notebook, "execute_reply", status="ok"))
+    assert isinstance(out[0], SendToFrontend) and out[0].identities == NOTEBOOK
+    assert relay.inflight == []
+
+
+def test_input_request_goes_to_requester_stdin() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="input()", allow_stdin=True)
+    relay.frontend_message("shell", CONSOLE, execute)
+    out = relay.remote_message(reply_to(execute, "input_request", "stdin", prompt=""))
+    assert isinstance(out[0], SendToFrontend)
+    assert (out[0].channel, out[0].identities) == ("stdin", CONSOLE)
+    answer = request("input_reply", "stdin", value="42")
+    out = relay.frontend_message("stdin", CONSOLE, answer)
+    assert isinstance(out[0], SendToRemote) and out[0].msg is answer
+    # the execute request is still waiting for its reply
+    assert [r.msg for r in relay.inflight] == [execute]
+
+
+def test_iopub_is_published_and_duplicates_dropped() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="print(1)")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    stream = reply_to(execute, "stream", "iopub", name="stdout", text="1\n")
+    assert kinds(relay.remote_message(stream)) == ["publish:stream"]
+    assert relay.remote_message(stream) == []  # a server replay after reconnect
+
+
+def test_requests_queue_until_connected_and_keep_order() -> None:
+    relay = Relay("proxy")
+    first = request("kernel_info_request")
+    second = request("execute_request", code="x = 1")
+    assert relay.frontend_message("shell", NOTEBOOK, first) == []
+    queued = relay.frontend_message("shell", NOTEBOOK, second)
+    assert kinds(queued) == ["publish:status", "publish:stream"]  # busy + "waiting for" notice
+    assert isinstance(queued[1], Publish)
+    assert "waiting for" in queued[1].msg.content["text"]
+    sent = relay.remote_connected()
+    assert [a.msg for a in sent if isinstance(a, SendToRemote)] == [first, second]
+
+
+def test_queue_bound_refuses_with_error() -> None:
+    relay = Relay("proxy", max_queue=1)
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="1"))
+    refused = request("execute_request", code="2")
+    out = relay.frontend_message("shell", NOTEBOOK, refused)
+    replies = [a for a in out if isinstance(a, SendToFrontend)]
+    assert replies[0].msg.content["status"] == "error"
+    assert "already waiting" in replies[0].msg.content["evalue"]
+    assert len(relay.queued) == 1
+
+
+def test_failure_answers_every_waiting_request() -> None:
+    relay = Relay("proxy")
+    execute = request("execute_request", code="1")
+    complete = request("complete_request", code="pri", cursor_pos=3)
+    info = request("kernel_info_request")
+    for msg in (execute, complete, info):
+        relay.frontend_message("shell", NOTEBOOK, msg)
+    out = relay.remote_failed(RemoteUnreachableError("Could not reach http://h:1/: refused."))
+    assert relay.state is RemoteState.FAILED
+    replies = {a.msg.msg_type: a.msg for a in out if isinstance(a, SendToFrontend)}
+    assert replies["execute_reply"].content["status"] == "error"
+    assert replies["execute_reply"].content["ename"] == "RemoteUnreachable"
+    assert replies["complete_reply"].content["status"] == "error"
+    # kernel_info gets a local answer so frontends start and show the error in the cell
+    assert replies["kernel_info_reply"].content["status"] == "ok"
+    assert "not connected" in replies["kernel_info_reply"].content["banner"]
+    errors = [a.msg for a in out if isinstance(a, Publish) and a.msg.msg_type == "error"]
+    assert errors and "Could not reach" in errors[0].content["evalue"]
+    idles = [
+        a.msg.parent_header["msg_id"]
+        for a in out
+        if isinstance(a, Publish) and a.msg.content.get("execution_state") == "idle"
+    ]
+    assert sorted(idles) == sorted(m.msg_id for m in (execute, complete, info))
+
+
+def test_after_failure_next_request_retries() -> None:
+    relay = Relay("proxy")
+    relay.remote_failed(RemoteUnreachableError("down"))
+    out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="1"))
+    assert any(isinstance(a, ConnectRemote) for a in out)
+    assert relay.state is RemoteState.CONNECTING
+    # but kernel_info while failed is answered at once, without a retry
+    relay.remote_failed(RemoteUnreachableError("down"))
+    out = relay.frontend_message("shell", NOTEBOOK, request("kernel_info_request"))
+    assert kinds(out) == ["publish:status", "shell:kernel_info_reply", "publish:status"]
+
+
+def test_lost_kernel_fails_inflight_requests() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="import time; time.sleep(100)")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    relay.remote_disconnected()
+    assert relay.state is RemoteState.RECONNECTING
+    out = relay.remote_failed(RemoteKernelGoneError("gone; variables are lost"))
+    reply = next(a for a in out if isinstance(a, SendToFrontend))
+    assert reply.msg.parent_header["msg_id"] == execute.msg_id
+    assert reply.msg.content["ename"] == "RemoteKernelLost"
+
+
+def test_messages_sent_while_reconnecting_are_queued() -> None:
+    relay = connected_relay()
+    relay.remote_disconnected()
+    execute = request("execute_request", code="1")
+    out = relay.frontend_message("shell", NOTEBOOK, execute)
+    assert not any(isinstance(a, SendToRemote) for a in out)
+    assert "reconnecting" in next(a.msg.content["text"] for a in out if isinstance(a, Publish) and a.msg.msg_type == "stream")
+    resent = relay.remote_connected()
+    assert [a.msg for a in resent if isinstance(a, SendToRemote)] == [execute]
+
+
+def test_send_failure_requeues() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="1")
+    (send,) = relay.frontend_message("shell", NOTEBOOK, execute)
+    assert isinstance(send, SendToRemote)
+    relay.send_failed(send.request)
+    assert relay.state is RemoteState.RECONNECTING
+    assert relay.inflight == []
+    assert [a.msg for a in relay.remote_connected() if isinstance(a, SendToRemote)] == [execute]
+
+
+def test_interrupt_on_control_or_shell_goes_to_rest() -> None:
+    for channel in ("control", "shell"):
+        relay = connected_relay()
+        interrupt = request("interrupt_request", channel)
+        out = relay.frontend_message(channel, NOTEBOOK, interrupt)
+        assert kinds(out) == ["publish:status", "InterruptRemote"]
+        action = out[1]
+        assert isinstance(action, InterruptRemote)
+        done = relay.interrupt_finished(action.request, None)
+        assert kinds(done) == [f"{channel}:interrupt_reply", "publish:status"]
+        assert isinstance(done[0], SendToFrontend) and done[0].identities == NOTEBOOK
+
+
+def test_interrupt_before_start_cancels_queued_cells() -> None:
+    relay = Relay("proxy")
+    execute = request("execute_request", code="1")
+    info = request("kernel_info_request")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    relay.frontend_message("shell", NOTEBOOK, info)
+    out = relay.frontend_message("control", NOTEBOOK, request("interrupt_request", "control"))
+    cancelled = [a for a in out if isinstance(a, SendToFrontend)]
+    assert cancelled[0].msg.content["ename"] == "KeyboardInterrupt"
+    assert [r.msg for r in relay.queued] == [info]
+
+
+def test_shutdown_answers_everything() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="1")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    shutdown = request("shutdown_request", "control", restart=True)
+    out = relay.frontend_message("control", CONSOLE, shutdown)
+    assert isinstance(out[-1], ShutdownRemote) and out[-1].restart is True
+    late = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
+    assert any(
+        isinstance(a, SendToFrontend) and a.msg.content.get("status") == "error" for a in late
+    )
+    done = relay.shutdown_finished(out[-1].request, True)
+    replies = [a for a in done if isinstance(a, SendToFrontend)]
+    assert [r.msg.msg_type for r in replies] == ["execute_reply", "shutdown_reply"]
+    assert replies[-1].identities == CONSOLE
+    assert replies[-1].msg.content == {"status": "ok", "restart": True}
+
+
+def test_kernel_info_is_cached_for_later_local_answers() -> None:
+    relay = connected_relay()
+    info = request("kernel_info_request")
+    relay.frontend_message("shell", NOTEBOOK, info)
+    remote_info = {"status": "ok", "implementation": "ipython", "language_info": {"name": "python"}}
+    relay.remote_message(reply_to(info, "kernel_info_reply", **remote_info))
+    relay.remote_failed(RemoteUnreachableError("down"))
+    out = relay.frontend_message("shell", NOTEBOOK, request("kernel_info_request"))
+    reply = next(a for a in out if isinstance(a, SendToFrontend))
+    assert reply.msg.content["implementation"] == "ipython"
+
+
+def test_subscription_is_welcomed() -> None:
+    (welcome,) = Relay("proxy").subscribed(b"")
+    assert isinstance(welcome, Publish)
+    assert welcome.msg.msg_type == "iopub_welcome"
+    assert welcome.msg.content == {"subscription": ""}
+    assert welcome.msg.parent_header == {}
+
+
+def test_replies_to_unknown_requests_are_not_forwarded() -> None:
+    relay = connected_relay()
+    stranger = request("execute_request", code="1")
+    assert relay.remote_message(reply_to(stranger, "execute_reply", status="ok")) == []

@@ -1,0 +1,180 @@
+"""Wire formats: round trips, and agreement with jupyter_server's own (de)serializers."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jupyter_server.services.kernels.connection.base import (
+    deserialize_binary_message,
+    deserialize_msg_from_ws_v1,
+    serialize_binary_message,
+    serialize_msg_to_ws_v1,
+)
+
+from cgpu_kernel.exceptions import MalformedMessageError
+from cgpu_kernel.wire import (
+    DELIMITER,
+    V1_SUBPROTOCOL,
+    Message,
+    from_ws,
+    from_ws_legacy,
+    from_ws_v1,
+    make_header,
+    split_zmq_frames,
+    to_ws,
+    to_ws_legacy,
+    to_ws_v1,
+    zmq_frames,
+)
+
+json_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=50)
+contents = st.dictionaries(json_text, st.one_of(json_text, st.integers(), st.booleans()))
+buffers = st.lists(st.binary(max_size=300), max_size=4)
+channels = st.sampled_from(["shell", "control", "stdin", "iopub"])
+
+
+def sample(channel: str = "shell", content: dict | None = None, bufs: list | None = None) -> Message:
+    return Message.build(
+        channel,
+        make_header("execute_request", "s1"),
+        {"msg_id": "parent-1", "msg_type": "x"},
+        {"meta": 1},
+        content if content is not None else {"code": "print('héllo ✓')"},
+        bufs,
+    )
+
+
+def same(a: Message, b: Message) -> None:
+    assert a.channel == b.channel
+    assert a.header == b.header
+    assert a.parent_header == b.parent_header
+    assert a.metadata == b.metadata
+    assert a.content == b.content
+    assert [bytes(x) for x in a.buffers] == [bytes(x) for x in b.buffers]
+
+
+@settings(max_examples=60, deadline=None)
+@given(channel=channels, content=contents, bufs=buffers)
+def test_v1_round_trip(channel: str, content: dict, bufs: list[bytes]) -> None:
+    msg = sample(channel, content, bufs)
+    back = from_ws_v1(to_ws_v1(msg))
+    same(msg, back)
+    assert back.parts == msg.parts  # forwarded byte for byte, never re-encoded
+
+
+@settings(max_examples=60, deadline=None)
+@given(channel=channels, content=contents, bufs=buffers)
+def test_legacy_round_trip(channel: str, content: dict, bufs: list[bytes]) -> None:
+    msg = sample(channel, content, bufs)
+    frame = to_ws_legacy(msg)
+    assert isinstance(frame, bytes) == bool(bufs)
+    same(msg, from_ws_legacy(frame))
+
+
+def test_v1_matches_jupyter_server() -> None:
+    msg = sample("iopub", bufs=[b"\x00\x01", b"buffer two"])
+    channel, parts = deserialize_msg_from_ws_v1(to_ws_v1(msg))
+    assert channel == "iopub"
+    assert [bytes(p) for p in parts] == [*msg.parts, b"\x00\x01", b"buffer two"]
+    theirs = serialize_msg_to_ws_v1([*msg.parts, b"\x00\x01", b"buffer two"], "iopub")
+    same(msg, from_ws_v1(theirs))
+
+
+def test_legacy_binary_matches_jupyter_server() -> None:
+    msg = sample("shell", bufs=[b"\xff" * 10, b"abc"])
+    theirs = deserialize_binary_message(to_ws_legacy(msg))
+    assert theirs["channel"] == "shell"
+    assert [bytes(b) for b in theirs["buffers"]] == [b"\xff" * 10, b"abc"]
+    assert theirs["content"] == msg.content
+    produced = serialize_binary_message(
+        {
+            "channel": "iopub",
+            "header": msg.header,
+            "parent_header": msg.parent_header,
+            "metadata": {},
+            "content": {"data": {}},
+            "buffers": [b"xyz"],
+        }
+    )
+    back = from_ws_legacy(produced)
+    assert back.channel == "iopub"
+    assert back.buffers == [b"xyz"]
+
+
+def test_legacy_text_is_plain_json() -> None:
+    frame = to_ws_legacy(sample())
+    assert isinstance(frame, str)
+    obj = json.loads(frame)
+    assert obj["channel"] == "shell"
+    assert obj["content"]["code"] == "print('héllo ✓')"
+
+
+def test_dispatch_by_subprotocol() -> None:
+    msg = sample(bufs=[b"1"])
+    same(msg, from_ws(to_ws(msg, V1_SUBPROTOCOL), V1_SUBPROTOCOL))
+    same(msg, from_ws(to_ws(msg, None), None))
+    with pytest.raises(MalformedMessageError):
+        from_ws("{}", V1_SUBPROTOCOL)
+
+
+def test_zmq_frames_round_trip() -> None:
+    msg = sample(bufs=[b"buf"])
+    frames = zmq_frames([b"id1", b"id2"], b"sig", msg)
+    identities, rest = split_zmq_frames([bytes(f) for f in frames])
+    assert identities == [b"id1", b"id2"]
+    assert rest[0] == b"sig"
+    assert rest[1:5] == msg.parts
+    assert rest[5:] == [b"buf"]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"id", b"no delimiter"],
+        [b"id", DELIMITER, b"sig", b"{}"],
+    ],
+)
+def test_zmq_malformed(frames: list[bytes]) -> None:
+    with pytest.raises(MalformedMessageError):
+        split_zmq_frames(frames)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\x01\x00\x00\x00\x00\x00\x00\x00",
+        struct.pack("<7Q", 6, 56, 60, 50, 40, 30, 20),  # offsets out of order
+        struct.pack("<7Q", 6, 56, 61, 62, 63, 64, 9999),  # offsets out of range
+    ],
+)
+def test_v1_malformed(frame: bytes) -> None:
+    with pytest.raises(MalformedMessageError):
+        from_ws_v1(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "not json",
+        "[1, 2]",
+        '{"header": {"msg_id": "a", "msg_type": "b"}}',  # no channel
+        '{"channel": "shell", "header": "nope"}',
+        '{"channel": "shell", "header": {"msg_type": "b"}}',  # no msg_id
+        b"\x00\x00\x00\x05\x00\x00",  # truncated binary
+    ],
+)
+def test_legacy_malformed(frame: str | bytes) -> None:
+    with pytest.raises(MalformedMessageError):
+        from_ws_legacy(frame)
+
+
+def test_content_parsed_lazily() -> None:
+    msg = Message("iopub", [b'{"msg_id":"1","msg_type":"stream"}', b"{}", b"{}", b"not json"])
+    assert msg.msg_type == "stream"  # routing works without touching the content
+    with pytest.raises(MalformedMessageError):
+        _ = msg.content
