@@ -26,6 +26,8 @@ from .wire import Message, split_zmq_frames, zmq_frames
 
 log = logging.getLogger(__name__)
 
+EARLY_IOPUB_LIMIT = 10_000
+
 FrontendCallback = Callable[[str, tuple[bytes, ...], Message], None]
 SubscribeCallback = Callable[[bytes], None]
 
@@ -63,6 +65,10 @@ class FrontendSockets:
         self._hb_context: zmq.Context[Any] = zmq.Context()
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self.rejected = 0
+        # iopub messages published before any frontend subscribed (ZMQ would drop them: the
+        # "slow joiner"), delivered right after the first subscription's welcome.
+        self._subscribed = False
+        self._early_iopub: list[Message] = []
 
     def bind(self) -> None:
         for channel in ("shell", "control", "stdin"):
@@ -110,12 +116,22 @@ class FrontendSockets:
         while True:
             frame: bytes = await socket.recv()
             if frame[:1] == b"\x01":
+                first = not self._subscribed
+                self._subscribed = True
                 on_subscribe(frame[1:])
+                if first:
+                    early, self._early_iopub = self._early_iopub, []
+                    for msg in early:
+                        self.publish(msg)
 
     def verify(self, channel: str, frames: list[bytes]) -> tuple[list[bytes], Message]:
         """Check signature, replay and shape; raises :class:`MalformedMessageError`."""
         identities, rest = split_zmq_frames(frames)
         try:
+            # Session records a signature before comparing it, so a forged message carrying a
+            # copied signature would get the genuine one rejected as a replay. Verify first
+            # (content=False checks without recording), then record and parse.
+            self.session.deserialize(rest, content=False, copy=True)
             parsed = self.session.deserialize(rest, content=True, copy=True)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
             reason = str(exc).split(":")[0] if "Signature" in str(exc) else str(exc)
@@ -137,6 +153,12 @@ class FrontendSockets:
         self.sockets[channel].send_multipart(frames, copy=False)
 
     def publish(self, msg: Message) -> None:
+        if not self._subscribed:
+            if len(self._early_iopub) < EARLY_IOPUB_LIMIT:
+                self._early_iopub.append(msg)
+            else:
+                log.warning("no frontend subscribed to iopub yet; dropped %s", msg)
+            return
         topic = msg.msg_type.encode("ascii", "replace")
         frames = zmq_frames([topic], self.session.sign(msg.parts), msg)
         self.sockets["iopub"].send_multipart(frames, copy=False)

@@ -322,7 +322,10 @@ class ProxyKernelRun:
         try:
             await self.backend.interrupt_kernel()
         except CgpuError as exc:
-            log.warning("interrupt failed: %s", exc)
+            # jupyter_client interrupts right before a shutdown: that race is not worth a warning
+            log.log(
+                logging.INFO if self._stopping else logging.WARNING, "interrupt failed: %s", exc
+            )
             error = exc
         if request is not None:
             self.perform(self.relay.interrupt_finished(request, error))

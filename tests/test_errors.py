@@ -30,7 +30,9 @@ def test_unreachable_remote(kernel_dir: Path, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("some-secret-token")
     url = f"http://127.0.0.1:{free_port()}/lab/"
-    name = install_spec(kernel_dir, "cgpu-test-unreachable", "jupyter", url=url, token_file=token_file)
+    name = install_spec(
+        kernel_dir, "cgpu-test-unreachable", "jupyter", url=url, token_file=token_file
+    )
     content, alive = error_of(name)
     assert alive
     assert content["ename"] == "RemoteUnreachable"
@@ -126,7 +128,11 @@ def silent_server() -> Iterator[str]:
 
 def test_startup_deadline(kernel_dir: Path, silent_server: str) -> None:
     name = install_spec(
-        kernel_dir, "cgpu-test-deadline", "jupyter", url=silent_server, extra=["--startup-timeout=3"]
+        kernel_dir,
+        "cgpu-test-deadline",
+        "jupyter",
+        url=silent_server,
+        extra=["--startup-timeout=3"],
     )
     content, alive = error_of(name)
     assert alive
@@ -157,7 +163,11 @@ def test_kernel_recovers_when_remote_comes_back(kernel_dir: Path, tmp_path: Path
     token_file = tmp_path / "token"
     token_file.write_text("tok")
     name = install_spec(
-        kernel_dir, "cgpu-test-later", "jupyter", url=f"http://127.0.0.1:{port}/", token_file=token_file
+        kernel_dir,
+        "cgpu-test-later",
+        "jupyter",
+        url=f"http://127.0.0.1:{port}/",
+        token_file=token_file,
     )
     km, kc = start_kernel(name)
     server = None
