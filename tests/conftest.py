@@ -245,6 +245,16 @@ def local_spec(kernel_dir: Path) -> str:
     return install_spec(kernel_dir, "cgpu-test-local", "local")
 
 
+@pytest.fixture(params=["jupyter", "gateway"])
+def any_remote(
+    request: pytest.FixtureRequest,
+) -> tuple[str, RemoteServer]:
+    """The same test against a jupyter-server and against Kernel Gateway."""
+    if request.param == "jupyter":
+        return request.getfixturevalue("jupyter_spec"), request.getfixturevalue("jupyter_server")
+    return request.getfixturevalue("gateway_spec"), request.getfixturevalue("kernel_gateway")
+
+
 def start_kernel(name: str, **kwargs: Any) -> tuple[KernelManager, BlockingKernelClient]:
     km = KernelManager(kernel_name=name)
     km.start_kernel(**kwargs)

@@ -175,7 +175,7 @@ def test_kernel_recovers_when_remote_comes_back(kernel_dir: Path, tmp_path: Path
         reply, _ = run_cell(kc, "1")
         assert reply["content"]["ename"] == "RemoteUnreachable"
         server = start_jupyter_server(tmp_path / "late", port=port, token="tok")
-        reply, outputs = run_cell(kc, "print('back')", timeout=60)
+        reply, _outputs = run_cell(kc, "print('back')", timeout=60)
         assert reply["content"]["status"] == "ok"
     finally:
         kc.stop_channels()

@@ -31,16 +31,6 @@ get_ipython().kernel.comm_manager.register_target("cgpu_echo", _echo_target)
 """
 
 
-@pytest.fixture(params=["jupyter", "gateway"])
-def any_remote(
-    request: pytest.FixtureRequest,
-) -> tuple[str, RemoteServer]:
-    """The same test against a jupyter-server and against Kernel Gateway."""
-    if request.param == "jupyter":
-        return request.getfixturevalue("jupyter_spec"), request.getfixturevalue("jupyter_server")
-    return request.getfixturevalue("gateway_spec"), request.getfixturevalue("kernel_gateway")
-
-
 def test_state_persists_between_cells(proxy: tuple[KernelManager, BlockingKernelClient]) -> None:
     _, kc = proxy
     reply, _ = run_cell(kc, "x = 6 * 7")
@@ -87,7 +77,7 @@ def test_two_frontends_share_one_kernel(
     try:
         console.wait_for_ready(timeout=TIMEOUT)
         run_cell(notebook, "shared = 'from the notebook'")
-        reply, outputs = run_cell(console, "print(shared)")
+        _reply, outputs = run_cell(console, "print(shared)")
         assert stdout_of(outputs) == "from the notebook\n"
         # The console's input_request reaches the console only, never the notebook.
         msg_id = console.execute("answer = input()", allow_stdin=True)
@@ -403,7 +393,7 @@ def test_mis_signed_and_malformed_messages_are_rejected(
         shell.send_multipart(frames)  # the genuine one: runs once
         shell.send_multipart(frames)  # a replay of it: rejected
         time.sleep(2)
-        reply, _ = run_cell(kc, f"import os; print(os.path.exists({str(marker)!r}))")
+        _reply, _ = run_cell(kc, f"import os; print(os.path.exists({str(marker)!r}))")
         assert marker.exists()
         marker.unlink()
         time.sleep(1)

@@ -171,7 +171,9 @@ def test_messages_sent_while_reconnecting_are_queued() -> None:
     execute = request("execute_request", code="1")
     out = relay.frontend_message("shell", NOTEBOOK, execute)
     assert not any(isinstance(a, SendToRemote) for a in out)
-    assert "reconnecting" in next(a.msg.content["text"] for a in out if isinstance(a, Publish) and a.msg.msg_type == "stream")
+    assert "reconnecting" in next(
+        a.msg.content["text"] for a in out if isinstance(a, Publish) and a.msg.msg_type == "stream"
+    )
     resent = relay.remote_connected()
     assert [a.msg for a in resent if isinstance(a, SendToRemote)] == [execute]
 

@@ -37,7 +37,9 @@ buffers = st.lists(st.binary(max_size=300), max_size=4)
 channels = st.sampled_from(["shell", "control", "stdin", "iopub"])
 
 
-def sample(channel: str = "shell", content: dict | None = None, bufs: list | None = None) -> Message:
+def sample(
+    channel: str = "shell", content: dict | None = None, bufs: list | None = None
+) -> Message:
     return Message.build(
         channel,
         make_header("execute_request", "s1"),
