@@ -15,7 +15,9 @@ from cgpu_kernel import kernelspec
 from cgpu_kernel.exceptions import ConfigurationError
 
 
-def cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cgpu_kernel", *args],
         capture_output=True,

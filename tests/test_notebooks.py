@@ -1,4 +1,4 @@
-"""Whole notebooks through the proxy with nbclient, papermill and ``jupyter nbconvert --execute``."""
+"""Whole notebooks through the proxy: nbclient, papermill, ``jupyter nbconvert --execute``."""
 
 from __future__ import annotations
 
