@@ -31,7 +31,11 @@ def _install(args: argparse.Namespace) -> int:
         url=args.url,
         remote_kernel=args.remote_kernel,
         token_file=token_file,
-        extra=[f"--startup-timeout={args.startup_timeout}"] if args.startup_timeout else None,
+        extra=(
+            [f"--startup-timeout={args.startup_timeout}"]
+            if args.startup_timeout is not None
+            else None
+        ),
     )
     spec = kernelspec.make_kernel_dict(
         argv,

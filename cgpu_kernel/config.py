@@ -21,9 +21,12 @@ from .exceptions import ConfigurationError
 class EnvConfigurable(Configurable):
     """A Configurable whose traits tagged with ``env=`` fall back to environment variables."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, use_env: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        explicit = set(kwargs)
+        if use_env:
+            self._read_environment(set(kwargs))
+
+    def _read_environment(self, explicit: set[str]) -> None:
         for cls in type(self).mro():
             section = self.config.get(cls.__name__)
             if section:

@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 from jupyter_client.session import Session
+from jupyter_core.paths import jupyter_config_path
 from tornado.httpclient import HTTPRequest
 from traitlets import Bool, Enum, Float, Int, Unicode
 from traitlets.config import Application
@@ -55,24 +56,26 @@ from .wire import Message
 
 log = logging.getLogger("cgpu_kernel")
 
+DELETE_TIMEOUT = 10.0
 TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 def read_token(token_file: str) -> str | None:
-    """The remote server's token: ``CGPU_TOKEN``, else the token file, else none."""
-    token = os.environ.get(TOKEN_ENV)
-    if token:
-        return token.strip()
+    """The remote server's token: the token file when one is given, else ``CGPU_TOKEN``.
+
+    Called before each request, so a renewed token file takes effect without a restart.
+    """
     if token_file:
         path = Path(token_file).expanduser()
         try:
             return path.read_text().strip() or None
         except OSError as exc:
             raise ConfigurationError(
-                f"Cannot read the token file {path}: {exc.strerror}. Fix the path, or set"
-                f" {TOKEN_ENV}."
+                f"Cannot read the token file {path}: {exc.strerror}. Fix the path (reinstall"
+                f" with --token-file), or set {TOKEN_ENV} and install without a token file."
             ) from None
-    return None
+    token = os.environ.get(TOKEN_ENV)
+    return token.strip() if token else None
 
 
 class ProxyKernel(EnvConfigurable):
@@ -83,8 +86,8 @@ class ProxyKernel(EnvConfigurable):
         "local",
         config=True,
         help="""Where the remote kernel runs: 'local' starts a private jupyter-server on
-        loopback (no account needed), 'jupyter' uses the server at --url, 'colab' a Colab
-        runtime.""",
+        loopback (no account needed), 'jupyter' uses the server at --url. 'colab' (a Colab
+        runtime) is reserved and not available yet.""",
     ).tag(env="CGPU_BACKEND")
     url = Unicode(
         "",
@@ -152,9 +155,10 @@ class ProxyKernel(EnvConfigurable):
                     "The jupyter backend needs the server's URL: reinstall the kernelspec with"
                     " --url, or set CGPU_URL."
                 )
+            token_file = self.token_file
             return JupyterBackend(
                 self.url,
-                read_token(self.token_file),
+                lambda: read_token(token_file),
                 self.remote_kernel,
                 validate_cert=self.validate_cert,
                 ca_certs=self.ca_certs or None,
@@ -235,17 +239,26 @@ class ProxyKernelRun:
 
     async def _cleanup(self) -> None:
         self._stopping = True
-        if self.channels is not None:
-            self.channels.close()
-        try:
-            await asyncio.wait_for(self.backend.shutdown_kernel(), 10.0)
-        except (CgpuError, asyncio.TimeoutError) as exc:
-            log.warning("could not delete the remote kernel at exit: %s", exc)
+        await self._delete_remote()
         await self.backend.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.frontend.close()
+
+    async def _delete_remote(self) -> None:
+        """Close the socket and delete the remote kernel (a no-op the second time)."""
+        if self.channels is not None:
+            self.channels.close()
+        try:
+            await asyncio.wait_for(self.backend.shutdown_kernel(), DELETE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning(
+                "deleting the remote kernel took over %g s; `cgpu-kernel reclaim` retries it",
+                DELETE_TIMEOUT,
+            )
+        except CgpuError as exc:
+            log.warning("could not delete the remote kernel: %s", exc)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -268,7 +281,7 @@ class ProxyKernelRun:
 
     def _sigint(self) -> None:
         """``interrupt_mode: signal``: the frontend signalled us; interrupt the remote."""
-        self._spawn(self._interrupt(None))
+        self.perform(self.relay.signal_interrupt())
 
     async def _watch_parent(self) -> None:
         """Stop (deleting the remote kernel) when the frontend that launched us is gone."""
@@ -318,6 +331,7 @@ class ProxyKernelRun:
             self.perform(self.relay.send_failed(request))
 
     async def _interrupt(self, request: Request | None) -> None:
+        """REST interrupt; ``request`` is None for a SIGINT, which gets no reply."""
         error: CgpuError | None = None
         try:
             await self.backend.interrupt_kernel()
@@ -332,12 +346,7 @@ class ProxyKernelRun:
 
     async def _shutdown(self, request: Request, restart: bool) -> None:
         self._stopping = True
-        if self.channels is not None:
-            self.channels.close()
-        try:
-            await asyncio.wait_for(self.backend.shutdown_kernel(), 10.0)
-        except (CgpuError, asyncio.TimeoutError) as exc:
-            log.warning("could not delete the remote kernel: %s", exc)
+        await self._delete_remote()
         self.perform(self.relay.shutdown_finished(request, restart))
         self.stop()
 
@@ -404,7 +413,9 @@ class ProxyKernelRun:
                 self._remote_failed(
                     RemoteAuthError(
                         f"The server stopped accepting our credentials for"
-                        f" {self.backend.description}. Renew the token and run the cell again."
+                        f" {self.backend.description}. Renew the token (update the token file;"
+                        f" {TOKEN_ENV} cannot change under a running kernel, so restart it after"
+                        " changing that) and run the cell again."
                     )
                 )
                 return None
@@ -465,23 +476,31 @@ class ProxyKernelApp(Application):
         "reconnect-budget": "ProxyKernel.reconnect_budget",
         "ping-interval": "ProxyKernel.ping_interval",
         "max-queue": "ProxyKernel.max_queue",
+        "ca-certs": "ProxyKernel.ca_certs",
         "log-level": "Application.log_level",
     }
 
     def start(self) -> None:
         if not self.connection_file:
             raise ConfigurationError("Give the connection file with -f CONNECTION_FILE.")
-        self.load_config_file("cgpu_kernel_config")
+        self.load_config_file("cgpu_kernel_config", path=jupyter_config_path())
         logging.basicConfig(
             level=int(self.log_level),  # type: ignore[call-overload]
             format="[cgpu-kernel %(levelname)s %(asctime)s %(name)s] %(message)s",
             stream=sys.stderr,
         )
-        connection_info = json.loads(Path(self.connection_file).read_text())
-        options = ProxyKernel(parent=self)
         try:
+            connection_info = json.loads(Path(self.connection_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(
+                f"Cannot read the connection file {self.connection_file}: {exc}. Frontends write"
+                " it before starting the kernel; check the kernelspec's argv."
+            ) from None
+        try:
+            options = ProxyKernel(parent=self)
             backend: Backend = options.make_backend()
         except CgpuError as exc:
+            options = ProxyKernel(parent=self, use_env=False)
             # Stay up and show the error in the cell: a kernel that exits at once only makes
             # the frontend restart it in a loop, with the reason buried in a log.
             log.error("%s", exc)

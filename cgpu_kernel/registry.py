@@ -39,9 +39,9 @@ def _record_path(kernel_id: str) -> Path:
 def record(base_url: str, kernel_id: str) -> None:
     me = psutil.Process()
     data = {"pid": me.pid, "create_time": me.create_time(), "url": base_url, "kernel_id": kernel_id}
-    path = _record_path(kernel_id)
-    path.write_text(json.dumps(data))
-    path.chmod(0o600)
+    descriptor = os.open(_record_path(kernel_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(data))
 
 
 def forget(base_url: str, kernel_id: str) -> None:

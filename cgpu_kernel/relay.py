@@ -90,7 +90,7 @@ class Publish:
 
 @dataclass(frozen=True)
 class InterruptRemote:
-    request: Request
+    request: Request | None  # None for a SIGINT, which expects no reply
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ class Relay:
         self._seen = _RecentIds(dedupe_window)
         self._kernel_info: JsonDict | None = None
         self._execution_count = 0
+        self._announced_busy: set[str] = set()  # queued requests already shown as busy
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -268,6 +269,7 @@ class Relay:
     # --- internals ----------------------------------------------------------------------------
 
     def _forward(self, request: Request) -> list[Action]:
+        self._announced_busy.discard(request.msg.msg_id)
         if request.channel != "stdin":
             self._inflight[request.msg.msg_id] = request
         return [SendToRemote(request)]
@@ -289,14 +291,26 @@ class Relay:
             actions.append(ConnectRemote())
         if request.msg.msg_type == "execute_request":
             waiting = "reconnecting to" if self.state is RemoteState.RECONNECTING else "waiting for"
+            self._announced_busy.add(request.msg.msg_id)
             actions.append(self._status("busy", request.msg))
             actions.append(
                 self._notice(request.msg, f"cgpu-kernel: {waiting} {self.remote_description}...")
             )
         return actions
 
+    def signal_interrupt(self) -> list[Action]:
+        """SIGINT to the proxy (``interrupt_mode: signal``): an interrupt that expects no reply."""
+        return [*self._cancel_queued_cells(), InterruptRemote(None)]
+
     def _interrupt(self, request: Request) -> list[Action]:
-        actions: list[Action] = [self._status("busy", request.msg)]
+        return [
+            self._status("busy", request.msg),
+            *self._cancel_queued_cells(),
+            InterruptRemote(request),
+        ]
+
+    def _cancel_queued_cells(self) -> list[Action]:
+        actions: list[Action] = []
         if self.state is not RemoteState.CONNECTED:
             # Cells still waiting for the remote were never started: cancel them.
             keep: deque[Request] = deque()
@@ -308,7 +322,6 @@ class Relay:
                 else:
                     keep.append(queued)
             self._queue = keep
-        actions.append(InterruptRemote(request))
         return actions
 
     def _fail_waiting(self, error: CgpuError) -> list[Action]:
@@ -330,13 +343,16 @@ class Relay:
             return self._local_kernel_info(request)
         reply_type = msg.msg_type.replace("_request", "_reply")
         content = self._error_content(error)
-        actions: list[Action] = [self._status("busy", msg)]
+        actions: list[Action] = []
+        if msg.msg_id not in self._announced_busy:
+            actions.append(self._status("busy", msg))
         if msg.msg_type == "execute_request":
             content["execution_count"] = self._execution_count
             error_output = {k: content[k] for k in ("ename", "evalue", "traceback")}
             actions.append(Publish(self._make("iopub", "error", error_output, msg)))
         actions.append(self._reply(request, reply_type, content))
         actions.append(self._status("idle", msg))
+        self._announced_busy.discard(msg.msg_id)
         return actions
 
     def _local_kernel_info(self, request: Request) -> list[Action]:

@@ -182,3 +182,64 @@ def test_kernel_recovers_when_remote_comes_back(kernel_dir: Path, tmp_path: Path
         km.shutdown_kernel()
         if server is not None:
             server.stop()
+
+
+def test_renewed_token_file_takes_effect_without_restart(
+    kernel_dir: Path, jupyter_server: RemoteServer, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("expired-token")
+    name = install_spec(
+        kernel_dir, "cgpu-test-renew", "jupyter", url=jupyter_server.url, token_file=token_file
+    )
+    km, kc = start_kernel(name)
+    try:
+        reply, _ = run_cell(kc, "1")
+        assert reply["content"]["ename"] == "RemoteAuthenticationFailed"
+        token_file.write_text(jupyter_server.token)
+        reply, _outputs = run_cell(kc, "print('renewed')")
+        assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+
+
+def test_bad_environment_value_is_shown_in_the_cell(
+    jupyter_spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CGPU_MAX_QUEUE", "lots")
+    content, alive = error_of(jupyter_spec)
+    assert alive
+    assert content["ename"] == "CgpuConfigurationError"
+    assert "CGPU_MAX_QUEUE='lots'" in content["evalue"]
+
+
+def test_local_server_cut_short_by_the_deadline_is_replaced() -> None:
+    """A startup deadline that fires while the private server starts leaves nothing behind."""
+    import asyncio
+
+    import psutil
+
+    from cgpu_kernel.backends.local import LocalBackend
+
+    def servers() -> list[psutil.Process]:
+        return [
+            p for p in psutil.Process().children()
+            if "cgpu_kernel.backends.local_server" in " ".join(p.cmdline())
+        ]  # fmt: skip
+
+    async def scenario() -> str:
+        backend = LocalBackend()
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(backend.start_kernel(), 0.2)
+            assert servers() == []
+            kernel_id = await asyncio.wait_for(backend.start_kernel(), 60)
+            assert len(servers()) == 1
+            return kernel_id
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    assert asyncio.run(scenario())
+    assert servers() == []

@@ -256,3 +256,27 @@ def test_replies_to_unknown_requests_are_not_forwarded() -> None:
     relay = connected_relay()
     stranger = request("execute_request", code="1")
     assert relay.remote_message(reply_to(stranger, "execute_reply", status="ok")) == []
+
+
+def test_sigint_cancels_queued_cells_without_a_reply() -> None:
+    relay = Relay("proxy")
+    execute = request("execute_request", code="1")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    out = relay.signal_interrupt()
+    assert isinstance(out[-1], InterruptRemote) and out[-1].request is None
+    replies = [a for a in out if isinstance(a, SendToFrontend)]
+    assert [r.msg.content["ename"] for r in replies] == ["KeyboardInterrupt"]
+    assert relay.queued == []
+
+
+def test_a_queued_cell_that_fails_is_busy_once_and_idle_once() -> None:
+    relay = Relay("proxy")
+    execute = request("execute_request", code="1")
+    queued = relay.frontend_message("shell", NOTEBOOK, execute)
+    failed = relay.remote_failed(RemoteUnreachableError("down"))
+    states = [
+        a.msg.content["execution_state"]
+        for a in [*queued, *failed]
+        if isinstance(a, Publish) and a.msg.msg_type == "status"
+    ]
+    assert states == ["busy", "idle"]

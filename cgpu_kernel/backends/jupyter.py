@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -30,6 +31,9 @@ from .base import Backend, KernelHealth
 log = logging.getLogger(__name__)
 
 USER_AGENT = "cgpu-kernel"
+
+#: Returns the token to use now (None for a server without one).
+TokenProvider = Callable[[], "str | None"]
 
 
 def normalize_base_url(url: str) -> str:
@@ -65,7 +69,7 @@ class JupyterServerClient:
     def __init__(
         self,
         base_url: str,
-        token: str | None,
+        token: str | TokenProvider | None,
         *,
         validate_cert: bool = True,
         ca_certs: str | None = None,
@@ -73,17 +77,25 @@ class JupyterServerClient:
         request_timeout: float = 30.0,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
-        self.token = token
+        self._token = token
+        self.last_token_used: str | None = None
         self.validate_cert = validate_cert
         self.ca_certs = ca_certs
         self.extra_headers = dict(extra_headers or {})
         self.request_timeout = request_timeout
         self._http = AsyncHTTPClient(force_instance=True)
 
+    @property
+    def token(self) -> str | None:
+        """The current token: read anew each time when given as a provider (a renewed token
+        file takes effect on the next request, no restart needed)."""
+        return self._token() if callable(self._token) else self._token
+
     def headers(self) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT, **self.extra_headers}
-        if self.token:
-            headers["Authorization"] = f"token {self.token}"
+        token = self.last_token_used = self.token
+        if token:
+            headers["Authorization"] = f"token {token}"
         return headers
 
     def http_request(self, url: str, **kwargs: Any) -> HTTPRequest:
@@ -158,7 +170,7 @@ class JupyterBackend(Backend):
     def __init__(
         self,
         base_url: str,
-        token: str | None,
+        token: str | TokenProvider | None,
         kernel_name: str = "python3",
         *,
         validate_cert: bool = True,
@@ -179,8 +191,13 @@ class JupyterBackend(Backend):
 
     async def start_kernel(self) -> str:
         if self.kernel_id is not None:
-            health = await self.kernel_health()
-            if health is KernelHealth.ALIVE:
+            try:
+                model = await self.client.call("GET", self._kernel_path())
+            except RemoteProtocolError:
+                model = None  # 404: the server no longer knows it
+            # (unreachable or refused credentials propagate: the kernel may well be alive, so
+            # it is neither replaced nor forgotten)
+            if isinstance(model, dict) and model.get("execution_state") != "dead":
                 return self.kernel_id
             self._forget_kernel()
         if self.record_for_reclaim:
@@ -262,6 +279,10 @@ class JupyterBackend(Backend):
         if self.kernel_id is not None and self.record_for_reclaim:
             registry.forget(self.base_url, self.kernel_id)
         self.kernel_id = None
+
+    async def reauthenticate(self) -> bool:
+        """True when the token changed (a renewed token file) since the request that failed."""
+        return self.client.token != self.client.last_token_used
 
     async def close(self) -> None:
         self.client.close()

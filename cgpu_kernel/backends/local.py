@@ -38,9 +38,10 @@ class LocalBackend(JupyterBackend):
         return await super().start_kernel()
 
     async def _start_server(self) -> None:
+        await self._stop_server()
         env = dict(os.environ, JUPYTER_TOKEN=self._token)
         env.pop("CGPU_TOKEN", None)
-        self._server = await asyncio.create_subprocess_exec(
+        server = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "cgpu_kernel.backends.local_server",
@@ -52,17 +53,23 @@ class LocalBackend(JupyterBackend):
             stdout=asyncio.subprocess.PIPE,
             env=env,
         )
-        assert self._server.stdout is not None
+        assert server.stdout is not None
         try:
-            line = await asyncio.wait_for(self._server.stdout.readline(), SERVER_START_TIMEOUT)
+            line = await asyncio.wait_for(server.stdout.readline(), SERVER_START_TIMEOUT)
             port = int(json.loads(line)["port"])
-        except (asyncio.TimeoutError, ValueError, KeyError, TypeError):
+        except BaseException as exc:
+            # Includes cancellation by the startup deadline: a server whose port we never
+            # learned is useless, so it goes; the next attempt starts a fresh one.
+            self._server = server
             await self._stop_server()
+            if not isinstance(exc, asyncio.TimeoutError | ValueError | KeyError | TypeError):
+                raise
             raise RemoteUnreachableError(
                 "The private local Jupyter server did not start (see the kernel log above for"
                 " its error). Check that jupyter-server and ipykernel are installed in"
                 f" {sys.executable}'s environment."
             ) from None
+        self._server = server
         self.client.base_url = f"http://127.0.0.1:{port}/"
         log.info("private Jupyter server listening on 127.0.0.1:%d", port)
 
@@ -79,7 +86,7 @@ class LocalBackend(JupyterBackend):
             return
         server.terminate()
         try:
-            await asyncio.wait_for(server.wait(), 5.0)
+            await asyncio.wait_for(asyncio.shield(server.wait()), 5.0)
         except asyncio.TimeoutError:
             server.kill()
             await server.wait()

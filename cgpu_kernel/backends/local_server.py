@@ -5,7 +5,8 @@ Run as ``python -m cgpu_kernel.backends.local_server``.
 Binds 127.0.0.1 on a port the OS picks, takes its token from ``JUPYTER_TOKEN`` in its
 environment (never argv), prints ``{"port": N}`` on stdout once it listens, and stops -- shutting
 its kernels down -- as soon as the proxy that started it is gone, even if that proxy was killed
-with SIGKILL. Output rate limits are off: the proxy enforces limits without dropping data.
+with SIGKILL. The server's IOPub rate limits are off: they drop output ("IOPub data rate
+exceeded"), and a proxy must not lose what a cell prints.
 """
 
 from __future__ import annotations
