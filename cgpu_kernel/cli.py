@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib
 import json
 import sys
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from . import __version__, kernelspec
 from .exceptions import CgpuError
 
-SUBCOMMANDS = ("install", "list", "remove", "demo", "reclaim", "config-reference")
+#: Modules that add subcommands: each has ``register(commands)``, taking the subparsers object
+#: and adding parsers whose ``func`` default runs the command (returns the exit code).
+COMMAND_MODULES = ("cgpu_kernel.run_cli", "cgpu_kernel.colab_cli")
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -167,13 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     reference = commands.add_parser("config-reference", help="print the option table (Markdown)")
     reference.set_defaults(func=_config_reference)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(commands)
     return parser
 
 
 def _is_kernel_launch(args: list[str]) -> bool:
     """True for ``-f CONNECTION_FILE ...`` (a frontend starting the kernel), not a subcommand."""
-    if not args or args[0] in SUBCOMMANDS:
-        return False
+    if not args or not args[0].startswith("-"):
+        return False  # a subcommand
     return any(a in ("-f", "--f") or a.startswith(("-f=", "--f=")) for a in args)
 
 

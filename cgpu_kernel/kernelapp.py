@@ -42,6 +42,7 @@ from .exceptions import (
 from .frontend import FrontendSockets
 from .relay import (
     Action,
+    AnswerRemoteRequest,
     ConnectRemote,
     InterruptRemote,
     Publish,
@@ -210,6 +211,7 @@ class ProxyKernelRun:
             self.session.session,
             remote_description=backend.description,
             max_queue=options.max_queue,
+            intercept=backend.intercepts,
         )
         self.frontend = FrontendSockets(connection_info, self.session)
         self.channels: RemoteChannels | None = None
@@ -320,6 +322,8 @@ class ProxyKernelRun:
                 self._spawn(self._shutdown(action.request, action.restart))
             elif isinstance(action, ConnectRemote):
                 self._want_remote.set()
+            elif isinstance(action, AnswerRemoteRequest):
+                self._spawn(self._answer_remote(action.msg, action.request))
 
     def _send_remote(self, request: Request) -> None:
         if self.channels is None:
@@ -343,6 +347,17 @@ class ProxyKernelRun:
             error = exc
         if request is not None:
             self.perform(self.relay.interrupt_finished(request, error))
+
+    async def _answer_remote(self, msg: Message, request: Request | None) -> None:
+        def notify(text: str) -> None:
+            self.perform(self.relay.notice(request, text))
+
+        try:
+            content = await self.backend.answer_kernel_request(msg, notify)
+        except CgpuError as exc:
+            notify(f"cgpu-kernel: {exc}")
+            content = {"value": {"type": "error", "error": str(exc)}}
+        self.perform(self.relay.answer_remote(msg, content))
 
     async def _shutdown(self, request: Request, restart: bool) -> None:
         self._stopping = True

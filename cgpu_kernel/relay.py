@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -100,11 +101,29 @@ class ShutdownRemote:
 
 
 @dataclass(frozen=True)
+class AnswerRemoteRequest:
+    """The remote kernel asked the *client* for something only the backend can give (Colab's
+    ``colab_request`` for Drive or user credentials). ``request`` is the frontend request the
+    cell belongs to, for notices in its output; None when the relay cannot tell."""
+
+    msg: Message
+    request: Request | None
+
+
+@dataclass(frozen=True)
 class ConnectRemote:
     """Ask the remote shell for a (new) connection attempt."""
 
 
-Action = SendToRemote | SendToFrontend | Publish | InterruptRemote | ShutdownRemote | ConnectRemote
+Action = (
+    SendToRemote
+    | SendToFrontend
+    | Publish
+    | InterruptRemote
+    | ShutdownRemote
+    | ConnectRemote
+    | AnswerRemoteRequest
+)
 
 
 @dataclass
@@ -134,8 +153,10 @@ class Relay:
         remote_description: str = "the remote kernel",
         max_queue: int = 1000,
         dedupe_window: int = 65536,
+        intercept: Callable[[Message], bool] | None = None,
     ) -> None:
         self.session = session
+        self.intercept = intercept
         self.remote_description = remote_description
         self.max_queue = max_queue
         self.state = RemoteState.CONNECTING
@@ -246,6 +267,9 @@ class Relay:
         if not self._seen.add(msg.msg_id):
             log.debug("dropping replayed duplicate %s", msg)
             return []
+        if self.intercept is not None and self.intercept(msg):
+            parent_id = msg.parent_id
+            return [AnswerRemoteRequest(msg, self._inflight.get(parent_id) if parent_id else None)]
         if msg.channel == "iopub":
             if msg.msg_type == "execute_input":
                 count = msg.content.get("execution_count")
@@ -265,6 +289,22 @@ class Relay:
             if msg.msg_type == "kernel_info_reply":
                 self._kernel_info = msg.content
         return [SendToFrontend(msg.channel, request.identities, msg)]
+
+    def answer_remote(self, asked: Message, content: JsonDict) -> list[Action]:
+        """Send the backend's answer to ``asked`` back to the remote kernel (on stdin)."""
+        answer = self._make("stdin", "input_reply", content, asked)
+        request = Request("stdin", (), answer)
+        if self.state is RemoteState.CONNECTED:
+            return self._forward(request)
+        self._queue.append(request)
+        return []
+
+    def notice(self, request: Request | None, text: str) -> list[Action]:
+        """A short message from the proxy in the output of ``request``'s cell."""
+        if request is None:
+            log.warning("%s", text)
+            return []
+        return [self._notice(request.msg, text)]
 
     # --- internals ----------------------------------------------------------------------------
 

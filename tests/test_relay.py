@@ -280,3 +280,22 @@ def test_a_queued_cell_that_fails_is_busy_once_and_idle_once() -> None:
         if isinstance(a, Publish) and a.msg.msg_type == "status"
     ]
     assert states == ["busy", "idle"]
+
+
+def test_backend_intercepted_requests_are_answered_on_stdin() -> None:
+    from cgpu_kernel.relay import AnswerRemoteRequest
+
+    relay = Relay("proxy", intercept=lambda m: m.msg_type == "colab_request")
+    relay.remote_connected()
+    execute = request("execute_request", code="drive.mount('/content/drive')")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    asked = reply_to(execute, "colab_request", "stdin", request={"authType": "dfs_ephemeral"})
+    (action,) = relay.remote_message(asked)
+    assert isinstance(action, AnswerRemoteRequest)
+    assert action.request is not None and action.request.msg is execute
+    (notice,) = relay.notice(action.request, "open https://example.org/auth")
+    assert isinstance(notice, Publish) and notice.msg.parent_header["msg_id"] == execute.msg_id
+    (send,) = relay.answer_remote(asked, {"value": {"type": "colab_reply"}})
+    assert isinstance(send, SendToRemote)
+    assert send.msg.msg_type == "input_reply" and send.msg.channel == "stdin"
+    assert send.msg.parent_header["msg_id"] == asked.msg_id

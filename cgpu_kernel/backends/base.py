@@ -12,9 +12,13 @@ proxy-token refresh wrap the same Jupyter REST and WebSocket calls).
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from tornado.httpclient import HTTPRequest
+
+from ..wire import Message
 
 
 class KernelHealth(Enum):
@@ -52,6 +56,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def kernel_health(self) -> KernelHealth:
         """Ask the server whether our kernel still exists (after a dropped connection)."""
+
+    def intercepts(self, msg: Message) -> bool:
+        """True for remote messages this backend answers itself instead of the frontend.
+
+        The Colab backend claims ``colab_request`` (Drive and user-auth credentials), which no
+        generic frontend understands. Called by the relay for every remote message: keep it
+        cheap.
+        """
+        return False
+
+    async def answer_kernel_request(
+        self, msg: Message, notify: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """The ``input_reply`` content answering an intercepted ``msg``.
+
+        ``notify(text)`` shows a short line in the cell's output (an authorization URL the user
+        must open, say). Only called for messages :meth:`intercepts` claimed.
+        """
+        raise NotImplementedError
 
     async def reauthenticate(self) -> bool:
         """Refresh expired credentials; True when there is something new worth retrying with.
