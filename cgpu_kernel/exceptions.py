@@ -15,6 +15,7 @@ credentials, so any of them may be logged or shown in a notebook cell.
     * :exc:`RemoteKernelSpecError` -- the remote has no kernelspec by the requested name.
     * :exc:`RemoteKernelGoneError` -- the remote kernel died, was deleted or restarted.
     * :exc:`StartupTimeoutError` -- the remote kernel was not ready within the deadline.
+    * :exc:`ReconnectBudgetError` -- the connection did not come back within the budget.
 """
 
 from __future__ import annotations
@@ -67,3 +68,7 @@ class RemoteKernelGoneError(RemoteError):
 
 class StartupTimeoutError(RemoteError):
     ename = "RemoteStartupTimeout"
+
+
+class ReconnectBudgetError(RemoteError):
+    ename = "RemoteConnectionLost"

@@ -35,6 +35,7 @@ from .connection import ChannelsClosedError, RemoteChannels
 from .exceptions import (
     CgpuError,
     ConfigurationError,
+    ReconnectBudgetError,
     RemoteAuthError,
     RemoteKernelGoneError,
     StartupTimeoutError,
@@ -43,6 +44,7 @@ from .frontend import FrontendSockets
 from .relay import (
     Action,
     AnswerRemoteRequest,
+    CloseRemote,
     ConnectRemote,
     InterruptRemote,
     Publish,
@@ -139,6 +141,12 @@ class ProxyKernel(EnvConfigurable):
         config=True,
         help="Verify the remote server's TLS certificate. Leave on outside of tests.",
     ).tag(env="CGPU_VALIDATE_CERT")
+    outage_notice_after = Float(
+        5.0,
+        config=True,
+        help="""Seconds a connection outage must last before the cells waiting on it say so
+        (and say again when it is over). 0 turns the notices off.""",
+    ).tag(env="CGPU_OUTAGE_NOTICE_AFTER")
     ca_certs = Unicode(
         "", config=True, help="CA bundle for a remote server with a private certificate."
     ).tag(env="CGPU_CA_CERTS")
@@ -322,17 +330,30 @@ class ProxyKernelRun:
                 self._spawn(self._shutdown(action.request, action.restart))
             elif isinstance(action, ConnectRemote):
                 self._want_remote.set()
+            elif isinstance(action, CloseRemote):
+                if self.channels is not None:
+                    self.channels.close()
             elif isinstance(action, AnswerRemoteRequest):
                 self._spawn(self._answer_remote(action.msg, action.request))
 
     def _send_remote(self, request: Request) -> None:
-        if self.channels is None:
-            self.perform(self.relay.send_failed(request))
+        channels = self.channels
+        if channels is None:
+            self.perform(self.relay.send_failed(request, connection_alive=False))
             return
         try:
-            self.channels.send(request.msg)
+            written = channels.send(request.msg)
         except ChannelsClosedError:
-            self.perform(self.relay.send_failed(request))
+            self.perform(self.relay.send_failed(request, connection_alive=False))
+            return
+
+        def check(future: asyncio.Future[None]) -> None:
+            # A write cut short by a dropped connection never reached the server: send again.
+            if not future.cancelled() and future.exception() is not None:
+                alive = self.channels is not None and self.channels is not channels
+                self.perform(self.relay.send_failed(request, connection_alive=alive))
+
+        written.add_done_callback(check)
 
     async def _interrupt(self, request: Request | None) -> None:
         """REST interrupt; ``request`` is None for a SIGINT, which gets no reply."""
@@ -398,32 +419,147 @@ class ProxyKernelRun:
         return await RemoteChannels.open(
             self.backend.websocket_request(self.session.session),
             self.backend.description,
-            ping_interval=self.options.ping_interval,
             max_message_size=self.options.max_message_size,
         )
 
+    def _on_remote_message(self, msg: Message) -> None:
+        self.perform(self.relay.remote_message(msg))
+
     async def _serve(self, channels: RemoteChannels | None) -> None:
         """Relay until the remote is lost for good, reconnecting while it is not."""
+        outage: float | None = None
+        loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
-            self.perform(self.relay.remote_connected())
-            while (msg := await channels.receive()) is not None:
-                self.perform(self.relay.remote_message(msg))
+            self.perform(self.relay.remote_connected(outage))
+            channels.deliver_to(self._on_remote_message)
+            if outage is not None:
+                self._spawn(self._check_lost_replies(channels))
+            stalled = await self._watch(channels)
             self.channels = None
             if self._stopping:
                 return
-            log.warning("lost the connection to %s (%s)", channels.where, channels.close_reason)
+            lost_at = loop.time()
+            if stalled:
+                log.warning(
+                    "no sign of life from %s for %.0f s; reconnecting",
+                    channels.where,
+                    channels.silent_for(),
+                )
+            else:
+                log.warning("lost the connection to %s (%s)", channels.where, channels.close_reason)
             self.perform(self.relay.remote_disconnected())
-            channels = await self._reconnect()
+            old = channels
+            channels = await self._reconnect(old if stalled else None)
+            outage = loop.time() - lost_at
+            if channels is old:
+                log.warning("the connection came back by itself after %.1f s", outage)
+                continue
+            if stalled:
+                # The server closes the stale socket once the new one registers; let the old one
+                # deliver its backlog first (it keeps feeding the relay), then drop it.
+                try:
+                    await asyncio.wait_for(old.closed.wait(), self._drain_timeout())
+                except asyncio.TimeoutError:
+                    log.info("the stale connection did not drain; dropping it")
+            old.abort()
 
-    async def _reconnect(self) -> RemoteChannels | None:
+    def _drain_timeout(self) -> float:
+        return max(2.0, 2 * self.options.ping_interval)
+
+    async def _watch(self, channels: RemoteChannels) -> bool:
+        """Wait until ``channels`` closes (False) or stays silent too long (True)."""
+        interval = self.options.ping_interval
+        if interval <= 0:
+            await channels.closed.wait()
+            return False
+        while not channels.closed.is_set():
+            try:
+                await asyncio.wait_for(channels.closed.wait(), interval)
+            except asyncio.TimeoutError:
+                if channels.silent_for() > 2 * interval:
+                    return True
+                channels.ping()
+        return False
+
+    async def _check_lost_replies(self, channels: RemoteChannels) -> None:
+        """After a reconnection, a cell whose reply never comes would stay busy forever.
+
+        When the remote kernel is idle a little after the replay and a cell sent before the
+        outage still has no reply, that reply was lost (the server had nothing to replay):
+        answer it with an error that says so.
+        """
+        await asyncio.sleep(self._drain_timeout())
+        waiting = self.relay.unanswered_cells()
+        if not waiting or self.channels is not channels:
+            return
+        if await self.backend.execution_state() != "idle":
+            return
+        still = [r for r in self.relay.unanswered_cells() if r in waiting]
+        self.perform(
+            self.relay.fail_requests(
+                still,
+                RemoteKernelGoneError(
+                    "The connection dropped and the server kept nothing to replay: this cell's"
+                    " result (and possibly part of its output) was lost, though the remote"
+                    " kernel and its variables are fine. Run the cell again if needed."
+                ),
+            )
+        )
+
+    async def _reconnect(self, stalled: RemoteChannels | None) -> RemoteChannels | None:
+        """A working connection again: a new one, or ``stalled`` if it came back to life.
+
+        TCP rides out short outages by itself; keeping a connection that revives avoids the
+        server's switch to a new socket, the one moment a stock Jupyter server can lose output.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.options.reconnect_budget
+        notice_after = self.options.outage_notice_after
+        notice = (
+            loop.call_later(
+                notice_after,
+                lambda: self.perform(self.relay.outage_notice(loop.time() - started)),
+            )
+            if notice_after > 0
+            else None
+        )
+        try:
+            return await self._reconnect_until(deadline, stalled)
+        finally:
+            if notice is not None:
+                notice.cancel()
+
+    async def _revived(self, stalled: RemoteChannels | None) -> bool:
+        """Did the stalled connection start talking again (within a short grace)?"""
+        if stalled is None or stalled.closed.is_set():
+            return False
+        interval = self.options.ping_interval
+        stalled.ping()
+        for _ in range(10):
+            if stalled.silent_for() < interval:
+                return True
+            if stalled.closed.is_set():
+                return False
+            await asyncio.sleep(interval / 5)
+        return False
+
+    async def _reconnect_until(
+        self, deadline: float, stalled: RemoteChannels | None
+    ) -> RemoteChannels | None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         delay, attempt = 0.1, 0
         while not self._stopping:
+            if self.relay.state is not RemoteState.RECONNECTING:
+                return None  # already declared lost (say, shut down by another client)
             attempt += 1
             health = await self.backend.kernel_health()
+            if self.relay.state is not RemoteState.RECONNECTING:
+                return None
+            if await self._revived(stalled):
+                return stalled
             if health is KernelHealth.AUTH_EXPIRED and not await self.backend.reauthenticate():
                 self._remote_failed(
                     RemoteAuthError(
@@ -445,22 +581,26 @@ class ProxyKernelRun:
                 return None
             if health is KernelHealth.ALIVE:
                 try:
-                    channels = await self._open_remote()
-                except CgpuError as exc:
-                    log.info("reconnect attempt %d failed: %s", attempt, exc)
+                    channels = await asyncio.wait_for(
+                        self._open_remote(), max(5.0, 2 * self.options.ping_interval)
+                    )
+                except (CgpuError, asyncio.TimeoutError) as exc:
+                    log.info("reconnect attempt %d failed: %s", attempt, exc or "timed out")
                 else:
-                    log.info(
+                    log.warning(
                         "reconnected after %.1f s (%d attempts)", loop.time() - started, attempt
                     )
                     return channels
+            else:
+                log.info("reconnect attempt %d: the server is %s", attempt, health.value)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             await asyncio.sleep(min(delay + random.uniform(0, delay / 2), remaining))
             delay = min(delay * 2, 10.0)
-        if not self._stopping:
+        if not self._stopping and self.relay.state is RemoteState.RECONNECTING:
             self._remote_failed(
-                RemoteKernelGoneError(
+                ReconnectBudgetError(
                     f"Gave up reconnecting to {self.backend.description} after"
                     f" {self.options.reconnect_budget:g} s. Run the cell again to retry; raise"
                     " --reconnect-budget (CGPU_RECONNECT_BUDGET) to wait longer."
@@ -481,18 +621,14 @@ class ProxyKernelApp(Application):
     description = "A Jupyter kernel that runs cells on a remote kernel (Colab, Jupyter server)."
     classes = [ProxyKernel]  # noqa: RUF012 - traitlets reads this class attribute
     connection_file = Unicode("", config=True, help="Connection file written by the frontend.")
-    aliases = {  # noqa: RUF012
+    # -f, --log-level, and every ProxyKernel option as --kebab-case-name
+    aliases = {  # noqa: RUF012 - traitlets reads this class attribute
         "f": "ProxyKernelApp.connection_file",
-        "backend": "ProxyKernel.backend",
-        "url": "ProxyKernel.url",
-        "remote-kernel": "ProxyKernel.remote_kernel",
-        "token-file": "ProxyKernel.token_file",
-        "startup-timeout": "ProxyKernel.startup_timeout",
-        "reconnect-budget": "ProxyKernel.reconnect_budget",
-        "ping-interval": "ProxyKernel.ping_interval",
-        "max-queue": "ProxyKernel.max_queue",
-        "ca-certs": "ProxyKernel.ca_certs",
         "log-level": "Application.log_level",
+        **{
+            name.replace("_", "-"): f"ProxyKernel.{name}"
+            for name in ProxyKernel.class_trait_names(config=True)
+        },
     }
 
     def start(self) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from . import __version__
-from .exceptions import CgpuError
+from .exceptions import CgpuError, RemoteKernelGoneError
 from .wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,11 @@ class AnswerRemoteRequest:
 
 
 @dataclass(frozen=True)
+class CloseRemote:
+    """The remote kernel is gone: close the socket to it (the next request starts anew)."""
+
+
+@dataclass(frozen=True)
 class ConnectRemote:
     """Ask the remote shell for a (new) connection attempt."""
 
@@ -123,6 +128,7 @@ Action = (
     | ShutdownRemote
     | ConnectRemote
     | AnswerRemoteRequest
+    | CloseRemote
 )
 
 
@@ -167,6 +173,8 @@ class Relay:
         self._kernel_info: JsonDict | None = None
         self._execution_count = 0
         self._announced_busy: set[str] = set()  # queued requests already shown as busy
+        self._told_outage: set[str] = set()  # cells told the connection is down
+        self._state_lost = False  # the remote kernel died: tell the next cell it starts afresh
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -229,11 +237,26 @@ class Relay:
 
     # --- events from the remote side ----------------------------------------------------------
 
-    def remote_connected(self) -> list[Action]:
-        """The WebSocket to the remote kernel is open: send what waited, in order."""
+    def remote_connected(self, outage_seconds: float | None = None) -> list[Action]:
+        """The WebSocket to the remote kernel is open: send what waited, in order.
+
+        ``outage_seconds`` is set after a reconnection; cells told about the outage are told
+        it is over.
+        """
         self.state = RemoteState.CONNECTED
         self.last_error = None
         actions: list[Action] = []
+        if outage_seconds is not None:
+            for request in self._waiting_cells():
+                if request.msg.msg_id in self._told_outage:
+                    actions.append(
+                        self._notice(
+                            request.msg,
+                            f"cgpu-kernel: reconnected after {outage_seconds:.0f} s; the output"
+                            " the server kept meanwhile follows.",
+                        )
+                    )
+            self._told_outage.clear()
         while self._queue:
             actions.extend(self._forward(self._queue.popleft()))
         return actions
@@ -244,11 +267,51 @@ class Relay:
             self.state = RemoteState.RECONNECTING
         return []
 
-    def send_failed(self, request: Request) -> list[Action]:
-        """Writing ``request`` to the remote failed (the socket had closed): queue it again."""
+    def send_failed(self, request: Request, *, connection_alive: bool) -> list[Action]:
+        """Writing ``request`` failed because its socket closed: send it again.
+
+        ``connection_alive`` says whether the proxy has a working connection now (the failure
+        was on an older one): then the request goes out at once, otherwise it waits in order.
+        """
         self._inflight.pop(request.msg.msg_id, None)
+        if connection_alive and self.state is RemoteState.CONNECTED:
+            return self._forward(request)
         self._queue.append(request)
         return self.remote_disconnected()
+
+    def outage_notice(self, seconds: float) -> list[Action]:
+        """The connection has been down for ``seconds``: tell the cells waiting on it, once."""
+        actions: list[Action] = []
+        for request in self._waiting_cells():
+            if request.msg.msg_id not in self._told_outage:
+                self._told_outage.add(request.msg.msg_id)
+                actions.append(
+                    self._notice(
+                        request.msg,
+                        f"cgpu-kernel: lost the connection to {self.remote_description}"
+                        f" {seconds:.0f} s ago; reconnecting. The cell keeps running remotely.",
+                    )
+                )
+        return actions
+
+    def unanswered_cells(self) -> list[Request]:
+        """Cells sent to the remote that have no reply yet."""
+        return [r for r in self._inflight.values() if r.msg.msg_type == "execute_request"]
+
+    def fail_requests(self, requests: list[Request], error: CgpuError) -> list[Action]:
+        """Answer the given waiting requests with ``error`` (their replies were lost)."""
+        actions: list[Action] = []
+        for request in requests:
+            if self._inflight.pop(request.msg.msg_id, None) is not None:
+                actions.extend(self._fail(request, error))
+        return actions
+
+    def _waiting_cells(self) -> list[Request]:
+        return [
+            r
+            for r in [*self._inflight.values(), *self._queue]
+            if r.msg.msg_type == "execute_request"
+        ]
 
     def remote_failed(self, error: CgpuError) -> list[Action]:
         """No remote kernel (could not start, lost, or gave up reconnecting).
@@ -260,6 +323,7 @@ class Relay:
             return []
         self.state = RemoteState.FAILED
         self.last_error = error
+        self._state_lost = isinstance(error, RemoteKernelGoneError)
         return self._fail_waiting(error)
 
     def remote_message(self, msg: Message) -> list[Action]:
@@ -275,6 +339,10 @@ class Relay:
                 count = msg.content.get("execution_count")
                 if isinstance(count, int):
                     self._execution_count = count
+            elif msg.msg_type == "status" and not msg.parent_header:
+                return [Publish(msg), *self._remote_status(msg.content.get("execution_state"))]
+            elif msg.msg_type == "shutdown_reply" and msg.parent_id not in self._inflight:
+                return [Publish(msg), *self._shut_down_by_others(msg)]
             return [Publish(msg)]
         if msg.channel not in ("shell", "control", "stdin"):
             log.warning("remote sent %s on unknown channel %r; not forwarded", msg, msg.channel)
@@ -308,6 +376,33 @@ class Relay:
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _shut_down_by_others(self, msg: Message) -> list[Action]:
+        """Another client (or the server's culler) shut the remote kernel down."""
+        if msg.content.get("restart"):
+            return self._remote_status("restarting")
+        error = RemoteKernelGoneError(
+            f"{self.remote_description} was shut down by another client or by the server: its"
+            " variables are lost. The next cell starts a fresh kernel."
+        )
+        return [*self.remote_failed(error), CloseRemote()]
+
+    def _remote_status(self, state: object) -> list[Action]:
+        """The *server* reports the kernel restarted (it crashed) or died: state is lost."""
+        if state == "restarting":
+            lost = RemoteKernelGoneError(
+                f"{self.remote_description} restarted (it crashed, or ran out of memory): its"
+                " variables are lost. Run the cells it needs again."
+            )
+            return self._fail_waiting(lost)
+        if state == "dead":
+            return self.remote_failed(
+                RemoteKernelGoneError(
+                    f"{self.remote_description} died and could not be restarted. The next cell"
+                    " starts a fresh kernel."
+                )
+            )
+        return []
+
     def _forward(self, request: Request) -> list[Action]:
         self._announced_busy.discard(request.msg.msg_id)
         if request.channel != "stdin":
@@ -330,12 +425,19 @@ class Relay:
             self.state = RemoteState.CONNECTING
             actions.append(ConnectRemote())
         if request.msg.msg_type == "execute_request":
-            waiting = "reconnecting to" if self.state is RemoteState.RECONNECTING else "waiting for"
             self._announced_busy.add(request.msg.msg_id)
             actions.append(self._status("busy", request.msg))
-            actions.append(
-                self._notice(request.msg, f"cgpu-kernel: {waiting} {self.remote_description}...")
-            )
+            if self._state_lost:
+                self._state_lost = False
+                text = (
+                    f"cgpu-kernel: the previous remote kernel was lost ({self.last_error});"
+                    " starting a fresh one. Variables from earlier cells are gone."
+                )
+            elif self.state is RemoteState.RECONNECTING:
+                text = f"cgpu-kernel: reconnecting to {self.remote_description}..."
+            else:
+                text = f"cgpu-kernel: waiting for {self.remote_description}..."
+            actions.append(self._notice(request.msg, text))
         return actions
 
     def signal_interrupt(self) -> list[Action]:

@@ -183,10 +183,14 @@ def test_send_failure_requeues() -> None:
     execute = request("execute_request", code="1")
     (send,) = relay.frontend_message("shell", NOTEBOOK, execute)
     assert isinstance(send, SendToRemote)
-    relay.send_failed(send.request)
+    relay.send_failed(send.request, connection_alive=False)
     assert relay.state is RemoteState.RECONNECTING
     assert relay.inflight == []
     assert [a.msg for a in relay.remote_connected() if isinstance(a, SendToRemote)] == [execute]
+    # a write lost on an older connection, noticed after the new one is up: sent again at once
+    again = relay.send_failed(relay.inflight[0], connection_alive=True)
+    assert [a.msg for a in again if isinstance(a, SendToRemote)] == [execute]
+    assert relay.state is RemoteState.CONNECTED
 
 
 def test_interrupt_on_control_or_shell_goes_to_rest() -> None:
@@ -299,3 +303,60 @@ def test_backend_intercepted_requests_are_answered_on_stdin() -> None:
     assert isinstance(send, SendToRemote)
     assert send.msg.msg_type == "input_reply" and send.msg.channel == "stdin"
     assert send.msg.parent_header["msg_id"] == asked.msg_id
+
+
+def test_outage_notices_once_then_reconnected() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="train()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    relay.remote_disconnected()
+    first = relay.outage_notice(6.0)
+    assert len(first) == 1 and "lost the connection" in first[0].msg.content["text"]
+    assert relay.outage_notice(12.0) == []  # once per cell
+    back = relay.remote_connected(outage_seconds=14.2)
+    texts = [a.msg.content["text"] for a in back if isinstance(a, Publish)]
+    assert texts == [
+        "cgpu-kernel: reconnected after 14 s; the output the server kept meanwhile follows.\n"
+    ]
+    assert relay.remote_connected(outage_seconds=1.0) == []  # nobody was told about that one
+
+
+def test_server_restarting_the_kernel_fails_waiting_cells() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="crash()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    restarting = Message.build(
+        "iopub", make_header("status", "server"), {}, {}, {"execution_state": "restarting"}
+    )
+    out = relay.remote_message(restarting)
+    assert isinstance(out[0], Publish)  # frontends see the restart too
+    reply = next(a for a in out if isinstance(a, SendToFrontend))
+    assert reply.msg.content["ename"] == "RemoteKernelLost"
+    assert "variables are lost" in reply.msg.content["evalue"]
+    assert relay.state is RemoteState.CONNECTED  # same kernel id, fresh state: keep going
+
+
+def test_lost_replies_are_failed_on_request() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="1")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    (cell,) = relay.unanswered_cells()
+    out = relay.fail_requests([cell], RemoteKernelGoneError("lost"))
+    assert any(isinstance(a, SendToFrontend) for a in out)
+    assert relay.unanswered_cells() == []
+    assert relay.fail_requests([cell], RemoteKernelGoneError("lost")) == []  # only once
+
+
+def test_kernel_shut_down_by_someone_else() -> None:
+    from cgpu_kernel.relay import CloseRemote
+
+    relay = connected_relay()
+    execute = request("execute_request", code="import time; time.sleep(100)")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    theirs = request("shutdown_request", "control", restart=False)
+    out = relay.remote_message(reply_to(theirs, "shutdown_reply", "iopub", restart=False))
+    assert isinstance(out[0], Publish)
+    assert isinstance(out[-1], CloseRemote)
+    reply = next(a for a in out if isinstance(a, SendToFrontend))
+    assert "shut down by another client" in reply.msg.content["evalue"]
+    assert relay.state is RemoteState.FAILED

@@ -31,6 +31,8 @@ from .base import Backend, KernelHealth
 log = logging.getLogger(__name__)
 
 USER_AGENT = "cgpu-kernel"
+#: Seconds a liveness check may take while reconnecting (a blackholed path must not stall it).
+HEALTH_TIMEOUT = 5.0
 
 #: Returns the token to use now (None for a server without one).
 TokenProvider = Callable[[], "str | None"]
@@ -107,8 +109,11 @@ class JupyterServerClient:
             **kwargs,
         )
 
-    async def call(self, method: str, path: str, body: Any = None) -> Any:
+    async def call(
+        self, method: str, path: str, body: Any = None, *, timeout: float | None = None
+    ) -> Any:
         """One REST call; returns the decoded JSON (None for an empty body)."""
+        timeout = timeout or self.request_timeout
         url = self.base_url + path
         where = safe_url(url)
         request = self.http_request(
@@ -116,8 +121,8 @@ class JupyterServerClient:
             method=method,
             body=None if body is None else json.dumps(body),
             allow_nonstandard_methods=True,
-            connect_timeout=min(10.0, self.request_timeout),
-            request_timeout=self.request_timeout,
+            connect_timeout=min(10.0, timeout),
+            request_timeout=timeout,
         )
         try:
             response = await self._http.fetch(request)
@@ -249,7 +254,7 @@ class JupyterBackend(Backend):
         if self.kernel_id is None:
             return KernelHealth.GONE
         try:
-            model = await self.client.call("GET", self._kernel_path())
+            model = await self.client.call("GET", self._kernel_path(), timeout=HEALTH_TIMEOUT)
         except RemoteAuthError:
             return KernelHealth.AUTH_EXPIRED
         except RemoteUnreachableError:
@@ -259,6 +264,16 @@ class JupyterBackend(Backend):
         if isinstance(model, dict) and model.get("execution_state") == "dead":
             return KernelHealth.GONE
         return KernelHealth.ALIVE
+
+    async def execution_state(self) -> str | None:
+        if self.kernel_id is None:
+            return None
+        try:
+            model = await self.client.call("GET", self._kernel_path())
+        except RemoteError:
+            return None
+        state = model.get("execution_state") if isinstance(model, dict) else None
+        return state if isinstance(state, str) else None
 
     async def shutdown_kernel(self) -> None:
         if self.kernel_id is None:
