@@ -245,14 +245,39 @@ def local_spec(kernel_dir: Path) -> str:
     return install_spec(kernel_dir, "cgpu-test-local", "local")
 
 
-@pytest.fixture(params=["jupyter", "gateway"])
+@pytest.fixture(scope="session")
+def legacy_server(session_dir: Path) -> Iterator[RemoteServer]:
+    """A jupyter-server that only speaks the legacy JSON WebSocket protocol (no v1)."""
+    server = start_jupyter_server(
+        session_dir / "legacy", "--ZMQChannelsWebsocketConnection.kernel_ws_protocol="
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def legacy_spec(kernel_dir: Path, legacy_server: RemoteServer) -> str:
+    return install_spec(
+        kernel_dir,
+        "cgpu-test-legacy",
+        "jupyter",
+        url=legacy_server.url,
+        token_file=legacy_server.token_file,
+    )
+
+
+@pytest.fixture(params=["jupyter", "gateway", "legacy"])
 def any_remote(
     request: pytest.FixtureRequest,
 ) -> tuple[str, RemoteServer]:
-    """The same test against a jupyter-server and against Kernel Gateway."""
-    if request.param == "jupyter":
-        return request.getfixturevalue("jupyter_spec"), request.getfixturevalue("jupyter_server")
-    return request.getfixturevalue("gateway_spec"), request.getfixturevalue("kernel_gateway")
+    """The same test against a jupyter-server (v1 protocol), Kernel Gateway, and a
+    jupyter-server held to the legacy JSON protocol."""
+    server, spec = {
+        "jupyter": ("jupyter_server", "jupyter_spec"),
+        "gateway": ("kernel_gateway", "gateway_spec"),
+        "legacy": ("legacy_server", "legacy_spec"),
+    }[request.param]
+    return request.getfixturevalue(spec), request.getfixturevalue(server)
 
 
 def start_kernel(name: str, **kwargs: Any) -> tuple[KernelManager, BlockingKernelClient]:

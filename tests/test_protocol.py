@@ -483,3 +483,26 @@ def test_env_token_works(
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
+
+
+@pytest.mark.parametrize(
+    ("spec_fixture", "expected"),
+    [("jupyter_spec", "v1.kernel.websocket.jupyter.org"), ("legacy_spec", "legacy JSON")],
+)
+def test_websocket_protocol_negotiated(
+    spec_fixture: str, expected: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    name = request.getfixturevalue(spec_fixture)
+    log_path = tmp_path / "proxy.log"
+    km = KernelManager(kernel_name=name)
+    with log_path.open("wb") as log:
+        km.start_kernel(stderr=log, extra_arguments=["--log-level=INFO"])
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            run_cell(kc, "1")
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel()
+    assert f"(protocol: {expected})" in log_path.read_text()
