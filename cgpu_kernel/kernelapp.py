@@ -55,6 +55,7 @@ from .relay import (
     SendToRemote,
     ShutdownRemote,
 )
+from .winevents import watch_interrupt_event
 from .wire import Message
 
 log = logging.getLogger("cgpu_kernel")
@@ -285,6 +286,7 @@ class ProxyKernelRun:
         loop = asyncio.get_running_loop()
         if sys.platform == "win32":
             signal.signal(signal.SIGINT, lambda *_: loop.call_soon_threadsafe(self._sigint))
+            watch_interrupt_event(lambda: loop.call_soon_threadsafe(self._sigint))
             return
         loop.add_signal_handler(signal.SIGINT, self._sigint)
         loop.add_signal_handler(signal.SIGTERM, self.stop)
