@@ -12,6 +12,7 @@ import getpass
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import __version__, kernelspec
@@ -100,6 +101,41 @@ def _reclaim(args: argparse.Namespace) -> int:
     return asyncio.run(reclaim())
 
 
+def _outputs(args: argparse.Namespace) -> int:
+    from . import spool
+
+    root = Path(args.spool_dir) if args.spool_dir else spool.default_spool_root()
+    if args.action == "clean":
+        removed = spool.clean(root, max_age_days=args.older_than, max_total_bytes=1 << 62)
+        print(f"Deleted {len(removed)} saved output file(s) from {root}")
+        return 0
+    files = spool.spooled_files(root)
+    if args.action == "show":
+        if not files:
+            print(f"No saved outputs in {root}.", file=sys.stderr)
+            return 1
+        wanted = args.name or files[-1].name
+        matches = [p for p in files if p.name == wanted or str(p) == wanted]
+        if not matches:
+            print(f"No saved output named {wanted!r}; `cgpu-kernel outputs` lists them.")
+            return 1
+        with matches[-1].open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                sys.stdout.buffer.write(chunk)
+        return 0
+    rows = [
+        {"path": str(p), "bytes": p.stat().st_size, "modified": p.stat().st_mtime} for p in files
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"No saved outputs in {root}.")
+    else:
+        for row in rows:
+            print(f"{row['bytes']:>14,}  {row['path']}")
+    return 0
+
+
 def _config_reference(args: argparse.Namespace) -> int:
     from .config import trait_reference
     from .kernelapp import ProxyKernel
@@ -167,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reclaim.add_argument("--token-file", help="token file (else CGPU_TOKEN)")
     reclaim.set_defaults(func=_reclaim)
+
+    outputs = commands.add_parser(
+        "outputs", help="list, print or clean output held back by the output limits"
+    )
+    outputs.add_argument("action", nargs="?", choices=("list", "show", "clean"), default="list")
+    outputs.add_argument("name", nargs="?", help="file name or path for `show` (default: newest)")
+    outputs.add_argument("--json", action="store_true")
+    outputs.add_argument("--older-than", type=float, default=0.0, help="days, for `clean`")
+    outputs.add_argument("--spool-dir", help="spool folder (default: the kernel's default)")
+    outputs.set_defaults(func=_outputs)
 
     reference = commands.add_parser("config-reference", help="print the option table (Markdown)")
     reference.set_defaults(func=_config_reference)

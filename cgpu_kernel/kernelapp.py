@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from .exceptions import (
     StartupTimeoutError,
 )
 from .frontend import FrontendSockets
+from .limits import Budgets, Coalescer, OutputLimiter
 from .relay import (
     Action,
     AnswerRemoteRequest,
@@ -54,7 +56,10 @@ from .relay import (
     SendToFrontend,
     SendToRemote,
     ShutdownRemote,
+    SpoolOutput,
 )
+from .spool import SpoolWriter, default_spool_root
+from .spool import clean as clean_spool
 from .winevents import watch_interrupt_event
 from .wire import Message
 
@@ -148,6 +153,50 @@ class ProxyKernel(EnvConfigurable):
         help="""Seconds a connection outage must last before the cells waiting on it say so
         (and say again when it is over). 0 turns the notices off.""",
     ).tag(env="CGPU_OUTAGE_NOTICE_AFTER")
+    max_output_bytes = Int(
+        2 * 1024 * 1024,
+        config=True,
+        help="""Stream output (stdout/stderr) one cell may send to the frontend, in characters
+        on finished lines; progress-bar redraws with carriage returns do not count. Past it the
+        frontend keeps the head, gets a notice and the last lines; the rest is spooled.""",
+    ).tag(env="CGPU_MAX_OUTPUT_BYTES")
+    max_rich_output_bytes = Int(
+        20 * 1024 * 1024,
+        config=True,
+        help="""Rich output (images, HTML, ...) one cell may send to the frontend; clear_output
+        starts the count again. Outputs past it are spooled and shown as placeholders.""",
+    ).tag(env="CGPU_MAX_RICH_OUTPUT_BYTES")
+    max_rich_item_bytes = Int(
+        10 * 1024 * 1024,
+        config=True,
+        help="One rich output bigger than this is spooled and shown as a placeholder.",
+    ).tag(env="CGPU_MAX_RICH_ITEM_BYTES")
+    output_tail_lines = Int(
+        20,
+        config=True,
+        help="Lines of held-back output shown at the end of a cell that passed its limit.",
+    ).tag(env="CGPU_OUTPUT_TAIL_LINES")
+    spool_dir = Unicode(
+        "",
+        config=True,
+        help="""Where held-back output is saved (default: the Jupyter data dir's
+        cgpu-kernel/outputs). `cgpu-kernel outputs` lists it.""",
+    ).tag(env="CGPU_SPOOL_DIR")
+    spool_max_age_days = Float(
+        7.0, config=True, help="Saved outputs older than this are deleted when a kernel starts."
+    ).tag(env="CGPU_SPOOL_MAX_AGE_DAYS")
+    spool_max_total_bytes = Int(
+        5 << 30,
+        config=True,
+        help="Past this total, the oldest saved outputs are deleted when a kernel starts.",
+    ).tag(env="CGPU_SPOOL_MAX_TOTAL_BYTES")
+    coalesce_window = Float(
+        0.025,
+        config=True,
+        help="""Seconds during which consecutive stream messages of a cell are merged
+        (byte-exact) into one, bounding the frontend's message rate in a burst. 0 turns it
+        off.""",
+    ).tag(env="CGPU_COALESCE_WINDOW")
     ca_certs = Unicode(
         "", config=True, help="CA bundle for a remote server with a private certificate."
     ).tag(env="CGPU_CA_CERTS")
@@ -216,12 +265,37 @@ class ProxyKernelRun:
             signature_scheme=connection_info.get("signature_scheme", "hmac-sha256"),
             username="cgpu-kernel",
         )
+        spool_root = Path(options.spool_dir) if options.spool_dir else default_spool_root()
+        try:
+            clean_spool(
+                spool_root,
+                max_age_days=options.spool_max_age_days,
+                max_total_bytes=options.spool_max_total_bytes,
+            )
+        except OSError as exc:
+            log.warning("could not clean old saved outputs in %s: %s", spool_root, exc)
+        run_name = time.strftime("%Y%m%d-%H%M%S") + "-" + self.session.session[:8]
+        self.spool = SpoolWriter(spool_root / run_name)
+        limiter = OutputLimiter(
+            Budgets(
+                max_stream_bytes=options.max_output_bytes,
+                max_rich_bytes=options.max_rich_output_bytes,
+                max_rich_item_bytes=options.max_rich_item_bytes,
+                tail_lines=options.output_tail_lines,
+            ),
+            self.session.session,
+            spool_location=str(self.spool.folder),
+        )
         self.relay = Relay(
             self.session.session,
             remote_description=backend.description,
             max_queue=options.max_queue,
             intercept=backend.intercepts,
+            limiter=limiter,
         )
+        self.coalescer = Coalescer()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_stream = 0.0
         self.frontend = FrontendSockets(connection_info, self.session)
         self.channels: RemoteChannels | None = None
         self._want_remote = asyncio.Event()
@@ -252,6 +326,10 @@ class ProxyKernelRun:
         self._stopping = True
         await self._delete_remote()
         await self.backend.close()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        self.spool.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -325,7 +403,9 @@ class ProxyKernelRun:
             elif isinstance(action, SendToFrontend):
                 self.frontend.send(action.channel, action.identities, action.msg)
             elif isinstance(action, Publish):
-                self.frontend.publish(action.msg)
+                self._publish(action.msg)
+            elif isinstance(action, SpoolOutput):
+                self.spool.write(action.name, action.data)
             elif isinstance(action, InterruptRemote):
                 self._spawn(self._interrupt(action.request))
             elif isinstance(action, ShutdownRemote):
@@ -337,6 +417,31 @@ class ProxyKernelRun:
                     self.channels.close()
             elif isinstance(action, AnswerRemoteRequest):
                 self._spawn(self._answer_remote(action.msg, action.request))
+
+    def _publish(self, msg: Message) -> None:
+        """Publish on iopub, merging bursts of stream messages (leading edge goes at once)."""
+        window = self.options.coalesce_window
+        if msg.msg_type == "status":
+            self.spool.flush()
+        if window <= 0:
+            self.frontend.publish(msg)
+            return
+        now = time.monotonic()
+        idle_stream = msg.msg_type == "stream" and not self.coalescer.pending
+        if idle_stream and now - self._last_stream >= window:
+            self._last_stream = now
+            self.frontend.publish(msg)
+            return
+        for ready in self.coalescer.add(msg):
+            self.frontend.publish(ready)
+        if self.coalescer.pending and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(window, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        self._last_stream = time.monotonic()
+        for ready in self.coalescer.flush():
+            self.frontend.publish(ready)
 
     def _send_remote(self, request: Request) -> None:
         channels = self.channels

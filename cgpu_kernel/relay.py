@@ -32,6 +32,7 @@ from enum import Enum
 
 from . import __version__
 from .exceptions import CgpuError, RemoteKernelGoneError
+from .limits import OutputLimiter, Show
 from .wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ class AnswerRemoteRequest:
 
 
 @dataclass(frozen=True)
+class SpoolOutput:
+    """Append held-back output to the spool file ``name`` (see ``limits``)."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class CloseRemote:
     """The remote kernel is gone: close the socket to it (the next request starts anew)."""
 
@@ -129,6 +138,7 @@ Action = (
     | ConnectRemote
     | AnswerRemoteRequest
     | CloseRemote
+    | SpoolOutput
 )
 
 
@@ -160,9 +170,11 @@ class Relay:
         max_queue: int = 1000,
         dedupe_window: int = 65536,
         intercept: Callable[[Message], bool] | None = None,
+        limiter: OutputLimiter | None = None,
     ) -> None:
         self.session = session
         self.intercept = intercept
+        self.limiter = limiter
         self.remote_description = remote_description
         self.max_queue = max_queue
         self.state = RemoteState.CONNECTING
@@ -343,7 +355,7 @@ class Relay:
                 return [Publish(msg), *self._remote_status(msg.content.get("execution_state"))]
             elif msg.msg_type == "shutdown_reply" and msg.parent_id not in self._inflight:
                 return [Publish(msg), *self._shut_down_by_others(msg)]
-            return [Publish(msg)]
+            return self._limited(msg)
         if msg.channel not in ("shell", "control", "stdin"):
             log.warning("remote sent %s on unknown channel %r; not forwarded", msg, msg.channel)
             return []
@@ -375,6 +387,15 @@ class Relay:
         return [self._notice(request.msg, text)]
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _limited(self, msg: Message) -> list[Action]:
+        """Remote output through the output limits: shown, or spooled with a notice."""
+        if self.limiter is None:
+            return [Publish(msg)]
+        return [
+            Publish(d.msg) if isinstance(d, Show) else SpoolOutput(d.name, d.data)
+            for d in self.limiter.process(msg)
+        ]
 
     def _shut_down_by_others(self, msg: Message) -> list[Action]:
         """Another client (or the server's culler) shut the remote kernel down."""

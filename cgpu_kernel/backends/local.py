@@ -33,9 +33,18 @@ class LocalBackend(JupyterBackend):
         self._server: asyncio.subprocess.Process | None = None
 
     async def start_kernel(self) -> str:
-        if self._server is None or self._server.returncode is not None:
-            await self._start_server()
-        return await super().start_kernel()
+        for attempt in range(3):
+            if self._server is None or self._server.returncode is not None:
+                await self._start_server()
+            try:
+                return await super().start_kernel()
+            except RemoteUnreachableError:
+                # The port the server picked can be taken by another process before it binds
+                # it again (jupyter-server probes, closes, then listens): start a new one.
+                if attempt == 2 or self._server is None or self._server.returncode is None:
+                    raise
+                log.info("the private Jupyter server exited at start; starting another")
+        raise AssertionError("unreachable")
 
     async def _start_server(self) -> None:
         await self._stop_server()

@@ -1,0 +1,348 @@
+"""Output limits that protect the frontend and lose nothing: pure decisions, no I/O.
+
+Jupyter's own rate limit drops output; gateway mode drops any message over 10 MiB; a frontend
+handed 500 MB freezes. Here, per execution (per parent ``msg_id``):
+
+* Stream text counts against ``max_stream_bytes`` -- but only text on *finished* lines, after
+  carriage returns are applied: a progress bar redrawing one line with ``\\r`` never uses the
+  budget, and its updates are always shown.
+* Rich output (``display_data``, ``execute_result``, ``update_display_data``) counts against
+  ``max_rich_bytes``; one item bigger than ``max_rich_item_bytes`` is replaced by a placeholder.
+* ``clear_output`` resets what the cell has shown (live plots redraw forever within budget).
+* Past a budget the frontend keeps the head, gets one notice saying how much was held back and
+  where, and at the end of the cell the last lines. Everything held back is spooled -- complete,
+  in order -- by the shell that carries out :class:`Spool` decisions.
+
+:class:`Coalescer` merges consecutive stream messages of one cell (byte-exact, in order) so a
+burst reaches the frontend as few messages; the shell flushes it on a short timer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+from .wire import JsonDict, Message, make_header
+
+RICH_TYPES = ("display_data", "execute_result", "update_display_data")
+BINARY_MIME_EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/gif": "gif",
+    "application/pdf": "pdf",
+}
+TEXT_MIME_EXTENSIONS = {
+    "text/html": "html",
+    "image/svg+xml": "svg",
+    "text/plain": "txt",
+    "application/json": "json",
+    "text/latex": "tex",
+    "text/markdown": "md",
+}
+
+
+@dataclass(frozen=True)
+class Show:
+    """Publish this message to the frontends."""
+
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Spool:
+    """Append ``data`` to the spool file ``name`` (relative to the spool folder)."""
+
+    name: str
+    data: bytes
+
+
+Decision = Show | Spool
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_stream_bytes: int = 2 * 1024 * 1024
+    max_rich_bytes: int = 20 * 1024 * 1024
+    max_rich_item_bytes: int = 10 * 1024 * 1024
+    tail_lines: int = 20
+    tail_bytes: int = 16 * 1024
+
+
+def visible_size(committed: int, line: int, text: str) -> tuple[int, int]:
+    """What a terminal shows after ``text``: (characters on finished lines, on the open line).
+
+    ``committed`` and ``line`` are the sizes before ``text``. A carriage return rewinds the open
+    line, so a progress bar redrawing itself keeps the total where it is.
+    """
+    if "\r" not in text:  # the common case, without building a list of lines
+        end = text.rfind("\n")
+        if end < 0:
+            return committed, line + len(text)
+        return committed + line + end + 1, len(text) - end - 1
+    segments = text.split("\n")
+    for segment in segments[:-1]:
+        committed += (
+            len(segment.rsplit("\r", 1)[-1]) if "\r" in segment else line + len(segment)
+        ) + 1
+        line = 0
+    last = segments[-1]
+    line = len(last.rsplit("\r", 1)[-1]) if "\r" in last else line + len(last)
+    return committed, line
+
+
+def human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+@dataclass
+class _Cell:
+    """What one execution has shown and held back so far."""
+
+    key: str
+    stream_shown: int = 0  # characters on finished lines shown
+    open_line: int = 0  # characters on the line still being written
+    rich_shown: int = 0
+    stream_held: int = 0  # once stream output is held back, all later stream output is too
+    held_bytes: int = 0
+    held_items: int = 0
+    told: bool = False
+    tail: str = ""
+    rich_count: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+class OutputLimiter:
+    """Decides, message by message, what reaches the frontend and what is spooled."""
+
+    def __init__(self, budgets: Budgets, session: str, spool_location: str = "the spool") -> None:
+        self.budgets = budgets
+        self.session = session
+        self.spool_location = spool_location
+        self._cells: dict[str, _Cell] = {}
+
+    def process(self, msg: Message) -> list[Decision]:
+        parent = msg.parent_id
+        if msg.channel != "iopub" or parent is None:
+            return [Show(msg)]
+        msg_type = msg.msg_type
+        if msg_type == "stream":
+            return self._stream(self._cell(parent), msg)
+        if msg_type in RICH_TYPES:
+            return self._rich(self._cell(parent), msg)
+        if msg_type == "clear_output":
+            cell = self._cells.get(parent)
+            if cell is not None:
+                cell.stream_shown = cell.rich_shown = cell.open_line = 0
+            return [Show(msg)]
+        if msg_type == "status" and msg.content.get("execution_state") == "idle":
+            cell = self._cells.pop(parent, None)
+            return [*self._summary(cell, msg), Show(msg)] if cell else [Show(msg)]
+        return [Show(msg)]
+
+    def _cell(self, parent: str) -> _Cell:
+        cell = self._cells.get(parent)
+        if cell is None:
+            cell = self._cells[parent] = _Cell(key=parent[:24].replace("/", "_"))
+        return cell
+
+    # --- streams --------------------------------------------------------------------------
+
+    def _stream(self, cell: _Cell, msg: Message) -> list[Decision]:
+        text = str(msg.content.get("text", ""))
+        name = str(msg.content.get("name", "stdout"))
+        budget = self.budgets.max_stream_bytes
+        committed, line = visible_size(cell.stream_shown, cell.open_line, text)
+        if cell.stream_held == 0 and committed + line <= budget:
+            cell.stream_shown, cell.open_line = committed, line
+            return [Show(msg)]
+        decisions: list[Decision] = []
+        shown, held = "", text
+        if cell.stream_held == 0:
+            shown, held = _split_to_fit(text, budget - cell.stream_shown - cell.open_line)
+            cell.stream_shown, cell.open_line = visible_size(
+                cell.stream_shown, cell.open_line, shown
+            )
+        elif "\n" not in text and "\r" in text:
+            shown = text  # a progress bar keeps moving after the limit (and is spooled too)
+        if shown:
+            decisions.append(Show(msg.with_content({"name": name, "text": shown})))
+        if held:
+            data = held.encode("utf-8")
+            spool = self._spool_name(cell, name)
+            cell.held_bytes += len(data)
+            cell.stream_held += len(data)
+            self._remember_tail(cell, held)
+            decisions.append(Spool(spool, data))
+            if not cell.told:
+                cell.told = True
+                decisions.append(
+                    Show(
+                        self._notice(
+                            msg,
+                            f"[cgpu-kernel: this cell's output passed {human(budget)}; the rest"
+                            f" is saved to {self._where(spool)} and its last lines are shown"
+                            " when the cell ends. `cgpu-kernel outputs` lists saved outputs.]",
+                        )
+                    )
+                )
+        return decisions
+
+    def _remember_tail(self, cell: _Cell, text: str) -> None:
+        """Keep the end of what was held back: at most ``tail_bytes`` characters."""
+        cell.tail = (cell.tail + text[-self.budgets.tail_bytes :])[-self.budgets.tail_bytes :]
+
+    # --- rich output ----------------------------------------------------------------------
+
+    def _rich(self, cell: _Cell, msg: Message) -> list[Decision]:
+        size = msg.size
+        data = msg.content.get("data")
+        too_big = size > self.budgets.max_rich_item_bytes
+        over = cell.rich_shown + size > self.budgets.max_rich_bytes
+        if not too_big and not over:
+            cell.rich_shown += size
+            return [Show(msg)]
+        if not isinstance(data, dict):
+            data = {}
+        cell.rich_count += 1
+        decisions: list[Decision] = []
+        names = []
+        for mime, value in sorted(data.items()):
+            name, payload = self._rich_file(cell, mime, value)
+            names.append(name)
+            cell.files.append(name)
+            decisions.append(Spool(name, payload))
+        cell.held_bytes += size
+        cell.held_items += 1
+        reason = (
+            f"bigger than the {human(self.budgets.max_rich_item_bytes)} limit for one output"
+            if too_big
+            else f"past this cell's {human(self.budgets.max_rich_bytes)} limit for rich output"
+        )
+        mimes = ", ".join(sorted(data)) or "output"
+        placeholder = (
+            f"[cgpu-kernel: {mimes} output of {human(size)} held back ({reason}); saved to"
+            f" {', '.join(self._where(n) for n in names) or 'nowhere (it had no data)'}]"
+        )
+        content: JsonDict = {
+            "data": {"text/plain": placeholder},
+            "metadata": {},
+            "transient": msg.content.get("transient", {}),
+        }
+        if msg.msg_type == "execute_result":
+            content["execution_count"] = msg.content.get("execution_count")
+        decisions.append(Show(msg.with_content(content)))
+        return decisions
+
+    def _rich_file(self, cell: _Cell, mime: str, value: object) -> tuple[str, bytes]:
+        stem = f"{cell.key}-{cell.rich_count}"
+        if mime in BINARY_MIME_EXTENSIONS and isinstance(value, str):
+            try:
+                return f"{stem}.{BINARY_MIME_EXTENSIONS[mime]}", base64.b64decode(value)
+            except ValueError:
+                pass
+        extension = TEXT_MIME_EXTENSIONS.get(mime, "json")
+        payload = value if isinstance(value, str) else json.dumps(value)
+        return f"{stem}.{extension}", payload.encode("utf-8")
+
+    # --- the end of a cell ------------------------------------------------------------------
+
+    def _summary(self, cell: _Cell, idle: Message) -> list[Decision]:
+        if cell.held_bytes == 0:
+            return []
+        files = ", ".join(self._where(name) for name in cell.files)
+        parts = [f"[cgpu-kernel: {human(cell.held_bytes)} of output held back"]
+        if cell.held_items:
+            parts.append(f" ({cell.held_items} rich output(s))")
+        parts.append(f", saved in full to {files}." if files else ".")
+        lines = cell.tail.splitlines(keepends=True)
+        if len(lines) > 1 and len(cell.tail) >= self.budgets.tail_bytes:
+            lines = lines[1:]  # the first line was cut by the character budget
+        tail = "".join(lines[-self.budgets.tail_lines :])
+        if tail:
+            count = len(lines[-self.budgets.tail_lines :])
+            parts.append(f" The last {count} line(s):]\n")
+        else:
+            parts.append("]\n")
+        return [Show(self._notice(idle, "".join(parts) + tail, name="stdout", newline=False))]
+
+    def _spool_name(self, cell: _Cell, stream: str) -> str:
+        name = f"{cell.key}-{stream}.txt"
+        if name not in cell.files:
+            cell.files.append(name)
+        return name
+
+    def _where(self, name: str) -> str:
+        return f"{self.spool_location}/{name}"
+
+    def _notice(
+        self, parent: Message, text: str, name: str = "stderr", newline: bool = True
+    ) -> Message:
+        header = make_header("stream", self.session)
+        content = {"name": name, "text": text + ("\n" if newline else "")}
+        return Message.build("iopub", header, parent.parent_header, {}, content)
+
+
+def _split_to_fit(text: str, room: int) -> tuple[str, str]:
+    """Cut ``text`` after the last whole line that fits in ``room`` characters.
+
+    One enormous line is cut inside, so the frontend still sees its start.
+    """
+    if room <= 0:
+        return "", text
+    if len(text) <= room:
+        return text, ""
+    last = text.rfind("\n", 0, room)
+    cut = last + 1 if last >= 0 else room
+    return text[:cut], text[cut:]
+
+
+class Coalescer:
+    """Merges consecutive stream messages of the same cell and stream name, byte-exact."""
+
+    def __init__(self, max_bytes: int = 256 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._pending: Message | None = None
+        self._texts: list[str] = []
+        self._size = 0
+        self.merged = 0
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def add(self, msg: Message) -> list[Message]:
+        """Messages to publish now (in order); a stream message may wait for its neighbours."""
+        if msg.channel != "iopub" or msg.msg_type != "stream":
+            return [*self.flush(), msg]
+        out: list[Message] = []
+        first = self._pending
+        if first is not None and (
+            first.parent_id != msg.parent_id or first.content.get("name") != msg.content.get("name")
+        ):
+            out = self.flush()
+        text = str(msg.content.get("text", ""))
+        if self._pending is None:
+            self._pending = msg
+        else:
+            self.merged += 1
+        self._texts.append(text)
+        self._size += len(text)
+        if self._size >= self.max_bytes:
+            out.extend(self.flush())
+        return out
+
+    def flush(self) -> list[Message]:
+        first = self._pending
+        if first is None:
+            return []
+        texts = self._texts
+        self._pending, self._texts, self._size = None, [], 0
+        if len(texts) == 1:
+            return [first]
+        return [first.with_content({"name": first.content.get("name"), "text": "".join(texts)})]

@@ -1,0 +1,173 @@
+"""Output limit decisions and coalescing, message by message, no I/O."""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cgpu_kernel.limits import (
+    Budgets,
+    Coalescer,
+    OutputLimiter,
+    Show,
+    Spool,
+    visible_size,
+)
+from cgpu_kernel.wire import Message, make_header
+
+CELL = {"msg_id": "cell-1", "msg_type": "execute_request"}
+
+
+def out(msg_type: str, parent: dict | None = None, **content: object) -> Message:
+    return Message.build("iopub", make_header(msg_type, "k"), parent or CELL, {}, content)
+
+
+def stream(text: str, name: str = "stdout", parent: dict | None = None) -> Message:
+    return out("stream", parent, name=name, text=text)
+
+
+def idle() -> Message:
+    return out("status", execution_state="idle")
+
+
+def shown_text(decisions: list) -> str:
+    return "".join(
+        d.msg.content["text"]
+        for d in decisions
+        if isinstance(d, Show) and d.msg.msg_type == "stream" and d.msg.content["name"] == "stdout"
+    )
+
+
+def spooled(decisions: list) -> bytes:
+    return b"".join(d.data for d in decisions if isinstance(d, Spool))
+
+
+def test_visible_size_applies_carriage_returns() -> None:
+    assert visible_size(0, 0, "abc\n") == (4, 0)
+    assert visible_size(0, 0, "abc") == (0, 3)
+    assert visible_size(0, 3, "\r 50%") == (0, 4)
+    assert visible_size(0, 4, "\r100%\n") == (5, 0)
+    assert visible_size(10, 2, "xy\nz") == (15, 1)
+
+
+def test_under_budget_everything_is_shown_untouched() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=100), "proxy")
+    msg = stream("hello\n")
+    assert limiter.process(msg) == [Show(msg)]
+    assert limiter.process(idle())[-1].msg.msg_type == "status"
+
+
+def test_past_budget_head_notice_spool_and_tail() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=50, tail_lines=3), "proxy", "/spool")
+    lines = [f"line {i}\n" for i in range(40)]
+    decisions = []
+    for line in lines:
+        decisions += limiter.process(stream(line))
+    head = shown_text(decisions)
+    assert len(head) <= 50 and head == "".join(lines)[: len(head)]
+    assert head + spooled(decisions).decode() == "".join(lines)  # nothing lost, in order
+    notices = [
+        d.msg.content["text"]
+        for d in decisions
+        if isinstance(d, Show) and d.msg.content.get("name") == "stderr"
+    ]
+    assert len(notices) == 1 and "/spool/cell-1-stdout.txt" in notices[0]
+    end = limiter.process(idle())
+    summary = end[0].msg.content["text"]
+    assert "held back" in summary
+    assert summary.endswith("line 37\nline 38\nline 39\n")
+    assert end[-1].msg.msg_type == "status"
+
+
+def test_one_huge_line_shows_its_start() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=1000), "proxy")
+    text = "x" * 11_000_000
+    decisions = limiter.process(stream(text))
+    assert shown_text(decisions) == "x" * 1000
+    assert len(spooled(decisions)) == 11_000_000 - 1000
+
+
+def test_progress_bar_never_counts() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=200), "proxy")
+    decisions = []
+    for i in range(20_000):
+        decisions += limiter.process(stream(f"\r{i:>6}/100000 [{'#' * (i // 1000)}]"))
+    decisions += limiter.process(stream("\n"))
+    assert not any(isinstance(d, Spool) for d in decisions)  # never truncated
+    assert shown_text(decisions).split("\r")[-1] == " 19999/100000 [" + "#" * 19 + "]\n"
+
+
+def test_clear_output_resets_the_budget() -> None:
+    limiter = OutputLimiter(Budgets(max_rich_bytes=5000, max_rich_item_bytes=5000), "proxy")
+    image = base64.b64encode(b"\x89PNG" + b"\0" * 2000).decode()
+    for _ in range(50):
+        assert isinstance(limiter.process(out("clear_output", wait=True))[0], Show)
+        decisions = limiter.process(out("display_data", data={"image/png": image}, metadata={}))
+        assert decisions == [Show(decisions[0].msg)]
+        assert decisions[0].msg.content["data"]["image/png"] == image
+
+
+def test_oversized_rich_output_becomes_a_placeholder() -> None:
+    limiter = OutputLimiter(Budgets(max_rich_item_bytes=1000), "proxy", "/spool")
+    png = b"\x89PNG" + bytes(range(256)) * 40
+    msg = out(
+        "display_data",
+        data={"image/png": base64.b64encode(png).decode(), "text/plain": "<Figure>"},
+        metadata={},
+    )
+    decisions = limiter.process(msg)
+    files = {d.name: d.data for d in decisions if isinstance(d, Spool)}
+    assert files["cell-1-1.png"] == png  # decoded, byte-exact
+    assert files["cell-1-1.txt"] == b"<Figure>"
+    placeholder = next(d.msg for d in decisions if isinstance(d, Show))
+    text = placeholder.content["data"]["text/plain"]
+    assert "image/png" in text and "/spool/cell-1-1.png" in text
+    assert "image/png" not in placeholder.content["data"]
+
+
+def test_cells_are_counted_separately() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=10), "proxy")
+    other = {"msg_id": "cell-2", "msg_type": "execute_request"}
+    first = limiter.process(stream("123456789\n"))
+    assert not any(isinstance(d, Spool) for d in first)
+    decisions = limiter.process(stream("abcdefghi\n", parent=other))
+    assert not any(isinstance(d, Spool) for d in decisions)  # cell-2 has its own budget
+    assert any(isinstance(d, Spool) for d in limiter.process(stream("more\n")))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["stdout", "stderr"]), st.text(max_size=40)), max_size=30)
+)
+def test_coalescing_is_byte_exact_and_ordered(chunks: list[tuple[str, str]]) -> None:
+    coalescer = Coalescer(max_bytes=64)
+    published: list[Message] = []
+    for name, text in chunks:
+        published += coalescer.add(stream(text, name))
+    published += coalescer.flush()
+    assert [(m.content["name"], m.content["text"]) for m in published] == _merge(chunks)
+
+
+def _merge(chunks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    merged: list[tuple[str, str]] = []
+    size = 0
+    for name, text in chunks:
+        if merged and merged[-1][0] == name and size < 64:
+            merged[-1] = (name, merged[-1][1] + text)
+            size += len(text)
+        else:
+            merged.append((name, text))
+            size = len(text)
+    return merged
+
+
+def test_coalescer_flushes_before_other_messages() -> None:
+    coalescer = Coalescer()
+    assert coalescer.add(stream("a")) == []
+    assert coalescer.add(stream("b")) == []
+    status = idle()
+    published = coalescer.add(status)
+    assert [m.content.get("text") for m in published[:-1]] == ["ab"]
+    assert published[-1] is status
