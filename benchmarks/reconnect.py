@@ -14,6 +14,7 @@ wrote into a socket at the instant of a cut or reset can be lost: this measures 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -93,7 +94,7 @@ def measure(kind: str, rounds: int, kernel_dir: Path, server: Any, seed: int) ->
         "lines": lines,
         "lost": len(set(range(lines)) - set(seen)),
         "duplicated": len(seen) - len(set(seen)),
-        "out_of_order": sum(1 for a, b in zip(seen, seen[1:]) if b < a),
+        "out_of_order": sum(1 for a, b in itertools.pairwise(seen) if b < a),
         "resume_median_s": statistics.median(resumed) if resumed else None,
         "resume_max_s": max(resumed) if resumed else None,
         "reconnections": path.connections_seen,

@@ -65,7 +65,7 @@ from .wire import Message
 
 log = logging.getLogger("cgpu_kernel")
 
-DELETE_TIMEOUT = 10.0
+DELETE_TIMEOUT = 30.0  # Colab: delete the kernel, list kernels, unassign the runtime
 TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
@@ -201,6 +201,56 @@ class ProxyKernel(EnvConfigurable):
         "", config=True, help="CA bundle for a remote server with a private certificate."
     ).tag(env="CGPU_CA_CERTS")
 
+    colab_url = Unicode(
+        "https://colab.research.google.com/",
+        config=True,
+        help="""Colab's base URL (colab backend). https only, except on loopback (test
+        doubles).""",
+    ).tag(env="CGPU_COLAB_URL")
+    gpu = Unicode(
+        "T4",
+        config=True,
+        help="""Accelerator of the Colab runtime: T4, L4, A100, H100, a TPU such as V28, or
+        none for a CPU runtime.""",
+    ).tag(env="CGPU_GPU")
+    high_memory = Bool(
+        False,
+        config=True,
+        help="Ask Colab for a high-memory machine (implied for L4 and TPUs).",
+    ).tag(env="CGPU_HIGH_MEMORY")
+    gpu_fallback = Unicode(
+        "",
+        config=True,
+        help="""Comma-separated accelerators to try, in order, when the chosen one has no
+        quota or is unavailable. Empty: no fallback.""",
+    ).tag(env="CGPU_GPU_FALLBACK")
+    keep_runtime = Bool(
+        False,
+        config=True,
+        help="""Do not release the Colab runtime when the kernel shuts down (it stays until
+        Colab reclaims it when idle, or `cgpu-kernel release`).""",
+    ).tag(env="CGPU_KEEP_RUNTIME")
+    keep_alive_interval = Float(
+        60.0, config=True, help="Seconds between keep-alive calls to Colab while in use."
+    ).tag(env="CGPU_KEEP_ALIVE_INTERVAL")
+    idle_timeout = Float(
+        3600.0,
+        config=True,
+        help="""Seconds without a running cell after which keep-alive stops, so an abandoned
+        notebook stops using compute units; the next cell resumes it.""",
+    ).tag(env="CGPU_IDLE_TIMEOUT")
+    colab_auth_wait = Float(
+        300.0,
+        config=True,
+        help="Seconds drive.mount() waits for you to open the authorization URL.",
+    ).tag(env="CGPU_COLAB_AUTH_WAIT")
+    colab_notebook_key = Unicode(
+        "",
+        config=True,
+        help="""Which Colab runtime is this notebook's: kernels with the same key share one.
+        Default: the connection file, so a restarted kernel finds its runtime again.""",
+    ).tag(env="CGPU_COLAB_NOTEBOOK_KEY")
+
     def make_backend(self) -> Backend:
         if self.backend == "local":
             from .backends.local import LocalBackend
@@ -222,9 +272,25 @@ class ProxyKernel(EnvConfigurable):
                 validate_cert=self.validate_cert,
                 ca_certs=self.ca_certs or None,
             )
-        raise ConfigurationError(
-            "The colab backend is not available in this version: use --backend local or"
-            " --backend jupyter."
+        from .auth import load_tokens
+        from .backends.colab import ColabBackend
+
+        connection_file = str(getattr(self.parent, "connection_file", "") or "")
+        return ColabBackend(
+            load_tokens(),
+            colab_url=self.colab_url,
+            gpu=self.gpu,
+            high_memory=self.high_memory,
+            fallback=[name for name in self.gpu_fallback.split(",") if name.strip()],
+            notebook_key=self.colab_notebook_key
+            or (os.path.realpath(connection_file) if connection_file else None),
+            remote_kernel=self.remote_kernel,
+            keep_runtime=self.keep_runtime,
+            keep_alive_interval=self.keep_alive_interval,
+            idle_timeout=self.idle_timeout,
+            auth_wait=self.colab_auth_wait,
+            validate_cert=self.validate_cert,
+            ca_certs=self.ca_certs or None,
         )
 
 
@@ -247,7 +313,7 @@ class UnavailableBackend(Backend):
     async def kernel_health(self) -> KernelHealth:
         return KernelHealth.GONE
 
-    async def shutdown_kernel(self) -> None:
+    async def shutdown_kernel(self, *, restart: bool = False) -> None:
         return None
 
 
@@ -335,12 +401,12 @@ class ProxyKernelRun:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.frontend.close()
 
-    async def _delete_remote(self) -> None:
+    async def _delete_remote(self, restart: bool = False) -> None:
         """Close the socket and delete the remote kernel (a no-op the second time)."""
         if self.channels is not None:
             self.channels.close()
         try:
-            await asyncio.wait_for(self.backend.shutdown_kernel(), DELETE_TIMEOUT)
+            await asyncio.wait_for(self.backend.shutdown_kernel(restart=restart), DELETE_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning(
                 "deleting the remote kernel took over %g s; `cgpu-kernel reclaim` retries it",
@@ -489,7 +555,7 @@ class ProxyKernelRun:
 
     async def _shutdown(self, request: Request, restart: bool) -> None:
         self._stopping = True
-        await self._delete_remote()
+        await self._delete_remote(restart=restart)
         self.perform(self.relay.shutdown_finished(request, restart))
         self.stop()
 

@@ -25,7 +25,7 @@ from .backends.jupyter import normalize_base_url
 from .exceptions import ConfigurationError
 
 BACKENDS = ("local", "jupyter", "colab")
-AVAILABLE_BACKENDS = ("local", "jupyter")
+AVAILABLE_BACKENDS = ("local", "jupyter", "colab")
 DEFAULT_DISPLAY_NAMES = {
     "local": "cgpu (local Jupyter server)",
     "jupyter": "cgpu (remote Jupyter server)",
@@ -89,8 +89,13 @@ def make_kernel_dict(
     backend: str,
     interrupt_mode: str = "message",
     env: dict[str, str] | None = None,
+    provisioner: str | None = None,
 ) -> dict[str, Any]:
-    """kernel.json's content, from the template in ``kernelspec/``."""
+    """kernel.json's content, from the template in ``kernelspec/``.
+
+    ``provisioner`` names a ``jupyter_client`` kernel provisioner (``cgpu-provisioner``, see
+    ``cgpu_kernel.provisioner``); frontends that launch argv directly ignore it.
+    """
     if interrupt_mode not in ("message", "signal"):
         raise ConfigurationError("--interrupt-mode is 'message' or 'signal'.")
     for key in env or {}:
@@ -105,6 +110,8 @@ def make_kernel_dict(
     spec["metadata"] = dict(template["metadata"], cgpu_kernel={"backend": backend})
     if env:
         spec["env"] = dict(env)
+    if provisioner:
+        spec["metadata"]["kernel_provisioner"] = {"provisioner_name": provisioner, "config": {}}
     return spec
 
 

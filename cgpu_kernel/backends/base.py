@@ -93,7 +93,7 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def shutdown_kernel(self) -> None:
+    async def shutdown_kernel(self, *, restart: bool = False) -> None:
         """Delete the remote kernel (and anything started for it). Safe to call twice."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook with nothing to do by default

@@ -275,7 +275,7 @@ class JupyterBackend(Backend):
         state = model.get("execution_state") if isinstance(model, dict) else None
         return state if isinstance(state, str) else None
 
-    async def shutdown_kernel(self) -> None:
+    async def shutdown_kernel(self, *, restart: bool = False) -> None:
         if self.kernel_id is None:
             return
         try:

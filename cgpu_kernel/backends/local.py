@@ -82,10 +82,10 @@ class LocalBackend(JupyterBackend):
         self.client.base_url = f"http://127.0.0.1:{port}/"
         log.info("private Jupyter server listening on 127.0.0.1:%d", port)
 
-    async def shutdown_kernel(self) -> None:
+    async def shutdown_kernel(self, *, restart: bool = False) -> None:
         try:
             if self._server is not None and self._server.returncode is None:
-                await super().shutdown_kernel()
+                await super().shutdown_kernel(restart=restart)
         finally:
             await self._stop_server()
 

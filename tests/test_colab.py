@@ -1,0 +1,829 @@
+"""The colab backend against the Colab TEST DOUBLE (``colab_double``) before a real jupyter-server.
+
+What passes here was tested against the double, written from FIELD-NOTES section 4, not against
+Colab: the manual checklist for a real runtime is in docs/colab.md.
+
+Backend-level tests drive :class:`ColabBackend` directly with asyncio. Proxy-level tests run the
+real proxy (``kernelapp.ProxyKernelRun``) in a thread with a ``ColabBackend`` and talk to it
+with a real ``jupyter_client``. The kernelspec tests (``--backend colab``) run once the colab
+backend is wired into ``kernelapp`` and ``kernelspec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import stat
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from tornado.websocket import websocket_connect
+
+from cgpu_kernel import auth, kernelspec
+from cgpu_kernel.backends.base import KernelHealth
+from cgpu_kernel.backends.colab import (
+    ColabAuthError,
+    ColabBackend,
+    ColabDeniedError,
+    ColabQuotaError,
+    ColabTooManyRuntimesError,
+    ColabUnavailableError,
+    RuntimeProxy,
+    check_service_url,
+    notebook_hash,
+    parse_json,
+)
+from cgpu_kernel.exceptions import ConfigurationError
+from cgpu_kernel.kernelapp import ProxyKernel, ProxyKernelRun
+from cgpu_kernel.wire import Message, make_header
+
+from .colab_double import COLAB_REQUEST_HELPER, ColabDouble
+from .conftest import RemoteServer, collect_iopub, install_spec, run_cell, start_kernel, stdout_of
+
+ACCESS_TOKEN = "ya29.test-access-token-" + "x" * 20
+WAIT = 60.0
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def colab_server(jupyter_server: RemoteServer) -> Iterator[ColabDouble]:
+    double = ColabDouble(jupyter_server.url, jupyter_server.token, access_token=ACCESS_TOKEN)
+    double.start()
+    yield double
+    double.stop()
+
+
+@pytest.fixture
+def colab(colab_server: ColabDouble, jupyter_server: RemoteServer) -> Iterator[ColabDouble]:
+    colab_server.reset()
+    colab_server.proxy_token_ttl = 3600.0
+    before = jupyter_server.kernel_ids()
+    yield colab_server
+    for kernel_id in jupyter_server.kernel_ids() - before:  # a failed test leaves no kernel
+        jupyter_server.api("DELETE", f"api/kernels/{kernel_id}")
+
+
+def make_backend(double: ColabDouble, **options: Any) -> ColabBackend:
+    options.setdefault("notebook_key", f"test-{time.monotonic_ns()}")
+    options.setdefault("auth_poll_interval", 0.2)
+    return ColabBackend(auth.StaticAccessToken(ACCESS_TOKEN), colab_url=double.url, **options)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coroutine, 120))
+
+
+async def eventually(check: Callable[[], bool], timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+# --- assignment ---------------------------------------------------------------------------------
+
+
+def test_notebook_hash_shape() -> None:
+    nbh = notebook_hash("some notebook")
+    assert len(nbh) == 44 and "-" not in nbh and nbh.endswith(".")
+    assert nbh == notebook_hash("some notebook") != notebook_hash("another")
+    assert notebook_hash(None) != notebook_hash(None)
+
+
+def test_urls_need_tls_and_no_credentials() -> None:
+    assert check_service_url("http://127.0.0.1:8/x", "Colab") == "http://127.0.0.1:8/x/"
+    for bad in ("http://colab.example.com/", "https://user:pw@colab.example.com/", "ftp://x/"):
+        with pytest.raises(ConfigurationError):
+            check_service_url(bad, "Colab")
+    token = "secret-proxy-token"
+    info = {"url": "http://runtime.example.com/", "token": token, "tokenExpiresInSeconds": 5}
+    with pytest.raises(ConfigurationError):
+        RuntimeProxy.parse(info, "https://colab.research.google.com/")
+    info["url"] = "https://runtime.example.com/tun/m/x"
+    proxy = RuntimeProxy.parse(info, "https://colab.research.google.com/")
+    assert proxy is not None and proxy.url.endswith("/tun/m/x/") and proxy.lifetime == 5
+    assert token not in repr(proxy)
+    assert parse_json(b')]}\'\n{"a": 1}', "x") == {"a": 1}
+
+
+def test_assign_fresh_then_reuse_and_release_with_the_last_kernel(
+    colab: ColabDouble, jupyter_server: RemoteServer
+) -> None:
+    async def scenario() -> None:
+        first = make_backend(colab, notebook_key="shared notebook")
+        second = make_backend(colab, notebook_key="shared notebook")
+        try:
+            kernel_a = await first.start_kernel()
+            assert first.assignment is not None and not first.assignment.reused
+            assert len(colab.runtimes) == 1
+            assert ("POST", "/tun/m/assign") in colab.calls  # the XSRF two-step
+
+            kernel_b = await second.start_kernel()
+            assert second.assignment is not None and second.assignment.reused
+            assert second.assignment.endpoint == first.assignment.endpoint
+            assert len(colab.runtimes) == 1, "a second runtime was paid for"
+            assert {kernel_a, kernel_b} <= jupyter_server.kernel_ids()
+            endpoint = second.assignment.endpoint
+
+            await first.shutdown_kernel()
+            assert kernel_a not in jupyter_server.kernel_ids()
+            assert colab.released == [], "released while another kernel still used it"
+            await second.shutdown_kernel()
+            assert colab.released == [endpoint]
+            await second.shutdown_kernel()  # safe twice
+            assert colab.released == [endpoint]
+        finally:
+            await first.close()
+            await second.close()
+
+    run(scenario())
+
+
+def test_every_call_carries_colab_headers(colab: ColabDouble) -> None:
+    async def scenario() -> None:
+        backend = make_backend(colab)
+        try:
+            await backend.start_kernel()
+            request = backend.websocket_request("session-1")
+            proxy = backend.assignment.proxy if backend.assignment else None
+            assert proxy is not None
+            assert request.headers["X-Colab-Runtime-Proxy-Token"] == proxy.token
+            assert request.headers["X-Colab-Client-Agent"] == "cgpu-kernel"
+            assert proxy.token not in request.url  # headers only, never the URL
+            assert request.url.startswith(f"ws://127.0.0.1:{colab.port}/runtime/")
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+    assert all(h.get("Accept") == "application/json" for h in colab.seen_headers)
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "advice"),
+    [
+        (lambda d: setattr(d, "outcome", 1), ColabQuotaError, "no quota"),
+        (lambda d: setattr(d, "outcome", 2), ColabQuotaError, "--gpu-fallback"),
+        (lambda d: setattr(d, "outcome", 5), ColabDeniedError, "denied"),
+        (lambda d: setattr(d, "assign_status", 412), ColabTooManyRuntimesError, "release"),
+        (lambda d: d.unavailable.add("T4"), ColabUnavailableError, "Try again"),
+        (lambda d: d.access_tokens.clear(), ColabAuthError, "auth login"),
+    ],
+    ids=["outcome-1", "outcome-2", "denied", "412-too-many", "503-unavailable", "auth"],
+)
+def test_assignment_errors_say_what_to_do(
+    colab: ColabDouble, setup: Callable[[ColabDouble], None], error: type[Exception], advice: str
+) -> None:
+    saved = set(colab.access_tokens)
+    setup(colab)
+    backend = make_backend(colab)
+    try:
+        with pytest.raises(error, match=re.escape(advice)):
+            run(backend.start_kernel())
+    finally:
+        colab.access_tokens |= saved
+        run(backend.close())
+    assert colab.runtimes == {}
+
+
+def test_fallback_only_when_the_user_allowed_it(colab: ColabDouble) -> None:
+    colab.unavailable.add("A100")
+    strict = make_backend(colab, gpu="a100")
+    with pytest.raises(ColabUnavailableError):
+        run(strict.start_kernel())
+    run(strict.close())
+    assert colab.runtimes == {}
+
+    async def scenario() -> None:
+        lenient = make_backend(colab, gpu="A100", fallback=["L4", "T4"])
+        try:
+            await lenient.start_kernel()
+            assert lenient.assignment is not None
+            # L4 needs a high-memory machine: shape=hm went with it, so the double agreed
+            assert lenient.assignment.accelerator == "L4"
+            assert lenient.assignment.machine_shape == "1"
+        finally:
+            await lenient.shutdown_kernel()
+            await lenient.close()
+
+    run(scenario())
+
+
+def test_cpu_runtime_and_bad_accelerator_names(colab: ColabDouble) -> None:
+    with pytest.raises(ConfigurationError, match="accelerator"):
+        make_backend(colab, gpu="T4&shape=x")
+
+    async def scenario() -> None:
+        backend = make_backend(colab, gpu="none")
+        try:
+            await backend.start_kernel()
+            assert backend.assignment is not None
+            assert backend.assignment.accelerator == "NONE"
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+# --- keep-alive and idleness --------------------------------------------------------------------
+
+
+def _status(state: str, parent_type: str = "execute_request") -> Message:
+    parent = make_header(parent_type, "frontend")
+    return Message.build(
+        "iopub", make_header("status", "kernel"), parent, content={"execution_state": state}
+    )
+
+
+def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
+    async def scenario() -> None:
+        backend = make_backend(colab, keep_alive_interval=0.1, idle_timeout=1.0)
+        try:
+            await backend.start_kernel()
+            assert backend.assignment is not None
+            endpoint = backend.assignment.endpoint
+            await eventually(lambda: colab.keep_alives[endpoint] >= 3)
+            await eventually(lambda: backend.keep_alive_paused)
+            stopped_at = colab.keep_alives[endpoint]
+            await asyncio.sleep(0.5)
+            assert colab.keep_alives[endpoint] == stopped_at, "keep-alive went on while idle"
+
+            # a running cell (busy, seen by intercepts) is activity: keep-alive resumes
+            assert not backend.intercepts(_status("busy"))
+            await eventually(lambda: colab.keep_alives[endpoint] > stopped_at)
+            assert backend.idle_for() == 0.0
+            assert not backend.keep_alive_paused
+            # a long, silent cell keeps the runtime alive past the idle window
+            resumed_at = colab.keep_alives[endpoint]
+            await eventually(lambda: colab.keep_alives[endpoint] >= resumed_at + 15)
+            assert not backend.keep_alive_paused
+            # kernel_info traffic is not use; idle after the cell is
+            backend.intercepts(_status("idle", "kernel_info_request"))
+            assert backend.idle_for() == 0.0
+            backend.intercepts(_status("idle"))
+            await eventually(lambda: backend.keep_alive_paused)
+            backend.note_activity()  # the proxy saw an execute_request
+            await eventually(lambda: not backend.keep_alive_paused)
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+        sent = colab.keep_alives[endpoint]
+        await asyncio.sleep(0.3)
+        assert colab.keep_alives[endpoint] == sent, "keep-alive outlived the kernel"
+
+    run(scenario())
+
+
+# --- proxy tokens -------------------------------------------------------------------------------
+
+
+def test_expired_proxy_token_is_not_a_dead_runtime(colab: ColabDouble) -> None:
+    async def scenario() -> None:
+        backend = make_backend(colab, token_refresh_margin=0)
+        try:
+            kernel_id = await backend.start_kernel()
+            for status in (404, 401):
+                colab.expired_status = status
+                colab.expire_proxy_tokens()
+                assert await backend.kernel_health() is KernelHealth.ALIVE
+                assert await backend.start_kernel() == kernel_id  # same kernel, not a new one
+                colab.expire_proxy_tokens()
+                await backend.interrupt_kernel()  # retried with a fresh token
+                colab.expire_proxy_tokens()
+                assert await backend.reauthenticate()
+            assert colab.refused_proxy_calls >= 4
+
+            # now the runtime really goes (Colab reclaimed it): GONE, and a fresh one next time
+            colab.runtimes.clear()
+            assert await backend.kernel_health() is KernelHealth.GONE
+            await backend.start_kernel()
+            assert len(colab.runtimes) == 1
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+def test_proxy_token_renewed_ahead_of_expiry(colab: ColabDouble) -> None:
+    colab.proxy_token_ttl = 1.0
+    colab.list_proxy_info = False  # renewals come from tun/m/runtime-proxy-token
+
+    async def scenario() -> None:
+        backend = make_backend(colab)
+        try:
+            await backend.start_kernel()
+            assert backend.assignment is not None and backend.assignment.proxy is not None
+            first = backend.assignment.proxy.token
+            await eventually(
+                lambda: (
+                    backend.assignment is not None
+                    and backend.assignment.proxy is not None
+                    and backend.assignment.proxy.token != first
+                )
+            )
+            await asyncio.sleep(1.5)  # longer than a token lives: renewed, calls still work
+            refused = colab.refused_proxy_calls
+            assert await backend.kernel_health() is KernelHealth.ALIVE
+            assert colab.refused_proxy_calls == refused
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+    assert ("GET", "/tun/m/runtime-proxy-token") in colab.calls
+
+
+# --- the proxy in a thread ------------------------------------------------------------------------
+
+
+class ThreadedProxy(ProxyKernelRun):
+    def _install_signal_handlers(self) -> None:  # signals belong to the main thread
+        return None
+
+
+@contextmanager
+def proxy_kernel(backend: ColabBackend, tmp_path: Path) -> Iterator[BlockingKernelClient]:
+    """The real proxy kernel (kernelapp) with ``backend``, in a thread; a real client."""
+    path, _ = write_connection_file(
+        str(tmp_path / "kernel.json"), ip="127.0.0.1", key=os.urandom(16).hex().encode()
+    )
+    info = json.loads(Path(path).read_text())
+    options = ProxyKernel(use_env=False)
+    options.startup_timeout = 120.0
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        async def main() -> None:
+            proxy = ThreadedProxy(options, info, backend)
+            holder["proxy"], holder["loop"] = proxy, asyncio.get_running_loop()
+            started.set()
+            await proxy.run()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, name="proxy-kernel", daemon=True)
+    thread.start()
+    assert started.wait(30)
+    kc = BlockingKernelClient()
+    kc.load_connection_info(info)
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        yield kc
+    finally:
+        kc.stop_channels()
+        holder["loop"].call_soon_threadsafe(holder["proxy"].stop)
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_token_expiring_mid_cell_loses_no_output(
+    colab: ColabDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    colab.proxy_token_ttl = 2.0
+    colab.close_websockets_on_expiry = True
+    backend = make_backend(colab)
+    code = "import time\nfor i in range(40):\n    print('line', i, flush=True)\n    time.sleep(0.1)"
+    with proxy_kernel(backend, tmp_path) as kc:
+        closed_before = colab.websockets_closed_on_expiry
+        reply, outputs = run_cell(kc, code, timeout=120)
+        assert reply["content"]["status"] == "ok"
+        assert stdout_of(outputs) == "".join(f"line {i}\n" for i in range(40))
+        assert colab.websockets_closed_on_expiry > closed_before, "no expiry during the cell"
+        _, outputs = run_cell(kc, "print('after', i)", timeout=120)
+        assert stdout_of(outputs) == "after 39\n"
+    assert len(colab.released) == 1
+    assert_no_secrets(colab, caplog.text)
+
+
+def assert_no_secrets(double: ColabDouble, text: str) -> None:
+    secrets = {ACCESS_TOKEN, double.jupyter_token, *double.proxy_tokens, *double.xsrf}
+    assert text
+    leaked = [s for s in secrets if s and s in text]
+    assert not leaked, "a token reached the log"
+
+
+# --- colab_request ------------------------------------------------------------------------------
+
+
+async def _run_on_kernel(backend: ColabBackend, code: str) -> tuple[list[Message], list[str]]:
+    """Execute ``code`` over the channels WebSocket (legacy JSON frames, as the double speaks),
+    answering colab_requests the way the relay has the backend answer them."""
+    await backend.start_kernel()
+    session = "test-session"
+    ws = await websocket_connect(backend.websocket_request(session))
+
+    def send(msg: Message) -> None:
+        frame = {
+            "channel": msg.channel,
+            "header": msg.header,
+            "parent_header": msg.parent_header,
+            "metadata": msg.metadata,
+            "content": msg.content,
+        }
+        ws.write_message(json.dumps(frame))
+
+    request = Message.build(
+        "shell",
+        make_header("execute_request", session),
+        content={"code": code, "silent": False, "allow_stdin": True, "store_history": False},
+    )
+    notices: list[str] = []
+    outputs: list[Message] = []
+    send(request)
+    try:
+        while True:
+            frame = await asyncio.wait_for(ws.read_message(), WAIT)
+            assert isinstance(frame, str)
+            data = json.loads(frame)
+            parts = [data[key] for key in ("header", "parent_header", "metadata", "content")]
+            msg = Message.build(data["channel"], *parts)
+            if backend.intercepts(msg):
+                content = await backend.answer_kernel_request(msg, notices.append)
+                send(
+                    Message.build(
+                        "stdin", make_header("input_reply", session), msg.header, content=content
+                    )
+                )
+                continue
+            if msg.parent_id != request.msg_id or msg.channel != "iopub":
+                continue
+            outputs.append(msg)
+            if msg.msg_type == "status" and msg.content.get("execution_state") == "idle":
+                return outputs, notices
+    finally:
+        ws.close()
+
+
+def _text(outputs: list[Message]) -> str:
+    return "".join(m.content.get("text", "") for m in outputs if m.msg_type == "stream")
+
+
+def _errors(outputs: list[Message]) -> list[str]:
+    return [m.content["evalue"] for m in outputs if m.msg_type == "error"]
+
+
+def call_code(request_type: str, body: dict[str, Any]) -> str:
+    """Code that sends one colab_request from the remote kernel and prints the reply's data."""
+    return COLAB_REQUEST_HELPER + f"\nprint('reply:', colab_request({request_type!r}, {body!r}))"
+
+
+def test_colab_request_authorized(colab: ColabDouble) -> None:
+    async def scenario() -> None:
+        backend = make_backend(colab)
+        try:
+            outputs, notices = await _run_on_kernel(
+                backend, call_code("request_auth", {"authType": "dfs_ephemeral"})
+            )
+            assert _errors(outputs) == []
+            assert _text(outputs) == "reply: None\n"
+            assert notices == []
+            assert backend.assignment is not None
+            assert colab.propagated == [(backend.assignment.endpoint, "dfs_ephemeral")]
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("request_type", "request_body", "mode", "expected"),
+    [
+        ("request_auth", {"authType": "dfs_ephemeral"}, "error", "could not pass"),
+        ("request_auth", {"authType": "mystery"}, "authorized", "cannot answer"),
+        ("get_ipython_history", {}, "authorized", "cannot answer"),
+    ],
+    ids=["propagation-fails", "unknown-auth-type", "unknown-request"],
+)
+def test_colab_request_errors_reach_the_cell(
+    colab: ColabDouble, request_type: str, request_body: dict[str, Any], mode: str, expected: str
+) -> None:
+    colab.credentials_mode = mode
+
+    async def scenario() -> None:
+        backend = make_backend(colab)
+        try:
+            outputs, notices = await _run_on_kernel(backend, call_code(request_type, request_body))
+            (error,) = _errors(outputs)
+            assert error.startswith("MessageError") and expected in error
+            assert any(expected in n for n in notices)
+            assert colab.propagated == []
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+def test_colab_request_needing_the_user_shows_the_url_in_the_cell(
+    colab: ColabDouble, tmp_path: Path
+) -> None:
+    colab.credentials_mode = "needs_user"
+    backend = make_backend(colab, auth_wait=120.0)
+    code = call_code("request_auth", {"authType": "auth_user_ephemeral"})
+    with proxy_kernel(backend, tmp_path) as kc:
+        msg_id = kc.execute(code)
+        url = None
+        deadline = time.monotonic() + WAIT
+        while url is None and time.monotonic() < deadline:
+            msg = kc.get_iopub_msg(timeout=WAIT)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+                found = re.search(r"http://127\.0\.0\.1:\d+/consent/\S+", msg["content"]["text"])
+                url = found.group(0) if found else None
+        assert url is not None, "the authorization URL was not shown in the cell"
+        assert colab.propagated == []
+        with urllib.request.urlopen(url, timeout=10) as response:  # the user opens it
+            assert response.status == 200
+        outputs = collect_iopub(kc, msg_id, timeout=WAIT)
+        assert "reply: None" in stdout_of(outputs)
+        texts = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        assert "access to your Google account granted" in texts
+    assert [auth_type for _, auth_type in colab.propagated] == ["auth_user_ephemeral"]
+
+
+def test_colab_request_times_out_with_a_clear_error(colab: ColabDouble) -> None:
+    colab.credentials_mode = "needs_user"
+
+    async def scenario() -> None:
+        backend = make_backend(colab, auth_wait=0.5)
+        try:
+            outputs, notices = await _run_on_kernel(
+                backend, call_code("request_auth", {"authType": "dfs_ephemeral"})
+            )
+            assert any("/consent/" in n for n in notices)
+            (error,) = _errors(outputs)
+            assert "not granted within" in error
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+# --- release ------------------------------------------------------------------------------------
+
+
+def test_release_on_shutdown_not_on_restart_nor_when_kept(
+    colab: ColabDouble, jupyter_server: RemoteServer
+) -> None:
+    async def scenario() -> None:
+        restarting = make_backend(colab, notebook_key="restarted notebook")
+        kernel_id = await restarting.start_kernel()
+        endpoint = restarting.assignment.endpoint if restarting.assignment else ""
+        await restarting.shutdown_kernel(restart=True)
+        await restarting.shutdown_kernel()  # the proxy's exit cleanup after a restart
+        await restarting.close()
+        assert kernel_id not in jupyter_server.kernel_ids()  # a restart means a fresh kernel
+        assert colab.released == [] and endpoint in colab.runtimes
+
+        # the restarted proxy (a new process, same notebook) finds the same runtime
+        again = make_backend(colab, notebook_key="restarted notebook")
+        await again.start_kernel()
+        assert again.assignment is not None and again.assignment.reused
+        assert again.assignment.endpoint == endpoint
+        await again.shutdown_kernel()
+        await again.close()
+        assert colab.released == [endpoint]
+
+        kept = make_backend(colab, keep_runtime=True)
+        await kept.start_kernel()
+        await kept.shutdown_kernel()
+        await kept.close()
+        assert len(colab.runtimes) == 1 and colab.released == [endpoint]
+
+    run(scenario())
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+def test_credential_store_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        path = auth.save_store({"type": "adc"}, tmp_path / "store" / "google.json")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert auth.load_store(path) == {"type": "adc"}
+    path.chmod(0o644)
+    with pytest.raises(ConfigurationError, match="chmod 600"):
+        auth.load_store(path)
+    assert auth.logout(path) and not path.exists() and not auth.logout(path)
+
+    monkeypatch.delenv(auth.ACCESS_TOKEN_ENV, raising=False)
+    with pytest.raises(ConfigurationError, match="auth login"):
+        auth.load_tokens(path)
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
+    tokens = auth.load_tokens(path)
+    assert run(tokens.access_token()) == ACCESS_TOKEN
+    assert ACCESS_TOKEN not in repr(tokens)
+    with pytest.raises(ColabAuthError, match=auth.ACCESS_TOKEN_ENV):
+        run(tokens.access_token(refresh=True))
+    assert ACCESS_TOKEN not in json.dumps(auth.status(path))
+
+
+def test_stored_sign_in_renews_its_access_token(
+    colab: ColabDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(auth.ACCESS_TOKEN_ENV, raising=False)
+    refresh_token = "1//test-refresh-token-" + "y" * 20
+    colab.refresh_tokens.add(refresh_token)
+    path = auth.save_store(
+        {
+            "type": "authorized_user",
+            "client_id": "1234-test.apps.googleusercontent.com",
+            "client_secret": "test-client-secret",
+            "refresh_token": refresh_token,
+        },
+        tmp_path / "google.json",
+    )
+    status = auth.status(path)
+    assert status["source"] == "stored" and refresh_token not in json.dumps(status)
+    stored = auth.load_tokens(path)
+    assert isinstance(stored, auth.GoogleCredentialsTokens)
+    # google-auth pins a stored sign-in's token endpoint to Google's own; aim it at the double
+    credentials = stored.credentials.with_token_uri(f"{colab.url}token")
+    tokens = auth.GoogleCredentialsTokens(credentials, "the stored sign-in")
+
+    async def scenario() -> None:
+        backend = ColabBackend(tokens, colab_url=colab.url, notebook_key="stored sign-in")
+        try:
+            await backend.start_kernel()
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+    assert colab.token_refreshes == 1
+    assert len(colab.released) == 1
+
+
+def test_login_with_your_own_oauth_client(
+    colab: ColabDouble,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The installed-app flow end to end, with Google's consent page and token endpoint
+    stood in by the double (the real ones need a browser and an account)."""
+    import webbrowser
+
+    monkeypatch.delenv(auth.ACCESS_TOKEN_ENV, raising=False)
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the stand-ins speak plain http
+    client = {
+        "installed": {
+            "client_id": "1234-test.apps.googleusercontent.com",
+            "client_secret": "test-client-secret",
+            "auth_uri": f"{colab.url}o/oauth2/auth",
+            "token_uri": f"{colab.url}token",
+            "redirect_uris": ["http://localhost"],
+        }
+    }
+    secrets_file = tmp_path / "client_secret.json"
+    secrets_file.write_text(json.dumps(client))
+
+    class Browser:  # the user's browser: follows the consent redirect to the loopback port
+        def open(self, url: str, new: int = 0, autoraise: bool = True) -> bool:
+            threading.Thread(target=lambda: urllib.request.urlopen(url, timeout=30).read()).start()
+            return True
+
+    monkeypatch.setattr(webbrowser, "get", lambda using=None: Browser())
+    store = tmp_path / "store" / "google.json"
+    assert auth.login(str(secrets_file), path=store, timeout=60) == store
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    data = json.loads(store.read_text())
+    assert data["type"] == "authorized_user" and data["refresh_token"] in colab.refresh_tokens
+    assert "token" not in data  # the access token is not stored
+    assert "OAUTHLIB_RELAX_TOKEN_SCOPE" not in os.environ
+    printed = capsys.readouterr().out
+    assert data["refresh_token"] not in printed
+    tokens = auth.load_tokens(store)
+    assert isinstance(tokens, auth.GoogleCredentialsTokens)
+    with pytest.raises(ConfigurationError, match="Desktop app"):
+        auth.login(str(tmp_path / "missing.json"), path=store)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_status_and_release(
+    colab: ColabDouble, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cgpu_kernel.cli import build_parser
+
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
+    parser = build_parser()
+
+    def cli(*argv: str) -> tuple[int, str]:
+        args = parser.parse_args(list(argv))
+        code = args.func(args)
+        return code, capsys.readouterr().out
+
+    assert cli("status", "--colab-url", colab.url) == (
+        0,
+        "No Colab runtimes are assigned to this account.\n",
+    )
+    backend = make_backend(colab)
+    run(backend.start_kernel())
+    assert backend.assignment is not None
+    endpoint = backend.assignment.endpoint
+    try:
+        code, out = cli("status", "--colab-url", colab.url)
+        assert code == 0 and endpoint in out and "T4" in out and "1.0/15.0 GiB" in out
+        code, out = cli("status", "--colab-url", colab.url, "--json")
+        (row,) = json.loads(out)
+        assert row["kernels"] == 1 and row["idle"] != "?"
+        code, out = cli("auth", "status")
+        assert code == 0 and ACCESS_TOKEN not in out
+        assert cli("release", "--colab-url", colab.url, endpoint) == (0, f"{endpoint}: released\n")
+        assert colab.released == [endpoint]
+    finally:
+        run(backend.shutdown_kernel())
+        run(backend.close())
+
+
+# --- the kernelspec (`--backend colab`), once kernelapp and kernelspec offer it ------------------
+
+needs_wiring = pytest.mark.skipif(
+    "colab" not in kernelspec.AVAILABLE_BACKENDS,
+    reason="the colab backend is not wired into kernelapp/kernelspec yet",
+)
+
+
+@pytest.fixture
+def colab_spec(
+    colab: ColabDouble, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
+    yield install_spec(
+        kernel_dir,
+        "cgpu-test-colab",
+        "colab",
+        extra=[
+            f"--ProxyKernel.colab_url={colab.url}",
+            "--ProxyKernel.gpu=T4",
+            "--ProxyKernel.keep_alive_interval=1",
+            "--log-level=DEBUG",
+        ],
+    )
+
+
+@needs_wiring
+def test_kernelspec_restart_keeps_the_runtime_shutdown_releases_it(
+    colab: ColabDouble, colab_spec: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    km, kc = start_kernel(colab_spec)
+    try:
+        _, outputs = run_cell(kc, "x = 41\nprint('ok')", timeout=120)
+        assert stdout_of(outputs) == "ok\n"
+        (endpoint,) = colab.runtimes
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=120)
+        _, outputs = run_cell(kc, "print('x' in dir())", timeout=120)
+        assert stdout_of(outputs) == "False\n"  # a fresh kernel...
+        assert list(colab.runtimes) == [endpoint] and colab.released == []  # ...same runtime
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    deadline = time.monotonic() + WAIT
+    while colab.released != [endpoint] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert colab.released == [endpoint]
+    kernel_log = capfd.readouterr().err  # both proxy processes, at DEBUG
+    assert "keeping the Colab runtime" in kernel_log and "released the Colab runtime" in kernel_log
+    assert_no_secrets(colab, kernel_log)
+
+
+@needs_wiring
+def test_nbclient_runs_the_quickstart_through_colab(colab: ColabDouble, colab_spec: str) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(kernelspec.resource_dir("examples") / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=colab_spec, timeout=120, startup_timeout=120).execute()
+    text = "".join(
+        o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []) if "text" in o
+    )
+    assert "Hello from the remote kernel" in text
+    assert "squares still here: [49, 64, 81]" in text
+    assert len(colab.released) == 1
