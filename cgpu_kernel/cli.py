@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, kernelspec
-from .exceptions import CgpuError
+from .exceptions import CgpuError, ConfigurationError
 
 #: Modules that add subcommands: each has ``register(commands)``, taking the subparsers object
 #: and adding parsers whose ``func`` default runs the command (returns the exit code).
@@ -30,16 +30,24 @@ def _install(args: argparse.Namespace) -> int:
     if args.token_stdin:
         token = sys.stdin.readline() if not sys.stdin.isatty() else getpass.getpass("Token: ")
         token_file = str(kernelspec.save_token(name, token))
+    extra = [f"--{option.strip().lstrip('-')}" for option in args.option]
+    if args.startup_timeout is not None:
+        extra.append(f"--startup-timeout={args.startup_timeout}")
+    elif backend == "colab":
+        extra.append("--startup-timeout=300")  # assigning a runtime can take minutes
+    if args.gpu is not None or args.high_memory:
+        if backend != "colab":
+            raise ConfigurationError("--gpu and --high-memory are for the colab backend.")
+        if args.gpu is not None:
+            extra.append(f"--gpu={args.gpu}")
+        if args.high_memory:
+            extra.append("--high-memory=True")
     argv = kernelspec.make_argv(
         backend,
         url=args.url,
         remote_kernel=args.remote_kernel,
         token_file=token_file,
-        extra=(
-            [f"--startup-timeout={args.startup_timeout}"]
-            if args.startup_timeout is not None
-            else None
-        ),
+        extra=extra,
     )
     spec = kernelspec.make_kernel_dict(
         argv,
@@ -181,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--interrupt-mode", choices=("message", "signal"), default="message")
     install.add_argument("--startup-timeout", type=float, help="seconds (default 60)")
+    install.add_argument(
+        "--gpu", help="colab: accelerator (T4, L4, A100, H100, a TPU such as V28, or none)"
+    )
+    install.add_argument("--high-memory", action="store_true", help="colab: high-memory machine")
+    install.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any kernel option baked into the kernelspec, e.g. max-output-bytes=5000000"
+        " (repeatable; `cgpu-kernel config-reference` lists them)",
+    )
     install.set_defaults(func=_install)
 
     listing = commands.add_parser("list", help="list installed cgpu kernelspecs")

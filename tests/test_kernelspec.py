@@ -138,3 +138,22 @@ def test_env_fallback_and_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CGPU_MAX_QUEUE", "lots")
     with pytest.raises(ConfigurationError, match="CGPU_MAX_QUEUE"):
         ProxyKernel()
+
+
+def test_install_bakes_options_into_argv(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    done = cli(
+        "install", "--prefix", str(prefix), "--name", "opts",
+        "--option", "max-output-bytes=5000", "--option", "ping-interval=3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    argv = json.loads((prefix / "share/jupyter/kernels/opts/kernel.json").read_text())["argv"]
+    assert "--max-output-bytes=5000" in argv and "--ping-interval=3" in argv
+    colab = cli(
+        "install", "--prefix", str(prefix), "--backend", "colab", "--gpu", "L4", "--high-memory"
+    )
+    assert colab.returncode == 0, colab.stderr
+    argv = json.loads((prefix / "share/jupyter/kernels/colab-gpu/kernel.json").read_text())["argv"]
+    assert {"--gpu=L4", "--high-memory=True", "--startup-timeout=300"} <= set(argv)
+    wrong = cli("install", "--prefix", str(prefix), "--gpu", "T4")
+    assert wrong.returncode == 2 and "for the colab backend" in wrong.stderr
