@@ -85,7 +85,7 @@ def _remove(args: argparse.Namespace) -> int:
 def _reclaim(args: argparse.Namespace) -> int:
     from . import registry
     from .backends.jupyter import JupyterServerClient, safe_url
-    from .kernelapp import read_token
+    from .options import read_token
 
     async def reclaim() -> int:
         urls = sorted({r["url"] for r in registry.records() if not registry.owner_alive(r)})
@@ -146,7 +146,7 @@ def _outputs(args: argparse.Namespace) -> int:
 
 def _config_reference(args: argparse.Namespace) -> int:
     from .config import trait_reference
-    from .kernelapp import ProxyKernel
+    from .options import ProxyKernel
 
     rows = trait_reference(ProxyKernel)
     print("| Option | Type | Default | Environment | Description |")

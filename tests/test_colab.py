@@ -45,7 +45,8 @@ from cgpu_kernel.backends.colab import (
     parse_json,
 )
 from cgpu_kernel.exceptions import ConfigurationError
-from cgpu_kernel.kernelapp import ProxyKernel, ProxyKernelRun
+from cgpu_kernel.kernelapp import ProxyKernelRun
+from cgpu_kernel.options import ProxyKernel
 from cgpu_kernel.wire import Message, make_header
 
 from .colab_double import COLAB_REQUEST_HELPER, ColabDouble

@@ -1,0 +1,269 @@
+"""The proxy kernel's options, and the backend they choose.
+
+Every option is a trait of :class:`ProxyKernel` (help text, config file, ``--kebab-case`` flag
+on the kernel's command line, and a ``CGPU_*`` environment variable as fallback); the docs'
+option table is generated from them. The remote server's token is not an option: it comes from
+``CGPU_TOKEN`` or a token file, never argv or kernel.json.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tornado.httpclient import HTTPRequest
+from traitlets import Bool, Enum, Float, Int, Unicode
+
+from .backends.base import Backend, KernelHealth
+from .config import EnvConfigurable
+from .exceptions import CgpuError, ConfigurationError
+
+TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
+
+
+def read_token(token_file: str) -> str | None:
+    """The remote server's token: the token file when one is given, else ``CGPU_TOKEN``.
+
+    Called before each request, so a renewed token file takes effect without a restart.
+    """
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Cannot read the token file {path}: {exc.strerror}. Fix the path (reinstall"
+                f" with --token-file), or set {TOKEN_ENV} and install without a token file."
+            ) from None
+    token = os.environ.get(TOKEN_ENV)
+    return token.strip() if token else None
+
+
+class ProxyKernel(EnvConfigurable):
+    """Options of the proxy kernel process (kernelspec argv, config file, or CGPU_* env)."""
+
+    backend = Enum(
+        ["local", "jupyter", "colab"],
+        "local",
+        config=True,
+        help="""Where the remote kernel runs: 'local' starts a private jupyter-server on
+        loopback (no account needed), 'jupyter' uses the server at --url. 'colab' (a Colab
+        runtime) is reserved and not available yet.""",
+    ).tag(env="CGPU_BACKEND")
+    url = Unicode(
+        "",
+        config=True,
+        help="""Base URL of the remote Jupyter server (jupyter backend). Give the token in
+        CGPU_TOKEN or --token-file, never in the URL.""",
+    ).tag(env="CGPU_URL")
+    remote_kernel = Unicode(
+        "python3", config=True, help="Name of the kernelspec to start on the remote server."
+    ).tag(env="CGPU_REMOTE_KERNEL")
+    token_file = Unicode(
+        "",
+        config=True,
+        help="""File holding the remote server's token (used when CGPU_TOKEN is unset). Keep it
+        private (mode 0600).""",
+    ).tag(env="CGPU_TOKEN_FILE")
+    startup_timeout = Float(
+        60.0,
+        config=True,
+        help="""Seconds to wait for the remote kernel to be ready before queued requests fail
+        with a clear error. The kernel stays up and the next cell tries again.""",
+    ).tag(env="CGPU_STARTUP_TIMEOUT")
+    reconnect_budget = Float(
+        900.0,
+        config=True,
+        help="""Seconds to keep trying to reconnect after the connection drops (long enough for
+        a laptop lid). After that, waiting requests fail; the next cell tries again.""",
+    ).tag(env="CGPU_RECONNECT_BUDGET")
+    ping_interval = Float(
+        10.0,
+        config=True,
+        help="""Seconds between WebSocket pings; a connection whose pong does not come back
+        within one more interval is treated as lost. 0 disables pings.""",
+    ).tag(env="CGPU_PING_INTERVAL")
+    max_queue = Int(
+        1000,
+        config=True,
+        help="Messages held while the remote is not connected; beyond that, requests fail.",
+    ).tag(env="CGPU_MAX_QUEUE")
+    max_message_size = Int(
+        1 << 30,
+        config=True,
+        help="""Largest single message accepted from the remote, in bytes (tornado's default is
+        10 MiB, which silently loses big outputs and buffers).""",
+    ).tag(env="CGPU_MAX_MESSAGE_SIZE")
+    validate_cert = Bool(
+        True,
+        config=True,
+        help="Verify the remote server's TLS certificate. Leave on outside of tests.",
+    ).tag(env="CGPU_VALIDATE_CERT")
+    outage_notice_after = Float(
+        5.0,
+        config=True,
+        help="""Seconds a connection outage must last before the cells waiting on it say so
+        (and say again when it is over). 0 turns the notices off.""",
+    ).tag(env="CGPU_OUTAGE_NOTICE_AFTER")
+    max_output_bytes = Int(
+        2 * 1024 * 1024,
+        config=True,
+        help="""Stream output (stdout/stderr) one cell may send to the frontend, in characters
+        on finished lines; progress-bar redraws with carriage returns do not count. Past it the
+        frontend keeps the head, gets a notice and the last lines; the rest is spooled.""",
+    ).tag(env="CGPU_MAX_OUTPUT_BYTES")
+    max_rich_output_bytes = Int(
+        20 * 1024 * 1024,
+        config=True,
+        help="""Rich output (images, HTML, ...) one cell may send to the frontend; clear_output
+        starts the count again. Outputs past it are spooled and shown as placeholders.""",
+    ).tag(env="CGPU_MAX_RICH_OUTPUT_BYTES")
+    max_rich_item_bytes = Int(
+        10 * 1024 * 1024,
+        config=True,
+        help="One rich output bigger than this is spooled and shown as a placeholder.",
+    ).tag(env="CGPU_MAX_RICH_ITEM_BYTES")
+    output_tail_lines = Int(
+        20,
+        config=True,
+        help="Lines of held-back output shown at the end of a cell that passed its limit.",
+    ).tag(env="CGPU_OUTPUT_TAIL_LINES")
+    spool_dir = Unicode(
+        "",
+        config=True,
+        help="""Where held-back output is saved (default: the Jupyter data dir's
+        cgpu-kernel/outputs). `cgpu-kernel outputs` lists it.""",
+    ).tag(env="CGPU_SPOOL_DIR")
+    spool_max_age_days = Float(
+        7.0, config=True, help="Saved outputs older than this are deleted when a kernel starts."
+    ).tag(env="CGPU_SPOOL_MAX_AGE_DAYS")
+    spool_max_total_bytes = Int(
+        5 << 30,
+        config=True,
+        help="Past this total, the oldest saved outputs are deleted when a kernel starts.",
+    ).tag(env="CGPU_SPOOL_MAX_TOTAL_BYTES")
+    coalesce_window = Float(
+        0.025,
+        config=True,
+        help="""Seconds during which consecutive stream messages of a cell are merged
+        (byte-exact) into one, bounding the frontend's message rate in a burst. 0 turns it
+        off.""",
+    ).tag(env="CGPU_COALESCE_WINDOW")
+    ca_certs = Unicode(
+        "", config=True, help="CA bundle for a remote server with a private certificate."
+    ).tag(env="CGPU_CA_CERTS")
+
+    colab_url = Unicode(
+        "https://colab.research.google.com/",
+        config=True,
+        help="""Colab's base URL (colab backend). https only, except on loopback (test
+        doubles).""",
+    ).tag(env="CGPU_COLAB_URL")
+    gpu = Unicode(
+        "T4",
+        config=True,
+        help="""Accelerator of the Colab runtime: T4, L4, A100, H100, a TPU such as V28, or
+        none for a CPU runtime.""",
+    ).tag(env="CGPU_GPU")
+    high_memory = Bool(
+        False,
+        config=True,
+        help="Ask Colab for a high-memory machine (implied for L4 and TPUs).",
+    ).tag(env="CGPU_HIGH_MEMORY")
+    gpu_fallback = Unicode(
+        "",
+        config=True,
+        help="""Comma-separated accelerators to try, in order, when the chosen one has no
+        quota or is unavailable. Empty: no fallback.""",
+    ).tag(env="CGPU_GPU_FALLBACK")
+    keep_runtime = Bool(
+        False,
+        config=True,
+        help="""Do not release the Colab runtime when the kernel shuts down (it stays until
+        Colab reclaims it when idle, or `cgpu-kernel release`).""",
+    ).tag(env="CGPU_KEEP_RUNTIME")
+    keep_alive_interval = Float(
+        60.0, config=True, help="Seconds between keep-alive calls to Colab while in use."
+    ).tag(env="CGPU_KEEP_ALIVE_INTERVAL")
+    idle_timeout = Float(
+        3600.0,
+        config=True,
+        help="""Seconds without a running cell after which keep-alive stops, so an abandoned
+        notebook stops using compute units; the next cell resumes it.""",
+    ).tag(env="CGPU_IDLE_TIMEOUT")
+    colab_auth_wait = Float(
+        300.0,
+        config=True,
+        help="Seconds drive.mount() waits for you to open the authorization URL.",
+    ).tag(env="CGPU_COLAB_AUTH_WAIT")
+    colab_notebook_key = Unicode(
+        "",
+        config=True,
+        help="""Which Colab runtime is this notebook's: kernels with the same key share one.
+        Default: the connection file, so a restarted kernel finds its runtime again.""",
+    ).tag(env="CGPU_COLAB_NOTEBOOK_KEY")
+
+    def make_backend(self) -> Backend:
+        if self.backend == "local":
+            from .backends.local import LocalBackend
+
+            return LocalBackend(self.remote_kernel)
+        if self.backend == "jupyter":
+            from .backends.jupyter import JupyterBackend
+
+            if not self.url:
+                raise ConfigurationError(
+                    "The jupyter backend needs the server's URL: reinstall the kernelspec with"
+                    " --url, or set CGPU_URL."
+                )
+            token_file = self.token_file
+            return JupyterBackend(
+                self.url,
+                lambda: read_token(token_file),
+                self.remote_kernel,
+                validate_cert=self.validate_cert,
+                ca_certs=self.ca_certs or None,
+            )
+        from .auth import load_tokens
+        from .backends.colab import ColabBackend
+
+        connection_file = str(getattr(self.parent, "connection_file", "") or "")
+        return ColabBackend(
+            load_tokens(),
+            colab_url=self.colab_url,
+            gpu=self.gpu,
+            high_memory=self.high_memory,
+            fallback=[name for name in self.gpu_fallback.split(",") if name.strip()],
+            notebook_key=self.colab_notebook_key
+            or (os.path.realpath(connection_file) if connection_file else None),
+            remote_kernel=self.remote_kernel,
+            keep_runtime=self.keep_runtime,
+            keep_alive_interval=self.keep_alive_interval,
+            idle_timeout=self.idle_timeout,
+            auth_wait=self.colab_auth_wait,
+            validate_cert=self.validate_cert,
+            ca_certs=self.ca_certs or None,
+        )
+
+
+class UnavailableBackend(Backend):
+    """Stands in when the options cannot work: every attempt fails with the reason."""
+
+    def __init__(self, error: CgpuError) -> None:
+        self.error = error
+        self.description = "the remote kernel (misconfigured)"
+
+    async def start_kernel(self) -> str:
+        raise self.error
+
+    def websocket_request(self, session_id: str) -> HTTPRequest:
+        raise self.error
+
+    async def interrupt_kernel(self) -> None:
+        return None
+
+    async def kernel_health(self) -> KernelHealth:
+        return KernelHealth.GONE
+
+    async def shutdown_kernel(self, *, restart: bool = False) -> None:
+        return None
