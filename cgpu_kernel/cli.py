@@ -54,6 +54,7 @@ def _install(args: argparse.Namespace) -> int:
         args.display_name or kernelspec.DEFAULT_DISPLAY_NAMES[backend],
         backend=backend,
         interrupt_mode=args.interrupt_mode,
+        provisioner=args.provisioner,
     )
     prefix = sys.prefix if args.sys_prefix else args.prefix
     path = kernelspec.install(spec, name, user=args.user, prefix=prefix)
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--interrupt-mode", choices=("message", "signal"), default="message")
     install.add_argument("--startup-timeout", type=float, help="seconds (default 60)")
+    install.add_argument(
+        "--provisioner",
+        nargs="?",
+        const="cgpu-provisioner",
+        help="let jupyter_client frontends manage the runtime (cgpu-provisioner); VS Code"
+        " ignores it",
+    )
     install.add_argument(
         "--gpu", help="colab: accelerator (T4, L4, A100, H100, a TPU such as V28, or none)"
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -39,6 +40,7 @@ from .exceptions import (
     StartupTimeoutError,
 )
 from .frontend import FrontendSockets
+from .history import ExecutionTracker
 from .limits import Budgets, Coalescer, OutputLimiter
 from .options import TOKEN_ENV, ProxyKernel, UnavailableBackend
 from .relay import (
@@ -63,6 +65,8 @@ from .wire import Message
 
 log = logging.getLogger("cgpu_kernel")
 
+#: iopub messages whose size the execution history counts as output
+HISTORY_OUTPUTS = frozenset({"stream", "display_data", "execute_result", "error"})
 DELETE_TIMEOUT = 30.0  # Colab: delete the kernel, list kernels, unassign the runtime
 
 
@@ -107,6 +111,9 @@ class ProxyKernelRun:
             max_queue=options.max_queue,
             intercept=backend.intercepts,
             limiter=limiter,
+        )
+        self.tracker = ExecutionTracker(
+            str(connection_info.get("kernel_name") or backend.description)
         )
         self.coalescer = Coalescer()
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -190,22 +197,29 @@ class ProxyKernelRun:
 
     async def _watch_parent(self) -> None:
         """Stop (deleting the remote kernel) when the frontend that launched us is gone."""
+        # jupyter_client names the launcher in JPY_PARENT_PID: reading our parent instead could
+        # find init already, had the launcher died before this line ran.
         try:
-            parent = psutil.Process().parent()
-        except psutil.Error:
+            pid = int(os.environ.get("JPY_PARENT_PID") or os.getppid())
+            parent = psutil.Process(pid)
+        except (psutil.Error, ValueError):
+            log.warning("the frontend process that launched this kernel is gone; shutting down")
+            self.stop()
             return
-        if parent is None or parent.pid == 1:
+        if parent.pid == 1:
             return
         while True:
-            await asyncio.sleep(1.0)
             if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
                 log.warning("the frontend process %d is gone; shutting down", parent.pid)
                 self.stop()
                 return
+            await asyncio.sleep(1.0)
 
     # --- relay events and actions -------------------------------------------------------------
 
     def on_frontend(self, channel: str, identities: tuple[bytes, ...], msg: Message) -> None:
+        if channel == "shell" and msg.msg_type == "execute_request":
+            self.tracker.request(msg.msg_id)
         self.perform(self.relay.frontend_message(channel, identities, msg))
 
     def on_subscribe(self, topic: bytes) -> None:
@@ -216,8 +230,12 @@ class ProxyKernelRun:
             if isinstance(action, SendToRemote):
                 self._send_remote(action.request)
             elif isinstance(action, SendToFrontend):
+                if action.msg.msg_type == "execute_reply":
+                    self.tracker.reply(action.msg.parent_id or "", action.msg.content)
                 self.frontend.send(action.channel, action.identities, action.msg)
             elif isinstance(action, Publish):
+                if action.msg.msg_type in HISTORY_OUTPUTS:
+                    self.tracker.output(action.msg.parent_id or "", action.msg.size)
                 self._publish(action.msg)
             elif isinstance(action, SpoolOutput):
                 self.spool.write(action.name, action.data)
@@ -353,6 +371,7 @@ class ProxyKernelRun:
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
+            self.tracker.connected()
             self.perform(self.relay.remote_connected(outage))
             channels.deliver_to(self._on_remote_message)
             if outage is not None:

@@ -506,3 +506,19 @@ def test_websocket_protocol_negotiated(
             kc.stop_channels()
             km.shutdown_kernel()
     assert f"(protocol: {expected})" in log_path.read_text()
+
+
+def test_every_execution_lands_in_the_history(
+    proxy: tuple[KernelManager, BlockingKernelClient],
+) -> None:
+    from cgpu_kernel import history
+
+    km, kc = proxy
+    pid = km.provisioner.pid  # type: ignore[union-attr]
+    run_cell(kc, "print('recorded ' * 3)")
+    run_cell(kc, "1 / 0")
+    mine = [r for r in history.read_records() if r["session"] == f"pid-{pid}"]
+    assert [r["status"] for r in mine[-2:]] == ["ok", "error"]
+    assert mine[-2]["output_bytes"] > 0 and mine[-2]["source"] == "kernel"
+    assert mine[-1]["category"] is not None
+    assert "recorded" not in history.history_path().read_text()  # metadata only, never output

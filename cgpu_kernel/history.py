@@ -1,0 +1,276 @@
+"""A local history of executions: metadata only, in a capped JSONL file.
+
+Every execution through a cgpu kernel or ``cgpu-kernel run`` appends one line: when, which
+kernel, how long, ok or error, the error's category, how many output bytes, how many reconnects,
+and the kernel's startup time when the execution paid for one. **Never the code and never the
+outputs**: a history must be safe to attach to a bug report.
+
+Where: ``$CGPU_HISTORY_FILE`` if set; else ``history.jsonl`` in ``$CGPU_STATE_DIR`` if set;
+else ``<jupyter data dir>/cgpu-kernel/history.jsonl`` (``jupyter --data-dir`` prints the data
+dir), so it survives reboots, unlike the runtime dir. The file is private (0600). When it grows
+past ``$CGPU_HISTORY_MAX_BYTES`` (default 1 MiB) the oldest half is dropped.
+
+Who calls what: the proxy kernel calls :func:`record_execution` once per ``execute_reply``;
+``cgpu-kernel run`` calls it once per run (and sets ``CGPU_HISTORY_SUPPRESS=1`` for the kernels
+it launches, so a run counts once); ``cgpu-kernel logs`` calls :func:`read_records` and
+:func:`compute_stats`. Recording never raises: a full disk must not break a kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_data_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 1 << 20
+SUPPRESS_ENV = "CGPU_HISTORY_SUPPRESS"
+
+try:  # POSIX: serialize appends and trims between processes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: appends of one short line are good enough
+    fcntl = None  # type: ignore[assignment]
+
+
+def history_path() -> Path:
+    """Where the history lives (see the module docstring for the order)."""
+    explicit = os.environ.get("CGPU_HISTORY_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    state = os.environ.get("CGPU_STATE_DIR")
+    if state:
+        return Path(state) / "cgpu-kernel" / "history.jsonl"
+    return Path(jupyter_data_dir()) / "cgpu-kernel" / "history.jsonl"
+
+
+def max_bytes() -> int:
+    raw = os.environ.get("CGPU_HISTORY_MAX_BYTES", "")
+    try:
+        return max(4096, int(raw)) if raw else DEFAULT_MAX_BYTES
+    except ValueError:
+        return DEFAULT_MAX_BYTES
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[int]:
+    """The history file opened for appending (0600), under an exclusive lock."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield descriptor
+    finally:
+        os.close(descriptor)  # also releases the lock
+
+
+def append_record(record: dict[str, Any], path: Path | None = None) -> None:
+    """Append ``record`` as one JSON line, then trim the file if it outgrew the cap."""
+    path = path or history_path()
+    line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
+    with _locked(path) as descriptor:
+        os.write(descriptor, line)
+        cap = max_bytes()
+        if os.fstat(descriptor).st_size > cap:
+            _trim(path, cap // 2)
+
+
+def _trim(path: Path, keep_bytes: int) -> None:
+    """Keep the newest whole lines that fit in ``keep_bytes`` (called under the lock)."""
+    data = path.read_bytes()
+    tail = data[-keep_bytes:]
+    cut = tail.find(b"\n")
+    tail = tail[cut + 1 :] if cut >= 0 and len(data) > keep_bytes else tail
+    scratch = path.with_name(path.name + ".trim")
+    descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(tail)
+    os.replace(scratch, path)
+
+
+def record_execution(
+    kernel: str,
+    duration_ms: float,
+    status: str,
+    category: str | None,
+    output_bytes: int,
+    reconnects: int,
+    startup_ms: float | None = None,
+    *,
+    source: str = "kernel",
+    session: str | None = None,
+    queue_ms: float | None = None,
+) -> None:
+    """Append one execution's metadata to the history. Never raises.
+
+    ``kernel``: the kernelspec name (or a description). ``status``: ``"ok"`` or ``"error"``.
+    ``category``: None for ok, else one of :data:`cgpu_kernel.runner.CATEGORIES`
+    (``categorize(ename, evalue)`` turns an error reply into one). ``reconnects``: how many
+    times the proxy reconnected while this cell ran. ``startup_ms``: the kernel's startup time,
+    given with the first execution after a start. ``session``: groups the records of one kernel
+    process for "reconnects per session" (default: this process's pid).
+    """
+    if source == "kernel" and os.environ.get(SUPPRESS_ENV) == "1":
+        return  # `cgpu-kernel run` launched this kernel and records the run itself
+    record: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kernel": kernel,
+        "source": source,
+        "session": session or f"pid-{os.getpid()}",
+        "duration_ms": round(float(duration_ms), 3),
+        "status": status,
+        "category": category,
+        "output_bytes": int(output_bytes),
+        "reconnects": int(reconnects),
+    }
+    if startup_ms is not None:
+        record["startup_ms"] = round(float(startup_ms), 3)
+    if queue_ms is not None:
+        record["queue_ms"] = round(float(queue_ms), 3)
+    try:
+        append_record(record)
+    except OSError as exc:
+        log.warning("could not write the execution history %s: %s", history_path(), exc)
+
+
+def read_records(path: Path | None = None) -> list[dict[str, Any]]:
+    """Every readable record, oldest first (a torn or foreign line is skipped)."""
+    path = path or history_path()
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and "status" in data:
+            found.append(data)
+    return found
+
+
+def percentile(values: Iterable[float], fraction: float) -> float | None:
+    """Nearest-rank percentile (p95 of 20 values is the 19th smallest); None when empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def compute_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``cgpu-kernel logs --stats`` shows, computed from ``records``."""
+    total = len(records)
+    ok = sum(1 for r in records if r.get("status") == "ok")
+    durations = [float(r["duration_ms"]) for r in records if "duration_ms" in r]
+    startups = [float(r["startup_ms"]) for r in records if r.get("startup_ms") is not None]
+    errors: dict[str, int] = {}
+    for r in records:
+        if r.get("status") != "ok":
+            category = str(r.get("category") or "unknown")
+            errors[category] = errors.get(category, 0) + 1
+    sessions: dict[str, int] = {}
+    for r in records:
+        key = str(r.get("session") or "?")
+        sessions[key] = sessions.get(key, 0) + int(r.get("reconnects") or 0)
+    timeouts = errors.get("timeout", 0)
+    return {
+        "executions": total,
+        "ok": ok,
+        "errors": total - ok,
+        "success_rate": ok / total if total else None,
+        "timeout_rate": timeouts / total if total else None,
+        "duration_ms": {"mean": _mean(durations), "p95": percentile(durations, 0.95)},
+        "errors_by_category": dict(sorted(errors.items())),
+        "sessions": len(sessions),
+        "reconnects": sum(sessions.values()),
+        "reconnects_per_session": sum(sessions.values()) / len(sessions) if sessions else None,
+        "startup_ms": {
+            "count": len(startups),
+            "mean": _mean(startups),
+            "p95": percentile(startups, 0.95),
+        },
+    }
+
+
+class ExecutionTracker:
+    """Turns one proxy kernel's traffic into history records: one per ``execute_request``.
+
+    For the proxy kernel (``kernelapp``), which calls, from its event loop:
+
+    * :meth:`connected` each time the remote channels open (the first time is the startup);
+    * :meth:`request` when a frontend's ``execute_request`` arrives;
+    * :meth:`output` for each iopub output (stream, display, result, error) of a request;
+    * :meth:`reply` when the ``execute_reply`` goes back to the frontend: this records it.
+
+    Pure bookkeeping plus :func:`record_execution`; ``clock`` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        kernel: str,
+        *,
+        session: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kernel = kernel
+        self.session = session or f"pid-{os.getpid()}"
+        self.clock = clock
+        self.launched = clock()
+        self.startup_ms: float | None = None
+        self.reconnects = 0
+        self._startup_recorded = False
+        self._pending: dict[str, list[float]] = {}  # msg_id -> [start, reconnects, bytes]
+
+    def connected(self) -> None:
+        if self.startup_ms is None:
+            self.startup_ms = (self.clock() - self.launched) * 1000
+        else:
+            self.reconnects += 1
+
+    def request(self, msg_id: str) -> None:
+        self._pending[msg_id] = [self.clock(), float(self.reconnects), 0.0]
+
+    def output(self, parent_id: str, nbytes: int) -> None:
+        pending = self._pending.get(parent_id)
+        if pending is not None:
+            pending[2] += nbytes
+
+    def reply(self, parent_id: str, content: dict[str, Any]) -> None:
+        pending = self._pending.pop(parent_id, None)
+        if pending is None:
+            return
+        from .runner import categorize
+
+        status = "ok" if content.get("status") == "ok" else "error"
+        category = None
+        if status == "error":
+            category = categorize(str(content.get("ename", "")), str(content.get("evalue", "")))
+        startup = None
+        if not self._startup_recorded and self.startup_ms is not None:
+            startup, self._startup_recorded = self.startup_ms, True
+        record_execution(
+            self.kernel,
+            (self.clock() - pending[0]) * 1000,
+            status,
+            category,
+            int(pending[2]),
+            self.reconnects - int(pending[1]),
+            startup,
+            session=self.session,
+        )
