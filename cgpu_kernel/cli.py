@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,26 @@ from .exceptions import CgpuError, ConfigurationError
 COMMAND_MODULES = ("cgpu_kernel.run_cli", "cgpu_kernel.colab_cli")
 
 
+def _checked_option(option: str) -> str:
+    """``NAME=VALUE`` for ``install --option``, validated now rather than at kernel start."""
+    from traitlets import TraitError
+
+    from .options import ProxyKernel
+
+    name, sep, value = option.strip().lstrip("-").partition("=")
+    trait = ProxyKernel.class_traits(config=True).get(name.replace("-", "_"))
+    if trait is None or not sep:
+        raise ConfigurationError(
+            f"--option {option!r}: give NAME=VALUE with a kernel option name;"
+            " `cgpu-kernel config-reference` lists them."
+        )
+    try:
+        setattr(ProxyKernel(use_env=False), name.replace("-", "_"), trait.from_string(value))
+    except (TraitError, ValueError) as exc:
+        raise ConfigurationError(f"--option {option!r}: {exc}") from None
+    return f"--{name}={value}"
+
+
 def _install(args: argparse.Namespace) -> int:
     backend = args.backend
     name = args.name or kernelspec.default_name(backend)
@@ -30,7 +51,7 @@ def _install(args: argparse.Namespace) -> int:
     if args.token_stdin:
         token = sys.stdin.readline() if not sys.stdin.isatty() else getpass.getpass("Token: ")
         token_file = str(kernelspec.save_token(name, token))
-    extra = [f"--{option.strip().lstrip('-')}" for option in args.option]
+    extra = [_checked_option(option) for option in args.option]
     if args.startup_timeout is not None:
         extra.append(f"--startup-timeout={args.startup_timeout}")
     elif backend == "colab":
@@ -95,7 +116,8 @@ def _reclaim(args: argparse.Namespace) -> int:
             return 0
         failures = 0
         for url in urls:
-            client = JupyterServerClient(url, read_token(args.token_file or ""))
+            token_file = args.token_file or os.environ.get("CGPU_TOKEN_FILE", "")
+            client = JupyterServerClient(url, read_token(token_file))
             try:
                 done = await registry.reclaim_orphans(client)
             finally:
@@ -113,7 +135,8 @@ def _reclaim(args: argparse.Namespace) -> int:
 def _outputs(args: argparse.Namespace) -> int:
     from . import spool
 
-    root = Path(args.spool_dir) if args.spool_dir else spool.default_spool_root()
+    configured = args.spool_dir or os.environ.get("CGPU_SPOOL_DIR")
+    root = Path(configured) if configured else spool.default_spool_root()
     if args.action == "clean":
         removed = spool.clean(root, max_age_days=args.older_than, max_total_bytes=1 << 62)
         print(f"Deleted {len(removed)} saved output file(s) from {root}")
@@ -126,7 +149,10 @@ def _outputs(args: argparse.Namespace) -> int:
         wanted = args.name or files[-1].name
         matches = [p for p in files if p.name == wanted or str(p) == wanted]
         if not matches:
-            print(f"No saved output named {wanted!r}; `cgpu-kernel outputs` lists them.")
+            print(
+                f"No saved output named {wanted!r}; `cgpu-kernel outputs` lists them.",
+                file=sys.stderr,
+            )
             return 1
         with matches[-1].open("rb") as handle:
             while chunk := handle.read(1 << 20):
@@ -238,8 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("action", nargs="?", choices=("list", "show", "clean"), default="list")
     outputs.add_argument("name", nargs="?", help="file name or path for `show` (default: newest)")
     outputs.add_argument("--json", action="store_true")
-    outputs.add_argument("--older-than", type=float, default=0.0, help="days, for `clean`")
-    outputs.add_argument("--spool-dir", help="spool folder (default: the kernel's default)")
+    outputs.add_argument(
+        "--older-than",
+        type=float,
+        default=7.0,
+        help="`clean` deletes files older than this many days (default 7; 0: all)",
+    )
+    outputs.add_argument(
+        "--spool-dir", help="spool folder (default: CGPU_SPOOL_DIR, else the kernel's default)"
+    )
     outputs.set_defaults(func=_outputs)
 
     reference = commands.add_parser("config-reference", help="print the option table (Markdown)")

@@ -23,6 +23,8 @@ class EnvConfigurable(Configurable):
 
     def __init__(self, *, use_env: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        #: Problems with ``CGPU_*`` values (each ignored); the proxy shows them in the cell.
+        self.env_errors: list[str] = []
         if use_env:
             self._read_environment(set(kwargs))
 
@@ -39,10 +41,15 @@ class EnvConfigurable(Configurable):
             try:
                 setattr(self, name, trait.from_string(raw))
             except (TraitError, ValueError) as exc:
-                raise ConfigurationError(
+                self.env_errors.append(
                     f"The environment variable {variable}={raw!r} is not a valid value for"
                     f" {type(self).__name__}.{name}: {exc}. Fix or unset it."
-                ) from None
+                )
+
+    def check_environment(self) -> None:
+        """Raise :class:`ConfigurationError` naming every invalid ``CGPU_*`` value."""
+        if self.env_errors:
+            raise ConfigurationError(" ".join(self.env_errors))
 
 
 def trait_reference(configurable: type[Configurable]) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ credentials, so any of them may be logged or shown in a notebook cell.
     * :exc:`RemoteKernelGoneError` -- the remote kernel died, was deleted or restarted.
     * :exc:`StartupTimeoutError` -- the remote kernel was not ready within the deadline.
     * :exc:`ReconnectBudgetError` -- the connection did not come back within the budget.
+    * :exc:`ReplyLostError` -- a cell's result was lost in an outage (the kernel is fine).
 """
 
 from __future__ import annotations
@@ -72,3 +73,7 @@ class StartupTimeoutError(RemoteError):
 
 class ReconnectBudgetError(RemoteError):
     ename = "RemoteConnectionLost"
+
+
+class ReplyLostError(RemoteError):
+    ename = "RemoteReplyLost"

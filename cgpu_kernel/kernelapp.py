@@ -34,9 +34,11 @@ from .connection import ChannelsClosedError, RemoteChannels
 from .exceptions import (
     CgpuError,
     ConfigurationError,
+    MalformedMessageError,
     ReconnectBudgetError,
     RemoteAuthError,
     RemoteKernelGoneError,
+    ReplyLostError,
     StartupTimeoutError,
 )
 from .frontend import FrontendSockets
@@ -165,7 +167,8 @@ class ProxyKernelRun:
             await asyncio.wait_for(self.backend.shutdown_kernel(restart=restart), DELETE_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning(
-                "deleting the remote kernel took over %g s; `cgpu-kernel reclaim` retries it",
+                "deleting the remote kernel took over %g s (for a jupyter-backend kernel,"
+                " `cgpu-kernel reclaim` retries it)",
                 DELETE_TIMEOUT,
             )
         except CgpuError as exc:
@@ -363,7 +366,12 @@ class ProxyKernelRun:
         )
 
     def _on_remote_message(self, msg: Message) -> None:
-        self.perform(self.relay.remote_message(msg))
+        try:
+            actions = self.relay.remote_message(msg)
+        except MalformedMessageError as exc:  # valid framing, but content that is not JSON
+            log.warning("dropped a malformed message from the remote: %s", exc)
+            return
+        self.perform(actions)
 
     async def _serve(self, channels: RemoteChannels | None) -> None:
         """Relay until the remote is lost for good, reconnecting while it is not."""
@@ -440,7 +448,7 @@ class ProxyKernelRun:
         self.perform(
             self.relay.fail_requests(
                 still,
-                RemoteKernelGoneError(
+                ReplyLostError(
                     "The connection dropped and the server kept nothing to replay: this cell's"
                     " result (and possibly part of its output) was lost, though the remote"
                     " kernel and its variables are fine. Run the cell again if needed."
@@ -588,11 +596,11 @@ class ProxyKernelApp(Application):
                 f"Cannot read the connection file {self.connection_file}: {exc}. Frontends write"
                 " it before starting the kernel; check the kernelspec's argv."
             ) from None
+        options = ProxyKernel(parent=self)
         try:
-            options = ProxyKernel(parent=self)
+            options.check_environment()
             backend: Backend = options.make_backend()
         except CgpuError as exc:
-            options = ProxyKernel(parent=self, use_env=False)
             # Stay up and show the error in the cell: a kernel that exits at once only makes
             # the frontend restart it in a loop, with the reason buried in a log.
             log.error("%s", exc)

@@ -25,7 +25,6 @@ from .backends.jupyter import normalize_base_url
 from .exceptions import ConfigurationError
 
 BACKENDS = ("local", "jupyter", "colab")
-AVAILABLE_BACKENDS = ("local", "jupyter", "colab")
 DEFAULT_DISPLAY_NAMES = {
     "local": "cgpu (local Jupyter server)",
     "jupyter": "cgpu (remote Jupyter server)",
@@ -60,11 +59,7 @@ def make_argv(
     """The command a frontend runs to start the proxy kernel."""
     if backend not in BACKENDS:
         raise ConfigurationError(f"Unknown backend {backend!r}: choose one of {BACKENDS}.")
-    if backend not in AVAILABLE_BACKENDS:
-        raise ConfigurationError(
-            f"The {backend} backend is not available in this version yet: install with"
-            " --backend local or --backend jupyter."
-        )
+
     argv = [python or sys.executable, "-m", "cgpu_kernel", "-f", "{connection_file}"]
     argv += ["--backend", backend]
     if backend == "jupyter":

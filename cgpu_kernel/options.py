@@ -47,8 +47,8 @@ class ProxyKernel(EnvConfigurable):
         "local",
         config=True,
         help="""Where the remote kernel runs: 'local' starts a private jupyter-server on
-        loopback (no account needed), 'jupyter' uses the server at --url. 'colab' (a Colab
-        runtime) is reserved and not available yet.""",
+        loopback (no account needed), 'jupyter' uses the server at --url, 'colab' a Google
+        Colab runtime (sign in first with `cgpu-kernel auth login`).""",
     ).tag(env="CGPU_BACKEND")
     url = Unicode(
         "",
@@ -62,8 +62,9 @@ class ProxyKernel(EnvConfigurable):
     token_file = Unicode(
         "",
         config=True,
-        help="""File holding the remote server's token (used when CGPU_TOKEN is unset). Keep it
-        private (mode 0600).""",
+        help="""File holding the remote server's token, read again before each request (a
+        renewed token takes effect at once). When set it wins over CGPU_TOKEN. Keep it private
+        (mode 0600).""",
     ).tag(env="CGPU_TOKEN_FILE")
     startup_timeout = Float(
         60.0,

@@ -416,12 +416,11 @@ class Relay:
             )
             return self._fail_waiting(lost)
         if state == "dead":
-            return self.remote_failed(
-                RemoteKernelGoneError(
-                    f"{self.remote_description} died and could not be restarted. The next cell"
-                    " starts a fresh kernel."
-                )
+            error = RemoteKernelGoneError(
+                f"{self.remote_description} died and could not be restarted. The next cell"
+                " starts a fresh kernel."
             )
+            return [*self.remote_failed(error), CloseRemote()]
         return []
 
     def _forward(self, request: Request) -> list[Action]:
@@ -451,8 +450,8 @@ class Relay:
             if self._state_lost:
                 self._state_lost = False
                 text = (
-                    f"cgpu-kernel: the previous remote kernel was lost ({self.last_error});"
-                    " starting a fresh one. Variables from earlier cells are gone."
+                    "cgpu-kernel: the previous remote kernel was lost; this cell starts a fresh"
+                    " one. Variables from earlier cells are gone."
                 )
             elif self.state is RemoteState.RECONNECTING:
                 text = f"cgpu-kernel: reconnecting to {self.remote_description}..."

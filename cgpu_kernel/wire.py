@@ -202,32 +202,52 @@ def zmq_frames(identities: list[bytes], signature: bytes, msg: Message) -> list[
 # --- WebSocket v1 ----------------------------------------------------------------------------
 
 
-def to_ws_v1(msg: Message) -> bytes:
+def to_ws_v1_pieces(msg: Message) -> list[Buffer]:
+    """A v1 frame as pieces to write one after the other (the buffers are not copied).
+
+    ``b"".join(to_ws_v1_pieces(msg)) == to_ws_v1(msg)``; a WebSocket client that can send a
+    message in fragments sends a large buffer without ever copying it whole.
+    """
     pieces: list[Buffer] = [msg.channel.encode("ascii"), *msg.parts, *msg.buffers]
     count = len(pieces) + 1
     offsets = [8 * (1 + count)]
     for piece in pieces:
         offsets.append(offsets[-1] + len(piece))
-    head = struct.pack(f"<{count + 1}Q", count, *offsets)
-    return b"".join([head, *pieces])
+    return [struct.pack(f"<{count + 1}Q", count, *offsets), *pieces]
+
+
+def to_ws_v1(msg: Message) -> bytes:
+    return b"".join(to_ws_v1_pieces(msg))
 
 
 def from_ws_v1(frame: Buffer) -> Message:
+    """Parse a v1 frame. Buffers are views into ``frame`` when it is immutable ``bytes`` (no
+    copy of a large buffer on its way to ZMQ), copies otherwise."""
     view = memoryview(frame)
-    if len(view) < 8:
+    size = len(view)
+    if size < 8:
         raise MalformedMessageError("v1 frame shorter than its offset count")
     (count,) = struct.unpack_from("<Q", view, 0)
-    if count < 6 or len(view) < 8 * (1 + count):
+    if count < 6 or size < 8 * (1 + count):
         raise MalformedMessageError(f"v1 frame with {count} offsets cannot hold a message")
     offsets = struct.unpack_from(f"<{count}Q", view, 8)
-    if list(offsets) != sorted(offsets) or offsets[-1] > len(view) or offsets[0] < 8 * (1 + count):
+    if offsets[0] < 8 * (1 + count) or offsets[-1] > size:
         raise MalformedMessageError("v1 frame offsets are out of order or out of range")
-    pieces = [view[offsets[i] : offsets[i + 1]] for i in range(count - 1)]
+    for i in range(count - 1):
+        if offsets[i] > offsets[i + 1]:
+            raise MalformedMessageError("v1 frame offsets are out of order or out of range")
+    data = frame if isinstance(frame, bytes) else bytes(view)
     try:
-        channel = bytes(pieces[0]).decode("ascii")
+        channel = data[offsets[0] : offsets[1]].decode("ascii")
     except UnicodeDecodeError:
         raise MalformedMessageError("v1 frame channel is not ASCII") from None
-    return Message(channel, [bytes(p) for p in pieces[1:5]], [bytes(p) for p in pieces[5:]])
+    parts = [data[offsets[i] : offsets[i + 1]] for i in range(1, 5)]
+    if count == 6:
+        return Message(channel, parts)
+    whole = memoryview(data)
+    return Message(
+        channel, parts, [whole[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)]
+    )
 
 
 # --- WebSocket legacy ------------------------------------------------------------------------
@@ -280,7 +300,9 @@ def from_ws_legacy(frame: bytes | str) -> Message:
         if offsets != sorted(offsets):
             raise MalformedMessageError("legacy binary frame offsets are out of order")
         body = view[offsets[0] : offsets[1]]
-        buffers = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, count)]
+        # Views into the frame (bytes never change under them), a copy of anything mutable.
+        whole = view if isinstance(frame, bytes) else memoryview(bytes(view))
+        buffers = [whole[offsets[i] : offsets[i + 1]] for i in range(1, count)]
     obj = _loads_dict(body, "WebSocket message")
     channel = obj.get("channel")
     if not isinstance(channel, str):

@@ -180,9 +180,13 @@ def kernel_dir(session_dir: Path) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def jupyter_path(kernel_dir: Path, session_dir: Path) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "CGPU_STATE_DIR", "CGPU_TOKEN")}
+    names = ("JUPYTER_PATH", "CGPU_STATE_DIR", "CGPU_TOKEN", "JUPYTER_CONFIG_DIR", "CGPU_SPOOL_DIR")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["JUPYTER_PATH"] = str(kernel_dir)
     os.environ["CGPU_STATE_DIR"] = str(session_dir / "state")
+    # a developer's ~/.jupyter/cgpu_kernel_config.py or saved outputs must not leak in
+    os.environ["JUPYTER_CONFIG_DIR"] = str(session_dir / "config")
+    os.environ["CGPU_SPOOL_DIR"] = str(session_dir / "spool")
     os.environ.pop("CGPU_TOKEN", None)
     yield
     for key, value in saved.items():

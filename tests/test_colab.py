@@ -766,8 +766,8 @@ def test_cli_status_and_release(
 # --- the kernelspec (`--backend colab`), once kernelapp and kernelspec offer it ------------------
 
 needs_wiring = pytest.mark.skipif(
-    "colab" not in kernelspec.AVAILABLE_BACKENDS,
-    reason="the colab backend is not wired into kernelapp/kernelspec yet",
+    "colab" not in kernelspec.BACKENDS,
+    reason="the colab backend is not offered by kernelspec",
 )
 
 

@@ -136,8 +136,18 @@ def test_env_fallback_and_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options.remote_kernel == "from-config"  # command line / config beats env
     assert options.startup_timeout == 7.5
     monkeypatch.setenv("CGPU_MAX_QUEUE", "lots")
+    options = ProxyKernel()
+    assert options.startup_timeout == 7.5  # the good values still apply
+    assert options.max_queue == 1000  # the bad one is ignored...
     with pytest.raises(ConfigurationError, match="CGPU_MAX_QUEUE"):
-        ProxyKernel()
+        options.check_environment()  # ...and reported
+
+
+def test_install_option_is_validated(tmp_path: Path) -> None:
+    bad_name = cli("install", "--prefix", str(tmp_path), "--option", "no-such-option=1")
+    assert bad_name.returncode == 2 and "config-reference" in bad_name.stderr
+    bad_value = cli("install", "--prefix", str(tmp_path), "--option", "max-queue=lots")
+    assert bad_value.returncode == 2 and "max-queue=lots" in bad_value.stderr
 
 
 def test_install_bakes_options_into_argv(tmp_path: Path) -> None:

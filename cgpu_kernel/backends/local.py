@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import subprocess
 import sys
 
 from ..exceptions import RemoteUnreachableError
@@ -30,18 +31,21 @@ class LocalBackend(JupyterBackend):
         super().__init__("http://127.0.0.1:1/", self._token, kernel_name, record_for_reclaim=False)
         self.root_dir = root_dir or os.getcwd()
         self.description = f"the {kernel_name!r} kernel on a private local Jupyter server"
-        self._server: asyncio.subprocess.Process | None = None
+        self._server: subprocess.Popen[bytes] | None = None
+
+    def _server_running(self) -> bool:
+        return self._server is not None and self._server.poll() is None
 
     async def start_kernel(self) -> str:
         for attempt in range(3):
-            if self._server is None or self._server.returncode is not None:
+            if not self._server_running():
                 await self._start_server()
             try:
                 return await super().start_kernel()
             except RemoteUnreachableError:
                 # The port the server picked can be taken by another process before it binds
                 # it again (jupyter-server probes, closes, then listens): start a new one.
-                if attempt == 2 or self._server is None or self._server.returncode is None:
+                if attempt == 2 or self._server_running():
                     raise
                 log.info("the private Jupyter server exited at start; starting another")
         raise AssertionError("unreachable")
@@ -50,26 +54,31 @@ class LocalBackend(JupyterBackend):
         await self._stop_server()
         env = dict(os.environ, JUPYTER_TOKEN=self._token)
         env.pop("CGPU_TOKEN", None)
-        server = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cgpu_kernel.backends.local_server",
-            "--parent-pid",
-            str(os.getpid()),
-            "--root-dir",
-            self.root_dir,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+        # subprocess.Popen, not asyncio's: on Windows the proxy runs a selector event loop
+        # (pyzmq needs one), and that loop cannot start subprocesses.
+        server = self._server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cgpu_kernel.backends.local_server",
+                "--parent-pid",
+                str(os.getpid()),
+                "--root-dir",
+                self.root_dir,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             env=env,
         )
         assert server.stdout is not None
         try:
-            line = await asyncio.wait_for(server.stdout.readline(), SERVER_START_TIMEOUT)
+            line = await asyncio.wait_for(
+                asyncio.to_thread(server.stdout.readline), SERVER_START_TIMEOUT
+            )
             port = int(json.loads(line)["port"])
         except BaseException as exc:
             # Includes cancellation by the startup deadline: a server whose port we never
             # learned is useless, so it goes; the next attempt starts a fresh one.
-            self._server = server
             await self._stop_server()
             if not isinstance(exc, asyncio.TimeoutError | ValueError | KeyError | TypeError):
                 raise
@@ -78,24 +87,25 @@ class LocalBackend(JupyterBackend):
                 " its error). Check that jupyter-server and ipykernel are installed in"
                 f" {sys.executable}'s environment."
             ) from None
-        self._server = server
+        finally:
+            server.stdout.close()  # it prints nothing more there (see local_server)
         self.client.base_url = f"http://127.0.0.1:{port}/"
         log.info("private Jupyter server listening on 127.0.0.1:%d", port)
 
     async def shutdown_kernel(self, *, restart: bool = False) -> None:
         try:
-            if self._server is not None and self._server.returncode is None:
+            if self._server_running():
                 await super().shutdown_kernel(restart=restart)
         finally:
             await self._stop_server()
 
     async def _stop_server(self) -> None:
         server, self._server = self._server, None
-        if server is None or server.returncode is not None:
+        if server is None or server.poll() is not None:
             return
         server.terminate()
         try:
-            await asyncio.wait_for(asyncio.shield(server.wait()), 5.0)
+            await asyncio.wait_for(asyncio.shield(asyncio.to_thread(server.wait)), 5.0)
         except asyncio.TimeoutError:
             server.kill()
-            await server.wait()
+            await asyncio.to_thread(server.wait)
