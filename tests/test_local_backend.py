@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -74,3 +75,23 @@ def test_demo_runs_the_quickstart() -> None:
     assert "Hello from the remote kernel" in done.stdout
     assert "squares still here: [49, 64, 81]" in done.stdout
     assert "proxy kernel process: pid" in done.stdout
+
+
+def test_private_server_logs_stay_out_of_the_frontends_terminal(
+    local_spec: str, tmp_path: Path
+) -> None:
+    from jupyter_client.manager import KernelManager
+
+    from .conftest import run_cell
+
+    stderr = tmp_path / "kernel-stderr.log"
+    km = KernelManager(kernel_name=local_spec)
+    with stderr.open("wb") as handle:
+        km.start_kernel(stderr=handle)
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        run_cell(kc, "print('hi')")
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert "ServerApp" not in stderr.read_text()  # e.g. "received signal 15, stopping"

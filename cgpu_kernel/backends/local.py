@@ -14,8 +14,10 @@ import os
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 from ..exceptions import RemoteUnreachableError
+from ..registry import registry_dir
 from .jupyter import JupyterBackend
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class LocalBackend(JupyterBackend):
         self.root_dir = root_dir or os.getcwd()
         self.description = f"the {kernel_name!r} kernel on a private local Jupyter server"
         self._server: subprocess.Popen[bytes] | None = None
+        self._log_path: Path | None = None
 
     def _server_running(self) -> bool:
         return self._server is not None and self._server.poll() is None
@@ -56,6 +59,10 @@ class LocalBackend(JupyterBackend):
         env.pop("CGPU_TOKEN", None)
         # subprocess.Popen, not asyncio's: on Windows the proxy runs a selector event loop
         # (pyzmq needs one), and that loop cannot start subprocesses.
+        # Its log goes to a file, not the frontend's terminal (jupyter console, nbconvert): it is
+        # shown when the server fails to start, and deleted with the server otherwise.
+        self._log_path = registry_dir() / f"local-server-{os.getpid()}.log"
+        log_file = self._log_path.open("wb")
         server = self._server = subprocess.Popen(
             [
                 sys.executable,
@@ -68,8 +75,10 @@ class LocalBackend(JupyterBackend):
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
+            stderr=log_file,
             env=env,
         )
+        log_file.close()
         assert server.stdout is not None
         try:
             line = await asyncio.wait_for(
@@ -83,9 +92,9 @@ class LocalBackend(JupyterBackend):
             if not isinstance(exc, asyncio.TimeoutError | ValueError | KeyError | TypeError):
                 raise
             raise RemoteUnreachableError(
-                "The private local Jupyter server did not start (see the kernel log above for"
-                " its error). Check that jupyter-server and ipykernel are installed in"
-                f" {sys.executable}'s environment."
+                "The private local Jupyter server did not start. Check that jupyter-server and"
+                f" ipykernel are installed in {sys.executable}'s environment. Its log ends:"
+                f" {self._log_tail()}"
             ) from None
         finally:
             server.stdout.close()  # it prints nothing more there (see local_server)
@@ -98,6 +107,15 @@ class LocalBackend(JupyterBackend):
                 await super().shutdown_kernel(restart=restart)
         finally:
             await self._stop_server()
+            if self._log_path is not None:
+                self._log_path.unlink(missing_ok=True)
+
+    def _log_tail(self) -> str:
+        try:
+            text = self._log_path.read_text(errors="replace") if self._log_path else ""
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-5:]) or "(empty)"
 
     async def _stop_server(self) -> None:
         server, self._server = self._server, None
