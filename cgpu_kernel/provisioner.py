@@ -30,11 +30,9 @@ thing a proxy cannot do for itself: after it died without deleting its remote ke
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ from traitlets import Float
 
 from . import registry
 from .backends.jupyter import JupyterServerClient
+from .backends.local import start_private_server, stop_private_server
 from .exceptions import CgpuError, RemoteProtocolError, RemoteUnreachableError
 from .registry import registry_dir
 
@@ -218,41 +217,10 @@ class CgpuProvisioner(LocalProvisioner):
         with os.fdopen(descriptor, "w") as handle:
             handle.write(token)
         self.root_dir = str(cwd or os.getcwd())
-        env = dict(os.environ, JUPYTER_TOKEN=token)
-        for variable in ("CGPU_TOKEN", "CGPU_TOKEN_FILE"):
-            env.pop(variable, None)
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cgpu_kernel.backends.local_server",
-                "--parent-pid",
-                str(os.getpid()),
-                "--root-dir",
-                self.root_dir,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            start_new_session=True,  # a Ctrl-C meant for the frontend must not kill it
+        server, self.server_port = await start_private_server(
+            self.root_dir, token, stderr=stderr, timeout=self.server_start_timeout
         )
         self.server, self.server_pid = server, server.pid
-        assert server.stdout is not None
-        try:
-            line = await asyncio.wait_for(
-                asyncio.to_thread(server.stdout.readline), self.server_start_timeout
-            )
-            self.server_port = int(json.loads(line)["port"])
-        except (asyncio.TimeoutError, ValueError, KeyError, TypeError):
-            await self._stop_server()
-            raise RemoteUnreachableError(
-                "The private Jupyter server did not start (its error is in the log above). Check"
-                f" that jupyter-server and ipykernel are installed in {sys.executable}'s"
-                " environment."
-            ) from None
-        finally:
-            server.stdout.close()  # the server prints nothing more there
         self.server_create_time = psutil.Process(server.pid).create_time()
         self.log.info("cgpu: private Jupyter server pid %d, port %d", server.pid, self.server_port)
 
@@ -318,16 +286,10 @@ class CgpuProvisioner(LocalProvisioner):
             client.close()
 
     async def _stop_server(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s) and remove its token file."""
+        """Stop the server (SIGTERM, then SIGKILL) and remove its token file."""
         server, self.server = self.server, None
         if server is not None:
-            if server.poll() is None:
-                server.terminate()
-                try:
-                    await asyncio.to_thread(server.wait, 10)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    await asyncio.to_thread(server.wait)
+            await stop_private_server(server)
         elif self.server_alive() and self.server_pid is not None:
             process = psutil.Process(self.server_pid)
             process.terminate()

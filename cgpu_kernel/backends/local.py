@@ -14,7 +14,9 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..exceptions import RemoteUnreachableError
 from ..registry import registry_dir
@@ -23,6 +25,70 @@ from .jupyter import JupyterBackend
 log = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT = 60.0
+
+
+async def start_private_server(
+    root_dir: str,
+    token: str,
+    *,
+    stderr: Any,
+    timeout: float,
+    log_tail: Callable[[], str] | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``local_server`` for this process; the process and the port it listens on.
+
+    Used by this backend and by the provisioner. A server that does not report its port in
+    ``timeout`` -- or whose wait is cancelled, by a startup deadline say -- is stopped, so a
+    later attempt starts afresh. ``subprocess.Popen``, not asyncio's: on Windows the proxy runs
+    a selector event loop (pyzmq needs one), which cannot start subprocesses.
+    """
+    env = dict(os.environ, JUPYTER_TOKEN=token)
+    for variable in ("CGPU_TOKEN", "CGPU_TOKEN_FILE"):
+        env.pop(variable, None)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cgpu_kernel.backends.local_server",
+            "--parent-pid",
+            str(os.getpid()),
+            "--root-dir",
+            root_dir,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env,
+        start_new_session=True,  # a Ctrl-C meant for the frontend's terminal must not reach it
+    )
+    assert server.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), timeout)
+        port = int(json.loads(line)["port"])
+    except BaseException as exc:
+        await stop_private_server(server)
+        if not isinstance(exc, asyncio.TimeoutError | ValueError | KeyError | TypeError):
+            raise
+        ending = f" Its log ends: {log_tail()}" if log_tail else ""
+        raise RemoteUnreachableError(
+            "The private local Jupyter server did not start. Check that jupyter-server and"
+            f" ipykernel are installed in {sys.executable}'s environment.{ending}"
+        ) from None
+    finally:
+        server.stdout.close()  # it prints nothing more there (see local_server)
+    return server, port
+
+
+async def stop_private_server(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server then shuts its kernels down), SIGKILL after 5 s."""
+    if server.poll() is not None:
+        return
+    server.terminate()
+    try:
+        await asyncio.wait_for(asyncio.shield(asyncio.to_thread(server.wait)), 5.0)
+    except asyncio.TimeoutError:
+        server.kill()
+        await asyncio.to_thread(server.wait)
 
 
 class LocalBackend(JupyterBackend):
@@ -55,49 +121,17 @@ class LocalBackend(JupyterBackend):
 
     async def _start_server(self) -> None:
         await self._stop_server()
-        env = dict(os.environ, JUPYTER_TOKEN=self._token)
-        env.pop("CGPU_TOKEN", None)
-        # subprocess.Popen, not asyncio's: on Windows the proxy runs a selector event loop
-        # (pyzmq needs one), and that loop cannot start subprocesses.
         # Its log goes to a file, not the frontend's terminal (jupyter console, nbconvert): it is
         # shown when the server fails to start, and deleted with the server otherwise.
         self._log_path = registry_dir() / f"local-server-{os.getpid()}.log"
-        log_file = self._log_path.open("wb")
-        server = self._server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cgpu_kernel.backends.local_server",
-                "--parent-pid",
-                str(os.getpid()),
-                "--root-dir",
+        with self._log_path.open("wb") as log_file:
+            self._server, port = await start_private_server(
                 self.root_dir,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            env=env,
-        )
-        log_file.close()
-        assert server.stdout is not None
-        try:
-            line = await asyncio.wait_for(
-                asyncio.to_thread(server.stdout.readline), SERVER_START_TIMEOUT
+                self._token,
+                stderr=log_file,
+                timeout=SERVER_START_TIMEOUT,
+                log_tail=self._log_tail,
             )
-            port = int(json.loads(line)["port"])
-        except BaseException as exc:
-            # Includes cancellation by the startup deadline: a server whose port we never
-            # learned is useless, so it goes; the next attempt starts a fresh one.
-            await self._stop_server()
-            if not isinstance(exc, asyncio.TimeoutError | ValueError | KeyError | TypeError):
-                raise
-            raise RemoteUnreachableError(
-                "The private local Jupyter server did not start. Check that jupyter-server and"
-                f" ipykernel are installed in {sys.executable}'s environment. Its log ends:"
-                f" {self._log_tail()}"
-            ) from None
-        finally:
-            server.stdout.close()  # it prints nothing more there (see local_server)
         self.client.base_url = f"http://127.0.0.1:{port}/"
         log.info("private Jupyter server listening on 127.0.0.1:%d", port)
 
@@ -119,11 +153,5 @@ class LocalBackend(JupyterBackend):
 
     async def _stop_server(self) -> None:
         server, self._server = self._server, None
-        if server is None or server.poll() is not None:
-            return
-        server.terminate()
-        try:
-            await asyncio.wait_for(asyncio.shield(asyncio.to_thread(server.wait)), 5.0)
-        except asyncio.TimeoutError:
-            server.kill()
-            await asyncio.to_thread(server.wait)
+        if server is not None:
+            await stop_private_server(server)
