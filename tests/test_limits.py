@@ -171,3 +171,51 @@ def test_coalescer_flushes_before_other_messages() -> None:
     published = coalescer.add(status)
     assert [m.content.get("text") for m in published[:-1]] == ["ab"]
     assert published[-1] is status
+
+
+def test_spool_files_are_private_and_cleaned_by_age_then_size(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import stat
+    import time
+
+    from cgpu_kernel import spool
+
+    writer = spool.SpoolWriter(tmp_path / "run-1")
+    writer.write("cell-stdout.txt", b"a" * 100)
+    writer.write("cell-stdout.txt", b"b" * 100)
+    writer.close()
+    path = tmp_path / "run-1" / "cell-stdout.txt"
+    assert path.read_bytes() == b"a" * 100 + b"b" * 100  # appended, in order
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    old = tmp_path / "run-0" / "old.txt"
+    old.parent.mkdir()
+    old.write_bytes(b"x" * 50)
+    week_ago = time.time() - 8 * 86400
+    os.utime(old, (week_ago, week_ago))
+    assert spool.clean(tmp_path, max_age_days=7, max_total_bytes=10_000) == [old]
+    assert not old.parent.exists()  # empty run folders go too
+    assert spool.clean(tmp_path, max_age_days=7, max_total_bytes=150) == [path]  # over the cap
+
+
+def test_outputs_command_lists_shows_and_cleans(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "spool" / "20260101-000000-abcd"
+    folder.mkdir(parents=True)
+    (folder / "cell-stdout.txt").write_bytes("held back ✓\n".encode())
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "cgpu_kernel", "outputs", *args]
+        command += ["--spool-dir", str(tmp_path / "spool")]
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+    listed = json.loads(cli("--json").stdout)
+    assert [row["path"] for row in listed] == [str(folder / "cell-stdout.txt")]
+    assert cli("show").stdout == "held back ✓\n"
+    assert cli("show", "cell-stdout.txt").stdout == "held back ✓\n"
+    missing = cli("show", "nope.txt")
+    assert missing.returncode == 1 and "cgpu-kernel outputs" in missing.stderr
+    assert "Deleted 1" in cli("clean", "--older-than", "0").stdout
+    assert "No saved outputs" in cli().stdout
