@@ -425,7 +425,9 @@ class Relay:
 
     def _forward(self, request: Request) -> list[Action]:
         self._announced_busy.discard(request.msg.msg_id)
-        if request.channel != "stdin":
+        # Only a *_request gets a reply that forgets it again: comm_open/msg/close never do, and
+        # holding them (buffers and all) would leak.
+        if request.channel != "stdin" and request.msg.msg_type.endswith("_request"):
             self._inflight[request.msg.msg_id] = request
         return [SendToRemote(request)]
 

@@ -360,3 +360,15 @@ def test_kernel_shut_down_by_someone_else() -> None:
     reply = next(a for a in out if isinstance(a, SendToFrontend))
     assert "shut down by another client" in reply.msg.content["evalue"]
     assert relay.state is RemoteState.FAILED
+
+
+def test_comm_messages_are_not_held_waiting_for_a_reply() -> None:
+    relay = connected_relay()
+    comm = Message.build(
+        "shell", make_header("comm_msg", "frontend"), {}, {}, {"comm_id": "c", "data": {}},
+        [b"\0" * 1_000_000],
+    )  # fmt: skip
+    (send,) = relay.frontend_message("shell", NOTEBOOK, comm)
+    assert isinstance(send, SendToRemote)
+    assert relay.inflight == []  # no reply will come: nothing kept, buffers included
+    assert relay.remote_failed(RemoteUnreachableError("down")) == []  # and no bogus reply

@@ -1,0 +1,1 @@
+"""Benchmarks for cgpu-kernel: ``python -m benchmarks`` (see docs/benchmarks.md)."""

@@ -1,0 +1,97 @@
+"""The benchmark command runs end to end in its quickest mode and reports every path and metric.
+
+No timing thresholds: the machine is shared and noisy. What is checked is that every path was
+measured, that the numbers are positive, and that the comm buffer came back byte-identical
+wherever the path can carry one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import (
+    ALL_PATHS,
+    HAVE_WEBSOCKETS,
+    NEEDS_WEBSOCKETS,
+    PROXY_PATHS,
+    compare,
+)
+
+SKIPPED = set() if HAVE_WEBSOCKETS else set(NEEDS_WEBSOCKETS)
+EXPECTED = [p for p in ALL_PATHS if p not in SKIPPED]
+MEASURED_PROXIES = [p for p in PROXY_PATHS if p not in SKIPPED]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: jupyter_server's gateway mode relays binary WebSocket messages as text frames: buffers are lost.
+NO_BUFFERS = {"gateway", "gateway_quickack"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "x floor" in done.stdout  # the table was printed
+    return json.loads(out.read_text())
+
+
+def test_every_path_has_every_metric(report: dict) -> None:
+    assert set(report["paths"]) == set(EXPECTED)
+    for name, values in report["paths"].items():
+        for metric in ("rtt_median_ms", "rtt_p99_ms", "stream_mbps", "start_s", "rtt_x_floor"):
+            assert values[metric] > 0, (name, metric)
+        assert values["rtt_p99_ms"] >= values["rtt_median_ms"]
+        assert values["rtt_runs"] == report["settings"]["rtt_runs"]
+        assert values["stream_bytes_ok"] is True, name
+        assert values["gateway_x_faster"] > 0
+    for name in MEASURED_PROXIES:
+        values = report["paths"][name]
+        for metric in (
+            "ready_s",
+            "rss_idle_mb",
+            "rss_load_mb",
+            "buffer_peak_rss_mb",
+            "rss_after_buffer_mb",
+            "import_ms",
+        ):
+            assert values[metric] > 0, (name, metric)
+        # CPU time comes in 10 ms ticks: a quick run may see none.
+        for metric in ("rtt_cpu_ms", "stream_cpu_ms_per_mib"):
+            assert values[metric] >= 0, (name, metric)
+
+
+def test_buffers_come_back_byte_identical(report: dict) -> None:
+    for name, values in report["paths"].items():
+        if name in NO_BUFFERS:
+            assert isinstance(values["buffer_ok"], bool)
+            if not values["buffer_ok"]:
+                assert values["buffer_error"]
+            continue
+        assert values["buffer_ok"] is True, (name, values.get("buffer_error"))
+        assert values["buffer_mbps"] > 0
+
+
+def test_goals_and_compare(report: dict) -> None:
+    goals = report["goals"]
+    assert {g["path"] for g in goals} == set(MEASURED_PROXIES)
+    assert all(isinstance(g["met"], bool) for g in goals)
+    text, worse = compare(report, report, 0.25)
+    assert worse == 0
+    assert "rtt_median_ms" in text
+    slower = json.loads(json.dumps(report))
+    slower["paths"]["proxy_jupyter"]["rtt_median_ms"] *= 2
+    _, worse = compare(report, slower, 0.25)
+    assert worse == 1
