@@ -154,9 +154,21 @@ class OutputLimiter:
     # --- streams --------------------------------------------------------------------------
 
     def _stream(self, cell: _Cell, msg: Message) -> list[Decision]:
+        raw = msg.parts[3]
+        budget = self.budgets.max_stream_bytes
+        # The raw JSON's length, less one byte per escaped newline, bounds the text's length
+        # from above: far from the budget and with no carriage return to apply, count that and
+        # skip parsing (the hot path).
+        bound = len(raw) - raw.count(b"\\n")
+        if (
+            cell.stream_held == 0
+            and b"\\r" not in raw
+            and cell.stream_shown + cell.open_line + bound <= budget
+        ):
+            cell.stream_shown += bound
+            return [Show(msg)]
         text = str(msg.content.get("text", ""))
         name = str(msg.content.get("name", "stdout"))
-        budget = self.budgets.max_stream_bytes
         committed, line = visible_size(cell.stream_shown, cell.open_line, text)
         if cell.stream_held == 0 and committed + line <= budget:
             cell.stream_shown, cell.open_line = committed, line
@@ -302,6 +314,10 @@ def _split_to_fit(text: str, room: int) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+#: Stream messages this big are already few: published as they are, never parsed to merge.
+UNMERGED = 64 * 1024
+
+
 class Coalescer:
     """Merges consecutive stream messages of the same cell and stream name, byte-exact."""
 
@@ -318,8 +334,8 @@ class Coalescer:
 
     def add(self, msg: Message) -> list[Message]:
         """Messages to publish now (in order); a stream message may wait for its neighbours."""
-        if msg.channel != "iopub" or msg.msg_type != "stream":
-            return [*self.flush(), msg]
+        if msg.channel != "iopub" or msg.msg_type != "stream" or len(msg.parts[3]) >= UNMERGED:
+            return [*self.flush(), msg]  # big ones go as they are, without parsing them
         out: list[Message] = []
         first = self._pending
         if first is not None and (
