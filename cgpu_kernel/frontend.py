@@ -79,11 +79,15 @@ class FrontendSockets:
         for channel in ("shell", "control", "stdin"):
             socket = self.context.socket(zmq.ROUTER)
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            socket.sndhwm = 0  # see iopub below
             socket.linger = 1000
             socket.bind(socket_address(self.info, int(self.info[f"{channel}_port"])))
             self.sockets[channel] = socket
         iopub = self.context.socket(zmq.XPUB)
         iopub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        # At the high-water mark (1000 by default) ZMQ *drops* what a slow frontend has not
+        # read yet. The output limits and coalescing keep this queue short; it must never lose.
+        iopub.sndhwm = 0
         iopub.linger = 1000
         iopub.bind(socket_address(self.info, int(self.info["iopub_port"])))
         self.sockets["iopub"] = iopub
@@ -163,8 +167,8 @@ class FrontendSockets:
     def _send_now(self, channel: str, frames: list[Buffer]) -> None:
         """Send at once, without the asyncio wrapper's future per message.
 
-        ROUTER and XPUB sockets never block a send (at the high-water mark they drop, as the
-        asyncio send would too), so a plain send on a shadow of the socket is the same send,
+        ROUTER and XPUB sockets never block a send (their high-water mark is off: see bind), so
+        a plain send on a shadow of the socket is the same send,
         minus a future, a poll and flag arithmetic per frame. Afterwards, asking the asyncio
         socket for its EVENTS lets it pick up an incoming message whose edge-triggered wake-up
         the send consumed (what pyzmq's own asyncio send does).

@@ -125,6 +125,7 @@ class ProxyKernelRun:
         self._want_remote = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -192,7 +193,18 @@ class ProxyKernelRun:
             watch_interrupt_event(lambda: loop.call_soon_threadsafe(self._sigint))
             return
         loop.add_signal_handler(signal.SIGINT, self._sigint)
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self) -> None:
+        """jupyter_client sends SIGTERM when a shutdown takes longer than it waits (5 s).
+
+        A shutdown already deleting the remote kernel (releasing a Colab runtime takes several
+        calls) is let finish; otherwise stop now, deleting the remote kernel on the way out.
+        """
+        if self._shutting_down:
+            log.info("SIGTERM during shutdown: finishing the remote kernel's deletion first")
+            return
+        self.stop()
 
     def _sigint(self) -> None:
         """``interrupt_mode: signal``: the frontend signalled us; interrupt the remote."""
@@ -324,7 +336,7 @@ class ProxyKernelRun:
         self.perform(self.relay.answer_remote(msg, content))
 
     async def _shutdown(self, request: Request, restart: bool) -> None:
-        self._stopping = True
+        self._stopping = self._shutting_down = True
         await self._delete_remote(restart=restart)
         self.perform(self.relay.shutdown_finished(request, restart))
         self.stop()
