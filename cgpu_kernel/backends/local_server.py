@@ -53,10 +53,17 @@ def main(argv: list[str] | None = None) -> None:
         find_extensions=False,
     )
     app.start_app()
-    print(json.dumps({"port": app.port}), flush=True)
-    # From here on, stdout (inherited by kernels, which may print at the C level) is stderr: the
-    # proxy stops reading the pipe once it knows the port, and a full pipe would block a kernel.
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def announce() -> None:
+        # jupyter-server binds its port in a callback queued during initialize(); this one runs
+        # after it, so the port is announced only once connections are accepted (and never if
+        # binding failed: the server exits first).
+        print(json.dumps({"port": app.port}), flush=True)
+        # From here on, stdout (inherited by kernels, which may print at the C level) is
+        # stderr: the proxy stops reading the pipe, and a full pipe would block a kernel.
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    app.io_loop.add_callback(announce)
 
     def stop_when_orphaned() -> None:
         if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
