@@ -31,13 +31,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from cgpu_kernel import connection
 from cgpu_kernel.exceptions import (
-    MalformedMessageError,
     RemoteAuthError,
     RemoteKernelGoneError,
     RemoteProtocolError,
     RemoteUnreachableError,
 )
-from cgpu_kernel.wire import V1_SUBPROTOCOL, Buffer, Message, from_ws, to_ws, to_ws_v1_pieces
+from cgpu_kernel.wire import V1_SUBPROTOCOL, Buffer, Message, to_ws, to_ws_v1_pieces
 
 log = logging.getLogger("cgpu_kernel.connection")
 
@@ -69,19 +68,14 @@ def _fragments(pieces: list[Buffer]) -> Iterator[Buffer]:
         yield b"".join(small)
 
 
-class WebsocketsChannels:
-    """The same interface as :class:`cgpu_kernel.connection.RemoteChannels`."""
+class WebsocketsChannels(connection.RemoteChannels):
+    """:class:`cgpu_kernel.connection.RemoteChannels` on the ``websockets`` library: frames are
+    parsed, held and delivered by the inherited code; connecting, reading, pinging and sending
+    are the library's."""
 
     def __init__(self, where: str) -> None:
-        self.where = where
-        self.subprotocol: str | None = None
-        self.malformed = 0
-        self.last_heard = time.monotonic()
-        self.closed = asyncio.Event()
-        self._ws: ClientConnection | None = None
-        self._socket: Any = None
-        self._sink: MessageSink | None = None
-        self._held: list[Message] = []
+        super().__init__(where)
+        self._ws: ClientConnection | None = None  # type: ignore[assignment]
         self._reader: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
 
@@ -142,33 +136,6 @@ class WebsocketsChannels:
             pass
         finally:
             self.closed.set()
-
-    def _on_frame(self, frame: str | bytes) -> None:
-        self.last_heard = time.monotonic()
-        if _QUICKACK is not None and self._socket is not None:
-            try:
-                self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                self._socket = None
-        try:
-            msg = from_ws(frame, self.subprotocol)
-        except MalformedMessageError as exc:
-            self.malformed += 1
-            log.warning("dropped a malformed message from %s: %s", self.where, exc)
-            return
-        if self._sink is None:
-            self._held.append(msg)
-        else:
-            self._sink(msg)
-
-    def deliver_to(self, sink: MessageSink) -> None:
-        held, self._held = self._held, []
-        for msg in held:
-            sink(msg)
-        self._sink = sink
-
-    def silent_for(self) -> float:
-        return time.monotonic() - self.last_heard
 
     def _keep(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         self._tasks.add(future)
