@@ -164,12 +164,6 @@ class WebsocketsChannels(connection.RemoteChannels):
             data = to_ws(msg, self.subprotocol)
         return self._keep(asyncio.ensure_future(self._ws.send(data)))
 
-    @property
-    def close_reason(self) -> str:
-        if self._ws is None or self._ws.close_code is None:
-            return "connection lost"
-        return f"code {self._ws.close_code}, {self._ws.close_reason}"
-
     def close(self) -> None:
         if self._ws is not None:
             self._keep(asyncio.ensure_future(self._ws.close()))

@@ -221,27 +221,22 @@ def install_spec(
     return name
 
 
+def install_remote_spec(kernel_dir: Path, name: str, server: RemoteServer, **kwargs: Any) -> str:
+    """A ``jupyter``-backend kernelspec whose remote is ``server`` (its token file baked in)."""
+    return install_spec(
+        kernel_dir, name, "jupyter", url=server.url, token_file=server.token_file, **kwargs
+    )
+
+
 @pytest.fixture(scope="session")
 def jupyter_spec(kernel_dir: Path, jupyter_server: RemoteServer) -> str:
     """A kernelspec whose remote is the session's jupyter-server."""
-    return install_spec(
-        kernel_dir,
-        "cgpu-test-jupyter",
-        "jupyter",
-        url=jupyter_server.url,
-        token_file=jupyter_server.token_file,
-    )
+    return install_remote_spec(kernel_dir, "cgpu-test-jupyter", jupyter_server)
 
 
 @pytest.fixture(scope="session")
 def gateway_spec(kernel_dir: Path, kernel_gateway: RemoteServer) -> str:
-    return install_spec(
-        kernel_dir,
-        "cgpu-test-gateway",
-        "jupyter",
-        url=kernel_gateway.url,
-        token_file=kernel_gateway.token_file,
-    )
+    return install_remote_spec(kernel_dir, "cgpu-test-gateway", kernel_gateway)
 
 
 @pytest.fixture(scope="session")
@@ -261,13 +256,7 @@ def legacy_server(session_dir: Path) -> Iterator[RemoteServer]:
 
 @pytest.fixture(scope="session")
 def legacy_spec(kernel_dir: Path, legacy_server: RemoteServer) -> str:
-    return install_spec(
-        kernel_dir,
-        "cgpu-test-legacy",
-        "jupyter",
-        url=legacy_server.url,
-        token_file=legacy_server.token_file,
-    )
+    return install_remote_spec(kernel_dir, "cgpu-test-legacy", legacy_server)
 
 
 @pytest.fixture(params=["jupyter", "gateway", "legacy"])

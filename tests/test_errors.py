@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RemoteServer, free_port, install_spec, run_cell, start_kernel
+from .conftest import (
+    RemoteServer,
+    free_port,
+    install_remote_spec,
+    install_spec,
+    run_cell,
+    start_kernel,
+)
 
 
 def error_of(name: str, code: str = "1 + 1") -> tuple[dict, bool]:
@@ -55,12 +62,10 @@ def test_wrong_token(kernel_dir: Path, jupyter_server: RemoteServer, tmp_path: P
 
 
 def test_unknown_remote_kernelspec(kernel_dir: Path, jupyter_server: RemoteServer) -> None:
-    name = install_spec(
+    name = install_remote_spec(
         kernel_dir,
         "cgpu-test-nospec",
-        "jupyter",
-        url=jupyter_server.url,
-        token_file=jupyter_server.token_file,
+        jupyter_server,
         remote_kernel="no-such-kernel",
     )
     content, _ = error_of(name)

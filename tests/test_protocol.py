@@ -139,14 +139,12 @@ def test_interrupt_message_mode(any_remote: tuple[str, RemoteServer]) -> None:
 
 
 def test_interrupt_signal_mode(kernel_dir: Path, jupyter_server: RemoteServer) -> None:
-    from .conftest import install_spec
+    from .conftest import install_remote_spec
 
-    name = install_spec(
+    name = install_remote_spec(
         kernel_dir,
         "cgpu-test-signal",
-        "jupyter",
-        url=jupyter_server.url,
-        token_file=jupyter_server.token_file,
+        jupyter_server,
         interrupt_mode="signal",
     )
     km, kc = start_kernel(name)

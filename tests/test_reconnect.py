@@ -19,6 +19,7 @@ from jupyter_client.manager import KernelManager
 from .conftest import (
     RemoteServer,
     collect_iopub,
+    install_remote_spec,
     install_spec,
     run_cell,
     start_jupyter_server,
@@ -211,12 +212,10 @@ def test_remote_kernel_deleted_behind_our_back(
 def test_remote_server_restarted(kernel_dir: Path, tmp_path: Path) -> None:
     server = start_jupyter_server(tmp_path / "first")
     port = int(server.url.rsplit(":", 1)[1].strip("/"))
-    name = install_spec(
+    name = install_remote_spec(
         kernel_dir,
         "cgpu-test-restarted",
-        "jupyter",
-        url=server.url,
-        token_file=server.token_file,
+        server,
         extra=["--ping-interval=0.5"],
     )
     km, kc = start_kernel(name)
