@@ -1,14 +1,16 @@
 """Reconnection benchmark: outages injected while a cell prints numbered lines.
 
-    python -m benchmarks.reconnect [--rounds 8] [--json PATH]
+    python -m benchmarks.reconnect [--rounds 8] [--journal on off] [--json PATH]
 
 For each fault kind (a graceful cut, an RST reset, a blackhole of 2 s that outlasts the
 liveness timeout, a short blackhole TCP rides out) it runs one cell printing numbered lines
 through the proxy kernel and a :class:`tests.faults.FaultyPath`, injects ``--rounds`` faults at
 random moments, and reports: seconds from the path being restored to the next line reaching
 the frontend (median and worst), lines lost, lines duplicated, lines out of order. Goal: 0 lost,
-0 duplicated, resumed within 1 s. A stock jupyter-server keeps no acknowledgements, so lines it
-wrote into a socket at the instant of a cut or reset can be lost: this measures how many.
+0 duplicated, resumed within 1 s. Each fault runs with the remote kernel's output journal on and
+off, side by side: a stock jupyter-server keeps no acknowledgements, so without the journal the
+lines it wrote into a socket at the instant of a cut or reset are lost; this shows how many,
+and that the journal brings them back.
 """
 
 from __future__ import annotations
@@ -31,17 +33,23 @@ from tests.faults import FaultyPath
 FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
 
 
-def measure(kind: str, rounds: int, kernel_dir: Path, server: Any, seed: int) -> dict[str, Any]:
+def measure(
+    kind: str, journal: bool, rounds: int, kernel_dir: Path, server: Any, seed: int
+) -> dict[str, Any]:
     port = int(server.url.rsplit(":", 1)[1].strip("/"))
     lines = 400 + 250 * rounds
     with FaultyPath(port) as path:
         name = install_spec(
             kernel_dir,
-            f"bench-{kind}",
+            f"bench-{kind}-{'journal' if journal else 'nojournal'}",
             "jupyter",
             url=path.url,
             token_file=server.token_file,
-            extra=["--ping-interval=0.5", "--outage-notice-after=0"],
+            extra=[
+                "--ping-interval=0.5",
+                "--outage-notice-after=0",
+                f"--output-journal={journal}",
+            ],
         )
         km, kc = start_kernel(name)
         try:
@@ -90,6 +98,7 @@ def measure(kind: str, rounds: int, kernel_dir: Path, server: Any, seed: int) ->
             resumed.append(after[0] - moment)
     return {
         "fault": kind,
+        "journal": journal,
         "rounds": rounds,
         "lines": lines,
         "lost": len(set(range(lines)) - set(seen)),
@@ -105,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--faults", nargs="*", default=list(FAULTS), choices=FAULTS)
+    parser.add_argument("--journal", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -114,17 +124,22 @@ def main() -> None:
         server = start_jupyter_server(root / "server")
         try:
             results = [
-                measure(kind, args.rounds, root / "jupyter", server, seed)
+                measure(kind, journal == "on", args.rounds, root / "jupyter", server, seed)
                 for seed, kind in enumerate(args.faults)
+                for journal in args.journal
             ]
         finally:
             server.stop()
-    print(f"{'fault':<16}{'lines':>7}{'lost':>6}{'dup':>5}{'order':>7}{'resume med':>12}{'max':>8}")
+    print(
+        f"{'fault':<16}{'journal':>8}{'lines':>7}{'lost':>6}{'dup':>5}{'order':>7}"
+        f"{'resume med':>12}{'max':>8}"
+    )
     for r in results:
         med = f"{r['resume_median_s']:.3f}" if r["resume_median_s"] is not None else "-"
         worst = f"{r['resume_max_s']:.3f}" if r["resume_max_s"] is not None else "-"
         print(
-            f"{r['fault']:<16}{r['lines']:>7}{r['lost']:>6}{r['duplicated']:>5}"
+            f"{r['fault']:<16}{'on' if r['journal'] else 'off':>8}{r['lines']:>7}{r['lost']:>6}"
+            f"{r['duplicated']:>5}"
             f"{r['out_of_order']:>7}{med:>12}{worst:>8}"
         )
     if args.json:

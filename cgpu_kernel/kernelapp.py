@@ -30,7 +30,7 @@ from traitlets.config import Application
 
 from . import __version__
 from .backends.base import Backend, KernelHealth
-from .connection import ChannelsClosedError, RemoteChannels
+from .connection import ChannelsClosedError, MessageSink, RemoteChannels
 from .exceptions import (
     CgpuError,
     ConfigurationError,
@@ -43,8 +43,10 @@ from .exceptions import (
 )
 from .frontend import FrontendSockets
 from .history import ExecutionTracker
+from .journal import kernel_info_request
 from .limits import Budgets, Coalescer, OutputLimiter
 from .options import TOKEN_ENV, ProxyKernel, UnavailableBackend
+from .recovery import JournalKeeper
 from .relay import (
     Action,
     AnswerRemoteRequest,
@@ -116,6 +118,12 @@ class ProxyKernelRun:
         )
         self.tracker = ExecutionTracker(
             str(connection_info.get("kernel_name") or backend.description)
+        )
+        self.journal = JournalKeeper(
+            self.session.session,
+            enabled=options.output_journal,
+            max_messages=options.journal_max_messages,
+            max_bytes=options.journal_max_bytes,
         )
         self.coalescer = Coalescer()
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -377,7 +385,31 @@ class ProxyKernelRun:
             max_message_size=self.options.max_message_size,
         )
 
+    def _sink(self, held: list[Message] | None = None) -> MessageSink:
+        """Where a connection's messages go: answers to the proxy's own requests to the
+        journal keeper, the rest to the relay, or into ``held`` while a recovery runs."""
+
+        def sink(msg: Message) -> None:
+            if self.journal.route(msg):
+                return
+            if held is not None:
+                held.append(msg)
+            else:
+                self._on_remote_message(msg)
+
+        return sink
+
     def _on_remote_message(self, msg: Message) -> None:
+        self.journal.last_seen.saw(msg)
+        if (
+            msg.channel == "iopub"
+            and msg.msg_type == "status"
+            and not msg.parent_header
+            and msg.content.get("execution_state") == "restarting"
+            and self.channels is not None
+        ):
+            # The server restarted a crashed kernel: the new process needs a journal too.
+            self._spawn(self.journal.arm(self.channels, lambda: None))
         try:
             actions = self.relay.remote_message(msg)
         except MalformedMessageError as exc:  # valid framing, but content that is not JSON
@@ -387,15 +419,27 @@ class ProxyKernelRun:
 
     async def _serve(self, channels: RemoteChannels | None) -> None:
         """Relay until the remote is lost for good, reconnecting while it is not."""
+        if channels is not None:  # a fresh remote kernel: install its journal before any cell
+            channels.deliver_to(self._sink())
+            ready = asyncio.Event()
+            self._spawn(self.journal.arm(channels, ready.set))
+            await ready.wait()
         outage: float | None = None
+        revived = False
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
             self.tracker.connected()
-            self.perform(self.relay.remote_connected(outage))
-            channels.deliver_to(self._on_remote_message)
-            if outage is not None:
-                self._spawn(self._check_lost_replies(channels))
+            if outage is not None and not revived:
+                held: list[Message] = []
+                channels.deliver_to(self._sink(held))
+                self.perform(self.relay.remote_connected())
+                self._spawn(self._recover(channels, held, outage))
+            else:
+                channels.deliver_to(self._sink())
+                self.perform(self.relay.remote_connected())
+                if outage is not None:  # TCP carried the old socket through: nothing lost
+                    self.perform(self.relay.outage_over(outage, complete=True))
             stalled = await self._watch(channels)
             self.channels = None
             if self._stopping:
@@ -413,7 +457,8 @@ class ProxyKernelRun:
             old = channels
             channels = await self._reconnect(old if stalled else None)
             outage = loop.time() - lost_at
-            if channels is old:
+            revived = channels is old
+            if revived:
                 log.warning("the connection came back by itself after %.1f s", outage)
                 continue
             if stalled:
@@ -424,6 +469,28 @@ class ProxyKernelRun:
                 except asyncio.TimeoutError:
                     log.info("the stale connection did not drain; dropping it")
             old.abort()
+
+    async def _recover(self, channels: RemoteChannels, held: list[Message], outage: float) -> None:
+        """After a reconnection: what the cut lost (from the remote kernel's journal), then what
+        the new connection brought meanwhile, in order, each message once (the relay drops
+        what it has seen)."""
+        result = await self.journal.recover(channels)
+        if result is None and channels.closed.is_set() and self.journal.active:
+            # Dropped again before the journal answered: the next reconnection asks again, for
+            # everything after the same point, so the messages held here are not lost.
+            return
+        complete: bool | None = None
+        if result is not None:
+            recovered, complete = result
+            log.info("the output journal returned %d messages", len(recovered))
+            for msg in recovered:
+                self._on_remote_message(msg)
+        for msg in held:
+            self._on_remote_message(msg)
+        channels.deliver_to(self._sink())
+        self.perform(self.relay.outage_over(outage, complete))
+        if not complete:
+            self._spawn(self._check_lost_replies(channels))
 
     def _drain_timeout(self) -> float:
         return max(2.0, 2 * self.options.ping_interval)
@@ -446,15 +513,17 @@ class ProxyKernelRun:
     async def _check_lost_replies(self, channels: RemoteChannels) -> None:
         """After a reconnection, a cell whose reply never comes would stay busy forever.
 
-        When the remote kernel is idle a little after the replay and a cell sent before the
-        outage still has no reply, that reply was lost (the server had nothing to replay):
-        answer it with an error that says so.
+        The shell channel answers in order, so a ``kernel_info_request`` sent now is answered
+        only after every cell sent before it. A cell still without a reply then has lost it
+        (the server had nothing to replay): answer it with an error that says so. (The server's
+        REST ``execution_state`` cannot tell: its own kernel_info on a new connection makes a
+        busy kernel look idle.)
         """
-        await asyncio.sleep(self._drain_timeout())
         waiting = self.relay.unanswered_cells()
-        if not waiting or self.channels is not channels:
+        if not waiting:
             return
-        if await self.backend.execution_state() != "idle":
+        probe = kernel_info_request(self.session.session)
+        if await self.journal.ask(channels, probe, None) is None or self.channels is not channels:
             return
         still = [r for r in self.relay.unanswered_cells() if r in waiting]
         self.perform(

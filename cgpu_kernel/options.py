@@ -106,6 +106,24 @@ class ProxyKernel(EnvConfigurable):
         help="""Seconds a connection outage must last before the cells waiting on it say so
         (and say again when it is over). 0 turns the notices off.""",
     ).tag(env="CGPU_OUTAGE_NOTICE_AFTER")
+    output_journal = Bool(
+        True,
+        config=True,
+        help="""Keep a record of recent output inside the remote kernel (IPython kernels only),
+        so that after a dropped connection the proxy fetches exactly what the cut lost: every
+        line arrives once, in order. Off: only what the server replays.""",
+    ).tag(env="CGPU_OUTPUT_JOURNAL")
+    journal_max_bytes = Int(
+        64 << 20,
+        config=True,
+        help="""Most bytes of recent output the remote kernel's journal keeps (its memory cost;
+        messages larger than a quarter of this are not kept).""",
+    ).tag(env="CGPU_JOURNAL_MAX_BYTES")
+    journal_max_messages = Int(
+        20000,
+        config=True,
+        help="Most messages the remote kernel's journal keeps.",
+    ).tag(env="CGPU_JOURNAL_MAX_MESSAGES")
     max_output_bytes = Int(
         2 * 1024 * 1024,
         config=True,

@@ -249,28 +249,38 @@ class Relay:
 
     # --- events from the remote side ----------------------------------------------------------
 
-    def remote_connected(self, outage_seconds: float | None = None) -> list[Action]:
-        """The WebSocket to the remote kernel is open: send what waited, in order.
-
-        ``outage_seconds`` is set after a reconnection; cells told about the outage are told
-        it is over.
-        """
+    def remote_connected(self) -> list[Action]:
+        """The WebSocket to the remote kernel is open: send what waited, in order."""
         self.state = RemoteState.CONNECTED
         self.last_error = None
         actions: list[Action] = []
-        if outage_seconds is not None:
-            for request in self._waiting_cells():
-                if request.msg.msg_id in self._told_outage:
-                    actions.append(
-                        self._notice(
-                            request.msg,
-                            f"cgpu-kernel: reconnected after {outage_seconds:.0f} s; the output"
-                            " the server kept meanwhile follows.",
-                        )
-                    )
-            self._told_outage.clear()
         while self._queue:
             actions.extend(self._forward(self._queue.popleft()))
+        return actions
+
+    def outage_over(self, seconds: float, complete: bool | None) -> list[Action]:
+        """A reconnection finished bringing back what it could; cells told about the outage are
+        told it is over, and whether anything is missing.
+
+        ``complete`` is True when the remote kernel's journal returned everything after the last
+        message received, False when its record did not reach back far enough, and None when
+        there is no journal (the server's replay is all there is).
+        """
+        if complete is True:
+            outcome = "nothing was lost."
+        elif complete is False:
+            outcome = (
+                "the kernel's record of its output did not reach back far enough, so some"
+                " output from the outage may be missing."
+            )
+        else:
+            outcome = "the output the server kept meanwhile follows."
+        actions: list[Action] = []
+        for request in self._waiting_cells():
+            if request.msg.msg_id in self._told_outage:
+                text = f"cgpu-kernel: reconnected after {seconds:.0f} s; {outcome}"
+                actions.append(self._notice(request.msg, text))
+        self._told_outage.clear()
         return actions
 
     def remote_disconnected(self) -> list[Action]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from cgpu_kernel.exceptions import RemoteKernelGoneError, RemoteUnreachableError
 from cgpu_kernel.relay import (
     ConnectRemote,
@@ -313,12 +315,25 @@ def test_outage_notices_once_then_reconnected() -> None:
     first = relay.outage_notice(6.0)
     assert len(first) == 1 and "lost the connection" in first[0].msg.content["text"]
     assert relay.outage_notice(12.0) == []  # once per cell
-    back = relay.remote_connected(outage_seconds=14.2)
+    assert relay.remote_connected() == []
+    back = relay.outage_over(14.2, complete=True)
     texts = [a.msg.content["text"] for a in back if isinstance(a, Publish)]
-    assert texts == [
-        "cgpu-kernel: reconnected after 14 s; the output the server kept meanwhile follows.\n"
-    ]
-    assert relay.remote_connected(outage_seconds=1.0) == []  # nobody was told about that one
+    assert texts == ["cgpu-kernel: reconnected after 14 s; nothing was lost.\n"]
+    assert relay.outage_over(1.0, complete=True) == []  # nobody was told about that one
+
+
+@pytest.mark.parametrize(
+    ("complete", "says"),
+    [(False, "may be missing"), (None, "the output the server kept meanwhile follows")],
+)
+def test_outage_over_says_what_may_be_missing(complete: bool | None, says: str) -> None:
+    relay = connected_relay()
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="train()"))
+    relay.remote_disconnected()
+    relay.outage_notice(6.0)
+    relay.remote_connected()
+    (notice,) = relay.outage_over(7.0, complete)
+    assert isinstance(notice, Publish) and says in notice.msg.content["text"]
 
 
 def test_server_restarting_the_kernel_fails_waiting_cells() -> None:

@@ -1,0 +1,129 @@
+"""The proxy's side of the output journal: the messages it sends, and reading the answers.
+
+``journal_agent`` runs inside the remote ipykernel and keeps what the kernel sent; after a
+reconnection the proxy asks it for everything after the last message it received on each
+channel. This module builds those requests (all with ``msg_id``\\ s starting ``cgpu-internal-``,
+which the agent never records and the proxy never shows a frontend), tracks the last message
+seen per channel, and turns an answer back into :class:`~cgpu_kernel.wire.Message`\\ s.
+
+Sans-I/O: nothing here sends or waits; ``kernelapp`` does.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from .exceptions import MalformedMessageError
+from .journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE
+from .wire import Buffer, JsonDict, Message, make_header, new_id
+
+
+def is_internal(msg: Message) -> bool:
+    """Does ``msg`` answer (or report on) one of the proxy's own requests?"""
+    parent_id = msg.parent_id
+    return parent_id is not None and parent_id.startswith(INTERNAL_PREFIX)
+
+
+def _request(channel: str, msg_type: str, session: str, content: JsonDict) -> Message:
+    header = make_header(msg_type, session)
+    header["msg_id"] = INTERNAL_PREFIX + new_id()
+    return Message.build(channel, header, {}, {}, content)
+
+
+def kernel_info_request(session: str) -> Message:
+    """Asked first, to learn whether the remote kernel is an ipykernel that can hold a journal."""
+    return _request("shell", "kernel_info_request", session, {})
+
+
+def can_hold_journal(kernel_info: JsonDict) -> bool:
+    """Only an IPython kernel runs the agent (it is Python, and it uses ipykernel's internals)."""
+    language = kernel_info.get("language_info")
+    name = language.get("name") if isinstance(language, dict) else None
+    return name == "python" and kernel_info.get("implementation") == "ipython"
+
+
+def agent_source() -> str:
+    return resources.files(__package__).joinpath("journal_agent.py").read_text("utf-8")
+
+
+def install_request(session: str, max_messages: int, max_bytes: int) -> Message:
+    """A silent ``execute_request`` that installs the agent in a namespace of its own.
+
+    Silent and without history: no execution count, no ``In[]`` entry, nothing in the user's
+    variables. It goes out before any queued cell, so the first cell is covered too.
+    """
+    source = agent_source() + f"\n_outcome = install({max_messages:d}, {max_bytes:d})\n"
+    code = (
+        f"exec(compile({source!r}, '<cgpu-kernel journal>', 'exec'),"
+        " {'__name__': 'cgpu_kernel_journal'})"
+    )
+    content = {
+        "code": code,
+        "silent": True,
+        "store_history": False,
+        "user_expressions": {},
+        "allow_stdin": False,
+        "stop_on_error": False,
+    }
+    return _request("shell", "execute_request", session, content)
+
+
+def journal_request(session: str, after: dict[str, str | None]) -> Message:
+    """Ask for every message sent after ``after[channel]`` (None: all it has) on each channel."""
+    return _request("control", REQUEST_TYPE, session, {"after": dict(after)})
+
+
+class LastSeen:
+    """The last message the proxy received from the remote on each channel."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, str | None] = dict.fromkeys(CHANNELS)
+
+    def saw(self, msg: Message) -> None:
+        if msg.channel in self._last:
+            self._last[msg.channel] = msg.msg_id
+
+    def snapshot(self) -> dict[str, str | None]:
+        return dict(self._last)
+
+
+def recovered_messages(reply: Message) -> tuple[list[Message], bool]:
+    """The messages in a journal reply, in the order the kernel sent them, and whether that is
+    everything after what the proxy had (False: the ring had forgotten some, or some were too
+    large to keep)."""
+    content = reply.content
+    if content.get("status") != "ok":
+        raise MalformedMessageError(f"the journal answered {content.get('status')!r}")
+    entries = content.get("messages")
+    complete = content.get("complete")
+    if not isinstance(entries, list) or not isinstance(complete, dict):
+        raise MalformedMessageError("the journal's answer lacks messages or completeness")
+    buffers: list[Buffer] = list(reply.buffers)
+    messages: list[Message] = []
+    position = 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise MalformedMessageError("a journal entry is not an object")
+        count = entry.get("buffers", 0)
+        channel = entry.get("channel")
+        header = entry.get("header")
+        if not isinstance(count, int) or channel not in CHANNELS or not isinstance(header, dict):
+            raise MalformedMessageError("a journal entry lacks its channel, header or buffers")
+        if position + count > len(buffers):
+            raise MalformedMessageError("a journal entry names buffers the answer does not carry")
+        messages.append(
+            Message.build(
+                str(channel),
+                header,
+                _dict(entry.get("parent_header")),
+                _dict(entry.get("metadata")),
+                _dict(entry.get("content")),
+                buffers[position : position + count],
+            )
+        )
+        position += count
+    return messages, all(bool(v) for v in complete.values())
+
+
+def _dict(value: object) -> JsonDict:
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,207 @@
+"""Runs inside the remote kernel: remembers what the kernel sent, so nothing a cut loses is lost.
+
+The Jupyter WebSocket protocol has no acknowledgements. When a connection drops, a stock
+jupyter-server starts buffering for the session only once it *notices* the close; whatever it
+wrote into the dying socket before that is gone, and so are the bytes still in flight on the
+network. Only the kernel itself knows everything it said. So the proxy installs this agent in
+an ipykernel (a silent ``execute_request`` whose source is this file) and, after each
+reconnection, asks it on the control channel (``cgpu_journal_request``) for every message sent
+after the last one the proxy received on each channel. ipykernel answers control messages on
+its own thread, so the answer comes while a long cell keeps running.
+
+The agent wraps the kernel session's ``send``: each outgoing message (iopub output, shell and
+control replies, stdin requests) is recorded with its channel in a bounded ring, by count and
+by bytes. Buffers are copied (a widget may reuse its array) unless they are too large to keep;
+such a message is remembered only as a gap. Messages belonging to the proxy's own requests
+(``msg_id`` prefix ``cgpu-internal-``) are not recorded.
+
+This module must stay standalone: it is sent as source to the remote kernel, which does not
+have cgpu-kernel installed. Python 3.8+, standard library only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+REQUEST_TYPE = "cgpu_journal_request"
+REPLY_TYPE = "cgpu_journal_reply"
+INTERNAL_PREFIX = "cgpu-internal-"
+CHANNELS = ("iopub", "shell", "control", "stdin")
+ENTRY_OVERHEAD = 300  # bytes a message costs beyond its text and buffers (headers, JSON)
+
+
+class Entry:
+    """One recorded message. ``msg`` is None for a message too large to keep (a known gap)."""
+
+    __slots__ = ("buffers", "channel", "msg", "msg_id", "size")
+
+    def __init__(
+        self, channel: str, msg_id: str, msg: dict[str, Any] | None, buffers: list[bytes]
+    ) -> None:
+        self.channel = channel
+        self.msg_id = msg_id
+        self.msg = msg
+        self.buffers = buffers
+        self.size = ENTRY_OVERHEAD + sum(len(b) for b in buffers)
+        if msg is not None:
+            self.size += _text_size(msg.get("content"))
+
+
+def _text_size(content: Any) -> int:
+    """A cheap estimate of a content's size: its strings, one level into ``data``."""
+    if not isinstance(content, dict):
+        return 0
+    size = 0
+    for value in content.values():
+        if isinstance(value, str):
+            size += len(value)
+    data = content.get("data")
+    if isinstance(data, dict):
+        for value in data.values():
+            if isinstance(value, str):
+                size += len(value)
+    return size
+
+
+class Journal:
+    """The ring of recent outgoing messages, and the control handler that hands them out."""
+
+    def __init__(self, kernel: Any, max_messages: int, max_bytes: int) -> None:
+        self.kernel = kernel
+        self.session = kernel.session
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.entries: deque[Entry] = deque()
+        self.total = 0
+        self.evicted = dict.fromkeys(CHANNELS, 0)
+        self.unrecorded = 0
+        self.lock = threading.RLock()
+        self.original_send = self.session.send
+
+    def install(self) -> None:
+        # Instance attributes shadow the class's method: every sender of this session (the
+        # kernel, its output streams) goes through ``send`` below.
+        self.session.send = self.send
+        self.session._cgpu_journal = self
+        self.kernel.control_handlers[REQUEST_TYPE] = self.answer
+
+    def resize(self, max_messages: int, max_bytes: int) -> None:
+        with self.lock:
+            self.max_messages = max_messages
+            self.max_bytes = max_bytes
+            self._evict()
+
+    def send(self, stream: Any, msg_or_type: Any, *args: Any, **kwargs: Any) -> Any:
+        # Recording under the same lock as the send keeps the ring in the order messages
+        # leave, whichever thread sends them.
+        with self.lock:
+            msg = self.original_send(stream, msg_or_type, *args, **kwargs)
+            if isinstance(msg, dict):
+                try:
+                    self._record(stream, msg, args, kwargs)
+                except Exception:
+                    # Never break the kernel's own sending; the journal only admits a gap.
+                    self.unrecorded += 1
+            return msg
+
+    def _record(
+        self, stream: Any, msg: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        parent_id = (msg.get("parent_header") or {}).get("msg_id")
+        if isinstance(parent_id, str) and parent_id.startswith(INTERNAL_PREFIX):
+            return
+        header = msg.get("header") or {}
+        msg_id = header.get("msg_id")
+        if not isinstance(msg_id, str):
+            return
+        # Session.send(stream, msg_or_type, content, parent, ident, buffers, ...)
+        buffers = kwargs["buffers"] if "buffers" in kwargs else (args[3] if len(args) > 3 else None)
+        if buffers is None:
+            buffers = msg.get("buffers") or []
+        channel = self._channel(stream)
+        size = sum(memoryview(b).nbytes for b in buffers)
+        if size > self.max_bytes // 4:
+            entry = Entry(channel, msg_id, None, [])
+        else:
+            kept = {k: msg.get(k) for k in ("header", "parent_header", "metadata", "content")}
+            entry = Entry(channel, msg_id, kept, [bytes(b) for b in buffers])
+        self.entries.append(entry)
+        self.total += entry.size
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.entries and (
+            len(self.entries) > self.max_messages or self.total > self.max_bytes
+        ):
+            gone = self.entries.popleft()
+            self.total -= gone.size
+            self.evicted[gone.channel] = self.evicted.get(gone.channel, 0) + 1
+
+    def _channel(self, stream: Any) -> str:
+        kernel = self.kernel
+        if stream is not None and stream is getattr(kernel, "control_stream", None):
+            return "control"
+        if stream is not None and stream is getattr(kernel, "stdin_socket", None):
+            return "stdin"
+        if stream is not None and (
+            stream is getattr(kernel, "iopub_socket", None)
+            or stream is getattr(kernel, "iopub_thread", None)
+            or type(stream).__name__ in ("IOPubThread", "BackgroundSocket")
+        ):
+            return "iopub"
+        return "shell"
+
+    def select(self, after: dict[str, Any]) -> tuple[list[Entry], dict[str, bool]]:
+        """Entries sent after ``after[channel]`` on each channel, and whether that is all.
+
+        A channel whose last message is not in the ring (evicted, or never seen by the proxy)
+        gets all its entries; that is complete only if nothing of it was ever evicted.
+        """
+        with self.lock:
+            entries = list(self.entries)
+            evicted = dict(self.evicted)
+        start: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            if after.get(entry.channel) == entry.msg_id:
+                start[entry.channel] = index
+        chosen = [e for i, e in enumerate(entries) if i > start.get(e.channel, -1)]
+        complete = {
+            c: not self.unrecorded and (c in start or not evicted.get(c, 0)) for c in CHANNELS
+        }
+        for entry in chosen:
+            if entry.msg is None:
+                complete[entry.channel] = False
+        return [e for e in chosen if e.msg is not None], complete
+
+    def answer(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """The control handler for ``cgpu_journal_request``."""
+        content = parent.get("content") or {}
+        after = content.get("after")
+        chosen, complete = self.select(after if isinstance(after, dict) else {})
+        messages = []
+        buffers: list[bytes] = []
+        for entry in chosen:
+            assert entry.msg is not None
+            messages.append(dict(entry.msg, channel=entry.channel, buffers=len(entry.buffers)))
+            buffers.extend(entry.buffers)
+        reply = {"status": "ok", "messages": messages, "complete": complete}
+        self.session.send(stream, REPLY_TYPE, reply, parent, ident, buffers)
+
+
+def install(max_messages: int, max_bytes: int) -> str:
+    """Install the journal in the running ipykernel (again: resize it); says what it did."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None or not hasattr(kernel, "control_handlers"):
+        raise RuntimeError("not an ipykernel: no output journal")
+    existing = getattr(kernel.session, "_cgpu_journal", None)
+    if existing is not None and hasattr(existing, "resize"):
+        existing.resize(max_messages, max_bytes)
+        kernel.control_handlers[REQUEST_TYPE] = existing.answer
+        return "resized"
+    Journal(kernel, max_messages, max_bytes).install()
+    return "installed"

@@ -1,0 +1,222 @@
+"""The output journal, both halves, without a network.
+
+``journal_agent`` is exercised on a real ``jupyter_client`` Session (the object it wraps inside
+an ipykernel) with the stream objects an ipykernel would pass; ``journal`` (the proxy's half)
+reads the agent's real answers. The end-to-end behaviour (cuts and resets mid-cell lose nothing)
+is in test_reconnect.py, against a real jupyter-server and ipykernel.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from jupyter_client.session import Session
+
+from cgpu_kernel import journal_agent
+from cgpu_kernel.exceptions import MalformedMessageError
+from cgpu_kernel.journal import (
+    INTERNAL_PREFIX,
+    LastSeen,
+    agent_source,
+    can_hold_journal,
+    install_request,
+    journal_request,
+    recovered_messages,
+)
+from cgpu_kernel.wire import Message
+
+
+class FakeKernel(SimpleNamespace):
+    """The attributes of an ipykernel Kernel the agent reads (a test double: the real kernel
+    is exercised end to end in test_reconnect.py)."""
+
+
+class Sink:
+    """Stands in for a ZMQ socket: keeps what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[Any]] = []
+
+    def send_multipart(self, frames: list[Any], **_: Any) -> None:
+        self.sent.append(frames)
+
+
+def make_kernel() -> FakeKernel:
+    return FakeKernel(
+        session=Session(key=b"k"),
+        control_handlers={},
+        iopub_socket=Sink(),
+        control_stream=Sink(),
+        stdin_socket=Sink(),
+        shell_stream=Sink(),
+    )
+
+
+@pytest.fixture
+def kernel() -> FakeKernel:
+    kernel = make_kernel()
+    journal_agent.Journal(kernel, max_messages=100, max_bytes=1 << 20).install()
+    return kernel
+
+
+def emit(kernel: FakeKernel, stream: object, msg_type: str, **content: Any) -> dict[str, Any]:
+    sent: dict[str, Any] = kernel.session.send(stream, msg_type, content)
+    return sent
+
+
+def ask(kernel: FakeKernel, after: dict[str, str | None]) -> Message:
+    """Call the control handler as ipykernel would; return its reply as the proxy reads it."""
+    request = journal_request("proxy", after)
+    replies: list[dict[str, Any]] = []
+    kernel.session.send = lambda *args, **kwargs: replies.append({"args": args, **kwargs})
+    parent = {"header": request.header, "content": request.content}
+    kernel.control_handlers[journal_agent.REQUEST_TYPE](kernel.control_stream, [], parent)
+    (sent,) = replies
+    stream, msg_type, content, reply_parent, _ident, buffers = sent["args"]
+    assert stream is kernel.control_stream and reply_parent is parent
+    header = {"msg_id": "r", "msg_type": msg_type}
+    return Message.build("control", header, request.header, {}, content, buffers)
+
+
+def test_recovers_what_followed_the_last_message_seen_on_each_channel(
+    kernel: FakeKernel,
+) -> None:
+    first = emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="0\n")
+    reply = emit(kernel, kernel.shell_stream, "execute_reply", status="ok")
+    lost = [
+        emit(kernel, kernel.iopub_socket, "stream", name="stdout", text=f"{i}\n") for i in (1, 2)
+    ]
+    asked = emit(kernel, kernel.stdin_socket, "input_request", prompt="?")
+    answer = ask(kernel, {"iopub": first["header"]["msg_id"], "shell": reply["header"]["msg_id"]})
+    messages, complete = recovered_messages(answer)
+    assert [(m.channel, m.msg_id) for m in messages] == [
+        *(("iopub", m["header"]["msg_id"]) for m in lost),
+        ("stdin", asked["header"]["msg_id"]),
+    ]
+    assert [m.content.get("text") for m in messages[:2]] == ["1\n", "2\n"]
+    assert complete
+
+
+def test_buffers_come_back_byte_exact_with_their_message(kernel: FakeKernel) -> None:
+    kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}}, buffers=[b"ab", b"cde"])
+    emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="after\n")
+    kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}}, buffers=[memoryview(b"f")])
+    messages, complete = recovered_messages(ask(kernel, {}))
+    assert [bytes(b) for m in messages for b in m.buffers] == [b"ab", b"cde", b"f"]
+    assert [len(m.buffers) for m in messages] == [2, 0, 1]
+    assert complete
+
+
+def test_a_buffer_mutated_after_sending_comes_back_as_sent(kernel: FakeKernel) -> None:
+    data = bytearray(b"before")
+    kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}}, buffers=[data])
+    data[:] = b"AFTER!"
+    (message,), _ = recovered_messages(ask(kernel, {}))
+    assert bytes(message.buffers[0]) == b"before"
+
+
+def test_the_proxys_own_requests_are_not_recorded(kernel: FakeKernel) -> None:
+    internal = {"msg_id": INTERNAL_PREFIX + "x", "msg_type": "kernel_info_request"}
+    kernel.session.send(kernel.iopub_socket, "status", {"execution_state": "busy"}, internal)
+    kernel.session.send(kernel.shell_stream, "kernel_info_reply", {"status": "ok"}, internal)
+    messages, _ = recovered_messages(ask(kernel, {}))
+    assert messages == []
+
+
+def test_a_forgotten_past_is_reported_incomplete() -> None:
+    kernel = make_kernel()
+    journal_agent.Journal(kernel, max_messages=3, max_bytes=1 << 20).install()
+    sent = [
+        emit(kernel, kernel.iopub_socket, "stream", name="stdout", text=f"{i}\n") for i in range(5)
+    ]
+    # The proxy last saw line 0, which the ring has forgotten: lines 2-4 come back, not complete.
+    messages, complete = recovered_messages(ask(kernel, {"iopub": sent[0]["header"]["msg_id"]}))
+    assert [m.content["text"] for m in messages] == ["2\n", "3\n", "4\n"]
+    assert not complete
+    # Last seen line 2, still in the ring: lines 3-4, complete.
+    messages, complete = recovered_messages(ask(kernel, {"iopub": sent[2]["header"]["msg_id"]}))
+    assert [m.content["text"] for m in messages] == ["3\n", "4\n"]
+    assert complete
+
+
+def test_a_message_too_large_to_keep_is_a_known_gap() -> None:
+    kernel = make_kernel()
+    journal_agent.Journal(kernel, max_messages=100, max_bytes=4000).install()
+    seen = emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="seen\n")
+    kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}}, buffers=[b"x" * 2000])
+    emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="after\n")
+    messages, complete = recovered_messages(ask(kernel, {"iopub": seen["header"]["msg_id"]}))
+    assert [m.msg_type for m in messages] == ["stream"]
+    assert not complete
+
+
+def test_the_ring_is_bounded_by_bytes() -> None:
+    kernel = make_kernel()
+    journal = journal_agent.Journal(kernel, max_messages=10_000, max_bytes=20_000)
+    journal.install()
+    for i in range(100):
+        emit(kernel, kernel.iopub_socket, "stream", name="stdout", text=f"{i:>999}")
+    assert journal.total <= 20_000
+    assert 0 < len(journal.entries) < 20
+
+
+def test_sending_still_works_when_recording_fails(kernel: FakeKernel) -> None:
+    journal = kernel.session._cgpu_journal
+    journal.entries = None  # recording now raises
+    sent = emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="x")
+    assert sent["content"]["text"] == "x" and journal.unrecorded == 1
+
+
+def test_install_request_runs_the_agent_in_a_namespace_of_its_own() -> None:
+    request = install_request("proxy", 50, 1000)
+    assert request.msg_id.startswith(INTERNAL_PREFIX)
+    assert request.content["silent"] is True and request.content["store_history"] is False
+    assert "import cgpu_kernel" not in agent_source()  # the remote kernel does not have it
+    user_namespace: dict[str, Any] = {}
+    # Outside an ipykernel the agent refuses (the proxy then relies on the server's replay),
+    # and either way it leaves the user's namespace alone.
+    with pytest.raises(RuntimeError, match="not an ipykernel"):
+        exec(request.content["code"], user_namespace)
+    assert set(user_namespace) == {"__builtins__"}
+
+
+def test_only_an_ipython_kernel_holds_a_journal() -> None:
+    python = {"implementation": "ipython", "language_info": {"name": "python"}}
+    assert can_hold_journal(python)
+    assert not can_hold_journal({"implementation": "irkernel", "language_info": {"name": "R"}})
+    assert not can_hold_journal({"implementation": "xeus-python", "language_info": "python"})
+
+
+@pytest.mark.parametrize(
+    ("content", "buffers"),
+    [
+        ({"status": "error"}, []),
+        ({"status": "ok", "messages": "no", "complete": {}}, []),
+        ({"status": "ok", "messages": [{"channel": "nowhere", "header": {}}], "complete": {}}, []),
+        (
+            {
+                "status": "ok",
+                "messages": [
+                    {"channel": "iopub", "header": {"msg_id": "a", "msg_type": "x"}, "buffers": 2}
+                ],
+                "complete": {},
+            },
+            [b"only one"],
+        ),
+    ],
+)
+def test_an_unusable_answer_is_refused(content: dict[str, Any], buffers: list[bytes]) -> None:
+    reply = Message.build(
+        "control", {"msg_id": "r", "msg_type": "cgpu_journal_reply"}, {}, {}, content, buffers
+    )
+    with pytest.raises(MalformedMessageError):
+        recovered_messages(reply)
+
+
+def test_last_seen_tracks_each_channel() -> None:
+    seen = LastSeen()
+    for channel, msg_id in [("iopub", "a"), ("shell", "b"), ("iopub", "c"), ("elsewhere", "d")]:
+        seen.saw(Message.build(channel, {"msg_id": msg_id, "msg_type": "x"}))
+    assert seen.snapshot() == {"iopub": "c", "shell": "b", "control": None, "stdin": None}
