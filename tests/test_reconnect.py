@@ -104,6 +104,63 @@ def test_cuts_mid_cell_lose_nothing(
     assert stdout_of(outputs) == "still here\n"
 
 
+@pytest.mark.parametrize("server_fixture", ["kernel_gateway", "legacy_server"])
+def test_cuts_lose_nothing_through_other_servers(
+    kernel_dir: Path, request: pytest.FixtureRequest, server_fixture: str
+) -> None:
+    """Kernel Gateway, and a server speaking only the legacy JSON protocol: the journal's
+    control message and its buffers pass through both."""
+    server: RemoteServer = request.getfixturevalue(server_fixture)
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    with FaultyPath(port) as faulty:
+        km, kc = start_kernel(
+            spec_through(kernel_dir, f"cgpu-test-{server_fixture}", faulty, server)
+        )
+        try:
+            rng = random.Random(5)
+
+            def cut_repeatedly() -> None:
+                for _ in range(4):
+                    time.sleep(rng.uniform(0.3, 0.6))
+                    faulty.reset()
+
+            cutter = in_background(cut_repeatedly)
+            reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
+            cutter.join()
+            assert reply["content"]["status"] == "ok", reply["content"]
+            assert numbered_lines(outputs) == list(range(LINES))
+            assert faulty.connections_seen > 4
+        finally:
+            faulty.restore()
+            kc.stop_channels()
+            km.shutdown_kernel()
+
+
+def test_journal_comes_back_after_the_kernel_crashes_and_restarts(
+    proxy_through: tuple[KernelManager, BlockingKernelClient, FaultyPath],
+) -> None:
+    """The server restarts a crashed kernel; the new process gets a journal of its own."""
+    _, kc, faulty = proxy_through
+    reply, _ = run_cell(kc, "import os; os._exit(1)", timeout=60)
+    assert reply["content"]["status"] == "error"
+    deadline = time.monotonic() + 30
+    while run_cell(kc, "1", timeout=30)[0]["content"]["status"] != "ok":
+        assert time.monotonic() < deadline, "the restarted kernel never ran a cell"
+        time.sleep(0.5)
+    rng = random.Random(3)
+
+    def cut_repeatedly() -> None:
+        for _ in range(4):
+            time.sleep(rng.uniform(0.3, 0.6))
+            faulty.reset()
+
+    cutter = in_background(cut_repeatedly)
+    reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
+    cutter.join()
+    assert reply["content"]["status"] == "ok", reply["content"]
+    assert numbered_lines(outputs) == list(range(LINES))
+
+
 def test_without_the_journal_cuts_never_duplicate_or_reorder(
     kernel_dir: Path, path: FaultyPath, jupyter_server: RemoteServer
 ) -> None:
