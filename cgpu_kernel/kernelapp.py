@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import time
@@ -29,15 +28,12 @@ from traitlets import Unicode
 from traitlets.config import Application
 
 from . import __version__
-from .backends.base import Backend, KernelHealth
+from .backends.base import Backend
 from .connection import ChannelsClosedError, MessageSink, RemoteChannels
 from .exceptions import (
     CgpuError,
     ConfigurationError,
     MalformedMessageError,
-    ReconnectBudgetError,
-    RemoteAuthError,
-    RemoteKernelGoneError,
     ReplyLostError,
     StartupTimeoutError,
 )
@@ -45,7 +41,8 @@ from .frontend import FrontendSockets
 from .history import ExecutionTracker
 from .journal import kernel_info_request
 from .limits import Budgets, Coalescer, OutputLimiter
-from .options import TOKEN_ENV, ProxyKernel, UnavailableBackend
+from .options import ProxyKernel, UnavailableBackend
+from .reconnect import Reconnector
 from .recovery import JournalKeeper
 from .relay import (
     Action,
@@ -555,88 +552,22 @@ class ProxyKernelRun:
             if notice_after > 0
             else None
         )
+        attempts = Reconnector(
+            self.backend,
+            open_remote=self._open_remote,
+            still_wanted=lambda: not self._stopping and self.state is RemoteState.RECONNECTING,
+            ping_interval=self.options.ping_interval,
+            budget=self.options.reconnect_budget,
+        )
         try:
-            return await self._reconnect_until(deadline, stalled)
+            outcome = await attempts.run(deadline, stalled)
         finally:
             if notice is not None:
                 notice.cancel()
-
-    async def _revived(self, stalled: RemoteChannels | None) -> bool:
-        """Did the stalled connection start talking again (within a short grace)?"""
-        if stalled is None or stalled.closed.is_set():
-            return False
-        interval = self.options.ping_interval
-        stalled.ping()
-        for _ in range(10):
-            if stalled.silent_for() < interval:
-                return True
-            if stalled.closed.is_set():
-                return False
-            await asyncio.sleep(interval / 5)
-        return False
-
-    async def _reconnect_until(
-        self, deadline: float, stalled: RemoteChannels | None
-    ) -> RemoteChannels | None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        delay, attempt = 0.1, 0
-        while not self._stopping:
-            if self.relay.state is not RemoteState.RECONNECTING:
-                return None  # already declared lost (say, shut down by another client)
-            attempt += 1
-            health = await self.backend.kernel_health()
-            if self.relay.state is not RemoteState.RECONNECTING:
-                return None
-            if await self._revived(stalled):
-                return stalled
-            if health is KernelHealth.AUTH_EXPIRED and not await self.backend.reauthenticate():
-                self._remote_failed(
-                    RemoteAuthError(
-                        f"The server stopped accepting our credentials for"
-                        f" {self.backend.description}. Renew the token (update the token file;"
-                        f" {TOKEN_ENV} cannot change under a running kernel, so restart it after"
-                        " changing that) and run the cell again."
-                    )
-                )
-                return None
-            if health is KernelHealth.GONE:
-                self._remote_failed(
-                    RemoteKernelGoneError(
-                        f"{self.backend.description} is gone (deleted, died, or its server"
-                        " restarted): its variables are lost. The next cell starts a fresh"
-                        " kernel."
-                    )
-                )
-                return None
-            if health is KernelHealth.ALIVE:
-                try:
-                    channels = await asyncio.wait_for(
-                        self._open_remote(), max(5.0, 2 * self.options.ping_interval)
-                    )
-                except (CgpuError, asyncio.TimeoutError) as exc:
-                    log.info("reconnect attempt %d failed: %s", attempt, exc or "timed out")
-                else:
-                    log.warning(
-                        "reconnected after %.1f s (%d attempts)", loop.time() - started, attempt
-                    )
-                    return channels
-            else:
-                log.info("reconnect attempt %d: the server is %s", attempt, health.value)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            await asyncio.sleep(min(delay + random.uniform(0, delay / 2), remaining))
-            delay = min(delay * 2, 10.0)
-        if not self._stopping and self.relay.state is RemoteState.RECONNECTING:
-            self._remote_failed(
-                ReconnectBudgetError(
-                    f"Gave up reconnecting to {self.backend.description} after"
-                    f" {self.options.reconnect_budget:g} s. Run the cell again to retry; raise"
-                    " --reconnect-budget (CGPU_RECONNECT_BUDGET) to wait longer."
-                )
-            )
-        return None
+        if isinstance(outcome, CgpuError):
+            self._remote_failed(outcome)
+            return None
+        return outcome
 
     @property
     def state(self) -> RemoteState:

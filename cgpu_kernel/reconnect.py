@@ -1,0 +1,115 @@
+"""Reconnection attempts: from a dropped connection to a working one, or to a verdict.
+
+``kernelapp`` decides *when* to reconnect and what an outage means for the cells; this module is
+the attempt loop. Before each attempt it asks the backend about the kernel (alive, gone,
+credentials refused, no answer), so a dead kernel is reported at once and an expired credential
+is never taken for a dead kernel. Attempts back off exponentially with jitter (0.1 s doubling to
+10 s) within a time budget. A stalled socket that comes back to life is preferred to a new one:
+TCP rides out short outages by itself, and not switching sockets is not losing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from .backends.base import Backend, KernelHealth
+from .connection import RemoteChannels
+from .exceptions import CgpuError, ReconnectBudgetError, RemoteAuthError, RemoteKernelGoneError
+from .options import TOKEN_ENV
+
+log = logging.getLogger("cgpu_kernel")
+
+FIRST_DELAY = 0.1
+MAX_DELAY = 10.0
+
+
+class Reconnector:
+    """One reconnection, attempt after attempt."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        open_remote: Callable[[], Awaitable[RemoteChannels]],
+        still_wanted: Callable[[], bool],
+        ping_interval: float,
+        budget: float,
+    ) -> None:
+        self.backend = backend
+        self.open_remote = open_remote
+        self.still_wanted = still_wanted
+        self.ping_interval = ping_interval
+        self.budget = budget
+
+    async def run(
+        self, deadline: float, stalled: RemoteChannels | None
+    ) -> RemoteChannels | CgpuError | None:
+        """A working connection (a new one, or ``stalled`` revived), the error that ends the
+        attempts (kernel gone, credentials refused, budget spent), or None when the proxy no
+        longer wants one (it is stopping, or the remote was declared lost meanwhile)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        delay, attempt = FIRST_DELAY, 0
+        while self.still_wanted():
+            attempt += 1
+            health = await self.backend.kernel_health()
+            if not self.still_wanted():
+                return None
+            if await self._revived(stalled):
+                return stalled
+            if health is KernelHealth.AUTH_EXPIRED and not await self.backend.reauthenticate():
+                return RemoteAuthError(
+                    f"The server stopped accepting our credentials for"
+                    f" {self.backend.description}. Renew the token (update the token file;"
+                    f" {TOKEN_ENV} cannot change under a running kernel, so restart it after"
+                    " changing that) and run the cell again."
+                )
+            if health is KernelHealth.GONE:
+                return RemoteKernelGoneError(
+                    f"{self.backend.description} is gone (deleted, died, or its server"
+                    " restarted): its variables are lost. The next cell starts a fresh"
+                    " kernel."
+                )
+            if health is KernelHealth.ALIVE:
+                try:
+                    channels = await asyncio.wait_for(
+                        self.open_remote(), max(5.0, 2 * self.ping_interval)
+                    )
+                except (CgpuError, asyncio.TimeoutError) as exc:
+                    log.info("reconnect attempt %d failed: %s", attempt, exc or "timed out")
+                else:
+                    log.warning(
+                        "reconnected after %.1f s (%d attempts)", loop.time() - started, attempt
+                    )
+                    return channels
+            else:
+                log.info("reconnect attempt %d: the server is %s", attempt, health.value)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(delay + random.uniform(0, delay / 2), remaining))
+            delay = min(delay * 2, MAX_DELAY)
+        if not self.still_wanted():
+            return None
+        return ReconnectBudgetError(
+            f"Gave up reconnecting to {self.backend.description} after {self.budget:g} s. Run"
+            " the cell again to retry; raise --reconnect-budget (CGPU_RECONNECT_BUDGET) to wait"
+            " longer."
+        )
+
+    async def _revived(self, stalled: RemoteChannels | None) -> bool:
+        """Did the stalled connection start talking again (within a short grace)?"""
+        if stalled is None or stalled.closed.is_set():
+            return False
+        interval = self.ping_interval
+        stalled.ping()
+        for _ in range(10):
+            if stalled.silent_for() < interval:
+                return True
+            if stalled.closed.is_set():
+                return False
+            await asyncio.sleep(interval / 5)
+        return False
