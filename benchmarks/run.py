@@ -12,6 +12,8 @@ Paths (each with its own ipykernel):
   ZMQ exactly like the floor.
 * ``proxy_websockets``: a prototype, the jupyter-backend proxy with its WebSocket client swapped
   for the ``websockets`` library (``benchmarks/proxy_websockets.py``).
+* ``proxy_baseline``: with ``--baseline DIR``, the jupyter-backend proxy imported from another
+  checkout (``git worktree add DIR HEAD``): a change measured against its base in one run.
 
 Metrics: trivial execute round trip (median, p99; interleaved rounds so every path sees the same
 machine load), stream throughput, a binary comm buffer echoed both ways (byte-identical check,
@@ -62,11 +64,14 @@ ALL_PATHS = (
     "proxy_jupyter",
     "proxy_local",
     "proxy_websockets",
+    "proxy_baseline",
 )
+#: Paths measured only when asked for (``--baseline DIR``).
+ON_REQUEST = ("proxy_baseline",)
 #: Paths that need the ``websockets`` library (not a dependency of the project).
 NEEDS_WEBSOCKETS = ("ws_websockets", "proxy_websockets")
 HAVE_WEBSOCKETS = importlib.util.find_spec("websockets") is not None
-PROXY_PATHS = ("proxy_jupyter", "proxy_local", "proxy_websockets")
+PROXY_PATHS = ("proxy_jupyter", "proxy_local", "proxy_websockets", "proxy_baseline")
 #: Paths that share a connection with another, differing only in TCP_QUICKACK on the client.
 TWINS = {"ws_quickack": "ws", "gateway_quickack": "gateway"}
 DIRECT_WS = ("ws", "ws_quickack", "ws_websockets")
@@ -125,6 +130,7 @@ class Settings:
     profile: Path | None = None  # py-spy the processes in the middle during the measurements
     buffer_timeout: float = 10.0
     parallel_setup: bool = False
+    baseline: Path | None = None  # a checkout whose proxy is measured as proxy_baseline
 
 
 QUICK = Settings(
@@ -333,8 +339,9 @@ async def setup_proxy(
     remote: servers.Server | None,
     settings: Settings,
     module: str = "cgpu_kernel",
+    source: Path | None = None,
 ) -> None:
-    proxy = servers.start_proxy(workdir, path.name, backend, remote, module)
+    proxy = servers.start_proxy(workdir, path.name, backend, remote, module, source)
     path.closers.append(proxy.stop)
     path.pid = proxy.pid
     path.results["log"] = str(proxy.log_path)
@@ -511,6 +518,8 @@ def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
 
 async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
     wanted = set(settings.paths)
+    if settings.baseline is None:
+        wanted.discard("proxy_baseline")
     if not HAVE_WEBSOCKETS and wanted & set(NEEDS_WEBSOCKETS):
         log(f"the websockets library is not installed: skipping {', '.join(NEEDS_WEBSOCKETS)}")
         wanted -= set(NEEDS_WEBSOCKETS)
@@ -527,6 +536,7 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
             "gateway",
             "proxy_jupyter",
             "proxy_websockets",
+            "proxy_baseline",
         }
         if needs_remote:
             remote = servers.start_server(workdir, "remote")
@@ -555,6 +565,10 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
             elif name == "proxy_websockets":
                 module = "benchmarks.proxy_websockets"
                 await setup_proxy(path, workdir, "jupyter", remote, settings, module)
+            elif name == "proxy_baseline":
+                await setup_proxy(
+                    path, workdir, "jupyter", remote, settings, source=settings.baseline
+                )
             await execute(path.client, SETUP_CODE, settings.timeout)
             log(f"{name}: ready in {path.results['start_s']:.2f} s")
 
@@ -826,6 +840,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="py-spy the proxies and gateway while measuring (raw stacks in DIR)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the proxy from another checkout (say, a git worktree of HEAD) as"
+        " proxy_baseline",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser.parse_args(argv)
 
@@ -843,7 +864,10 @@ def main(argv: list[str] | None = None) -> int:
         parallel_setup=base.parallel_setup,
         paths=tuple(args.paths.split(",")) if args.paths else ALL_PATHS,
         profile=args.profile,
+        baseline=args.baseline.resolve() if args.baseline else None,
     )
+    if settings.baseline is not None and "proxy_baseline" not in settings.paths:
+        settings.paths = (*settings.paths, "proxy_baseline")
     unknown = set(settings.paths) - set(ALL_PATHS)
     if unknown:
         print(f"unknown paths: {', '.join(sorted(unknown))}", file=sys.stderr)

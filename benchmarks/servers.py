@@ -178,8 +178,11 @@ def start_proxy(
     backend: str,
     remote: Server | None = None,
     module: str = "cgpu_kernel",
+    source: Path | None = None,
 ) -> ProxyProcess:
-    """Start a proxy kernel; its token (jupyter backend) goes in ``CGPU_TOKEN``."""
+    """Start a proxy kernel; its token (jupyter backend) goes in ``CGPU_TOKEN``.
+
+    ``source``: a checkout to import ``cgpu_kernel`` from instead of this one."""
     folder = workdir / name
     fname, info = connection_info(folder, "connection")
     module, *flags = module.split()
@@ -196,6 +199,8 @@ def start_proxy(
     if module != "cgpu_kernel":  # a prototype under benchmarks/: importable from the repo root
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     if remote is not None:
         argv += ["--url", remote.url]
         env["CGPU_TOKEN"] = remote.token

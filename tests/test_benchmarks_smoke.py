@@ -18,11 +18,12 @@ from benchmarks.run import (
     ALL_PATHS,
     HAVE_WEBSOCKETS,
     NEEDS_WEBSOCKETS,
+    ON_REQUEST,
     PROXY_PATHS,
     compare,
 )
 
-SKIPPED = set() if HAVE_WEBSOCKETS else set(NEEDS_WEBSOCKETS)
+SKIPPED = set(ON_REQUEST) | (set() if HAVE_WEBSOCKETS else set(NEEDS_WEBSOCKETS))
 EXPECTED = [p for p in ALL_PATHS if p not in SKIPPED]
 MEASURED_PROXIES = [p for p in PROXY_PATHS if p not in SKIPPED]
 
