@@ -12,25 +12,31 @@ to a callback, and signs what the relay sends out. Routing lives in ``relay``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from hmac import compare_digest
-from typing import Any
+from typing import Any, cast
 
 import zmq
-import zmq.asyncio
 from jupyter_client.session import Session
 
 from .exceptions import MalformedMessageError
-from .wire import Buffer, Message, split_zmq_frames, zmq_frames
+from .wire import DELIMITER, Buffer, Message, zmq_frames
 
 log = logging.getLogger(__name__)
 
 EARLY_IOPUB_LIMIT = 10_000
+#: Messages read from one socket per wake-up before the other sockets get a turn.
+DRAIN_BATCH = 64
+#: Buffers at least this large are kept as views into ZMQ's message instead of copied.
+ZERO_COPY_MIN = 64 * 1024
 # Plain ints: flag arithmetic on pyzmq's IntFlag enums costs more than the send itself.
 _NOWAIT = int(zmq.DONTWAIT)
 _NOWAIT_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 FrontendCallback = Callable[[str, tuple[bytes, ...], Message], None]
 SubscribeCallback = Callable[[bytes], None]
@@ -42,6 +48,32 @@ def socket_address(info: dict[str, Any], port: int) -> str:
     if transport == "ipc":
         return f"ipc://{ip}-{port}"
     return f"{transport}://{ip}:{port}"
+
+
+def _nothing() -> None:
+    pass
+
+
+def _split(frames: Sequence[bytes | zmq.Frame]) -> tuple[list[bytes], list[bytes], list[Buffer]]:
+    """(identities, [signature, 4 parts], buffers) from received frames, ``bytes`` or ZMQ frames
+    (received without copying: a large buffer stays a view into ZMQ's message)."""
+    identities: list[bytes] = []
+    for frame in frames:
+        raw = frame if isinstance(frame, bytes) else frame.bytes
+        if raw == DELIMITER:
+            break
+        identities.append(raw)
+    else:
+        raise MalformedMessageError("no <IDS|MSG> delimiter in the ZMQ frames")
+    rest = frames[len(identities) + 1 :]
+    if len(rest) < 5:
+        raise MalformedMessageError(f"{len(rest)} frames after the delimiter, at least 5 needed")
+    signed = [f if isinstance(f, bytes) else f.bytes for f in rest[:5]]
+    buffers: list[Buffer] = [
+        f if isinstance(f, bytes) else f.buffer if len(f) >= ZERO_COPY_MIN else f.bytes
+        for f in rest[5:]
+    ]
+    return identities, signed, buffers
 
 
 def _heartbeat(context: zmq.Context[Any], address: str, ready: threading.Event) -> None:
@@ -65,10 +97,10 @@ class FrontendSockets:
     def __init__(self, connection_info: dict[str, Any], session: Session) -> None:
         self.info = connection_info
         self.session = session
-        self.context = zmq.asyncio.Context()
+        self.context: zmq.Context[Any] = zmq.Context()
         self._hb_context: zmq.Context[Any] = zmq.Context()
-        self.sockets: dict[str, zmq.asyncio.Socket] = {}
-        self._shadows: dict[str, zmq.Socket[Any]] = {}
+        self.sockets: dict[str, zmq.Socket[Any]] = {}
+        self._drains: dict[str, Callable[[], None]] = {}
         self.rejected = 0
         # iopub messages published before any frontend subscribed (ZMQ would drop them: the
         # "slow joiner"), delivered right after the first subscription's welcome.
@@ -109,9 +141,44 @@ class FrontendSockets:
         return loops
 
     async def _read(self, channel: str, on_message: FrontendCallback) -> None:
+        def drain() -> None:
+            self._drain(channel, on_message)
+
+        await self._watch(channel, drain)
+
+    async def _read_subscriptions(self, on_subscribe: SubscribeCallback) -> None:
+        def drain() -> None:
+            self._drain_subscriptions(on_subscribe)
+
+        await self._watch("iopub", drain)
+
+    async def _watch(self, channel: str, drain: Callable[[], None]) -> None:
+        """Call ``drain`` whenever the socket may have messages, until cancelled.
+
+        A ZMQ socket's file descriptor only says that its state changed (edge-triggered): each
+        wake-up reads until ``Again``, and a send on the same socket (which can consume that
+        edge) looks for waiting messages itself (see :meth:`_send_now`). No future or task per
+        message, unlike the asyncio socket's ``recv_multipart``.
+        """
+        loop = asyncio.get_running_loop()
         socket = self.sockets[channel]
-        while True:
-            frames: list[bytes] = await socket.recv_multipart()
+        fd = socket.fileno()
+        self._drains[channel] = drain
+        loop.add_reader(fd, drain)
+        try:
+            drain()  # whatever arrived before the reader was added
+            await loop.create_future()  # forever: the caller cancels this task at exit
+        finally:
+            self._drains.pop(channel, None)
+            loop.remove_reader(fd)
+
+    def _drain(self, channel: str, on_message: FrontendCallback) -> None:
+        socket = self.sockets[channel]
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = socket.recv_multipart(_NOWAIT, copy=False)
+            except zmq.Again:
+                return
             try:
                 identities, msg = self.verify(channel, frames)
             except MalformedMessageError as exc:
@@ -119,11 +186,17 @@ class FrontendSockets:
                 log.warning("rejected a message on %s, not forwarded: %s", channel, exc)
                 continue
             on_message(channel, tuple(identities), msg)
+        # More may be waiting, and the descriptor will not say so again: come back after the
+        # other sockets had a turn.
+        asyncio.get_running_loop().call_soon(self._drains.get(channel, _nothing))
 
-    async def _read_subscriptions(self, on_subscribe: SubscribeCallback) -> None:
+    def _drain_subscriptions(self, on_subscribe: SubscribeCallback) -> None:
         socket = self.sockets["iopub"]
-        while True:
-            frame: bytes = await socket.recv()
+        for _ in range(DRAIN_BATCH):
+            try:
+                frame: bytes = socket.recv(_NOWAIT)
+            except zmq.Again:
+                return
             if frame[:1] == b"\x01":
                 first = not self._subscribed
                 self._subscribed = True
@@ -132,8 +205,11 @@ class FrontendSockets:
                     early, self._early_iopub = self._early_iopub, []
                     for msg in early:
                         self.publish(msg)
+        asyncio.get_running_loop().call_soon(self._drains.get("iopub", _nothing))
 
-    def verify(self, channel: str, frames: list[bytes]) -> tuple[list[bytes], Message]:
+    def verify(
+        self, channel: str, frames: Sequence[bytes | zmq.Frame]
+    ) -> tuple[list[bytes], Message]:
         """Check signature, replay and shape; raises :class:`MalformedMessageError`.
 
         The same checks as ``Session.deserialize`` (unsigned, replayed, forged; JSON header with
@@ -143,7 +219,7 @@ class FrontendSockets:
         came). A signature is recorded for the replay guard only once it has been verified, so a
         forged message carrying a copied signature cannot get the genuine one rejected.
         """
-        identities, rest = split_zmq_frames(frames)
+        identities, rest, buffers = _split(frames)
         session = self.session
         signature = rest[0]
         if session.auth is not None:
@@ -153,7 +229,6 @@ class FrontendSockets:
                 raise MalformedMessageError("Duplicate Signature")
             if not compare_digest(signature, session.sign(rest[1:5])):
                 raise MalformedMessageError("Invalid Signature")
-        buffers: list[Buffer] = list(rest[5:])
         msg = Message(channel, rest[1:5], buffers)
         msg.metadata  # noqa: B018 - parsed now so that invalid JSON is rejected here
         if session.auth is not None:
@@ -165,27 +240,26 @@ class FrontendSockets:
         self._send_now(channel, zmq_frames(list(identities), self.session.sign(msg.parts), msg))
 
     def _send_now(self, channel: str, frames: list[Buffer]) -> None:
-        """Send at once, without the asyncio wrapper's future per message.
+        """Send at once: ROUTER and XPUB sockets never block a send (their high-water mark is
+        off: see bind). Large frames go without a copy (ZMQ holds a reference until sent).
 
-        ROUTER and XPUB sockets never block a send (their high-water mark is off: see bind), so
-        a plain send on a shadow of the socket is the same send,
-        minus a future, a poll and flag arithmetic per frame. Afterwards, asking the asyncio
-        socket for its EVENTS lets it pick up an incoming message whose edge-triggered wake-up
-        the send consumed (what pyzmq's own asyncio send does).
+        Sending can consume the edge that would have announced a message waiting on the same
+        socket, so a waiting message is looked for right after (pyzmq's own async sockets do
+        the same).
         """
         sock = self.sockets[channel]
-        shadow = self._shadows.get(channel)
-        if shadow is None:
-            shadow = self._shadows[channel] = zmq.Socket.shadow(sock.underlying)
         last = len(frames) - 1
         try:
-            shadow.send(frames[0], _NOWAIT_MORE if last else _NOWAIT, copy=False)
-        except zmq.Again:  # not expected on ROUTER/XPUB; let the asyncio socket wait for room
+            sock.send(frames[0], _NOWAIT_MORE if last else _NOWAIT, copy=False)
+        except zmq.Again:  # not expected on ROUTER/XPUB; wait for room rather than lose it
             sock.send_multipart(frames, copy=False)
-            return
-        for index in range(1, last + 1):
-            shadow.send(frames[index], _NOWAIT_MORE if index < last else _NOWAIT, copy=False)
-        sock.get(zmq.EVENTS)
+        else:
+            for index in range(1, last + 1):
+                sock.send(frames[index], _NOWAIT_MORE if index < last else _NOWAIT, copy=False)
+        if cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+            drain = self._drains.get(channel)
+            if drain is not None:
+                asyncio.get_running_loop().call_soon(drain)
 
     def publish(self, msg: Message) -> None:
         if not self._subscribed:
@@ -198,7 +272,6 @@ class FrontendSockets:
         self._send_now("iopub", zmq_frames([topic], self.session.sign(msg.parts), msg))
 
     def close(self) -> None:
-        self._shadows.clear()
         for socket in self.sockets.values():
             socket.close()
         self.context.term()
