@@ -11,6 +11,8 @@ Every routing decision is the relay's; this module performs the relay's actions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ from typing import Any
 import psutil
 from jupyter_client.session import Session
 from jupyter_core.paths import jupyter_config_path
-from traitlets import Unicode
+from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
 
 from . import __version__
@@ -592,10 +594,22 @@ class ProxyKernelApp(Application):
         },
     }
 
+    # A config file that does not run is an error shown in the cell, not a log line skipped past.
+    raise_config_file_errors = Bool(True)
+    #: set when the command line itself could not be used: the kernel still comes up and says so
+    launch_error: ConfigurationError | None = None
+
     def start(self) -> None:
         if not self.connection_file:
             raise ConfigurationError("Give the connection file with -f CONNECTION_FILE.")
-        self.load_config_file("cgpu_kernel_config", path=jupyter_config_path())
+        config_error = self.launch_error
+        try:
+            self.load_config_file("cgpu_kernel_config", path=jupyter_config_path())
+        except Exception as exc:  # a config file is Python: it can fail in any way
+            config_error = config_error or ConfigurationError(
+                f"The config file cgpu_kernel_config.py could not be loaded ({exc}). Fix it"
+                " (`jupyter --paths` lists where it is looked for), then restart the kernel."
+            )
         logging.basicConfig(
             level=int(self.log_level),  # type: ignore[call-overload]
             format="[cgpu-kernel %(levelname)s %(asctime)s %(name)s] %(message)s",
@@ -608,8 +622,18 @@ class ProxyKernelApp(Application):
                 f"Cannot read the connection file {self.connection_file}: {exc}. Frontends write"
                 " it before starting the kernel; check the kernelspec's argv."
             ) from None
-        options = ProxyKernel(parent=self)
         try:
+            options = ProxyKernel(parent=self)
+        except TraitError as exc:
+            options = ProxyKernel()
+            config_error = config_error or ConfigurationError(
+                f"A kernel option has a value cgpu-kernel cannot use: {exc} Fix it in the"
+                " kernelspec (reinstall with `cgpu-kernel install ... --option NAME=VALUE`) or in"
+                " cgpu_kernel_config.py, then restart the kernel."
+            )
+        try:
+            if config_error is not None:
+                raise config_error
             options.check_environment()
             backend: Backend = options.make_backend()
         except CgpuError as exc:
@@ -622,10 +646,52 @@ class ProxyKernelApp(Application):
         asyncio.run(ProxyKernelRun(options, connection_info, backend).run())
 
 
+def _connection_file_in(argv: list[str]) -> str | None:
+    for index, arg in enumerate(argv):
+        if arg in ("-f", "--f") and index + 1 < len(argv):
+            return argv[index + 1]
+        for prefix in ("-f=", "--f="):
+            if arg.startswith(prefix):
+                return arg[len(prefix) :]
+    return None
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def launch_kernel(argv: list[str]) -> None:
     app = ProxyKernelApp()
+    recorder = _Recorder()
+    app.log.addHandler(recorder)  # traitlets reports a bad value here, then exits
+    captured = io.StringIO()  # argparse writes an unknown option's error to stderr, then exits
     try:
-        app.initialize(argv)
+        try:
+            with contextlib.redirect_stderr(captured):
+                app.initialize(argv)
+        except SystemExit as exc:
+            sys.stderr.write(captured.getvalue())
+            connection_file = _connection_file_in(argv)
+            if exc.code in (0, None) or connection_file is None:
+                raise
+            # Come up anyway and say what is wrong in the cell: a kernel that exits at once
+            # only makes the frontend restart it in a loop, the reason buried in a log.
+            said = [line for line in captured.getvalue().splitlines() if "error:" in line]
+            reason = "; ".join(recorder.lines + said) or "see the kernel's log"
+            app = ProxyKernelApp(connection_file=connection_file)
+            app.launch_error = ConfigurationError(
+                f"The kernel's command line could not be used ({reason}). Reinstall the"
+                " kernelspec with `cgpu-kernel install` (options as --option NAME=VALUE), then"
+                " restart the kernel."
+            )
+        else:
+            sys.stderr.write(captured.getvalue())
+        app.log.removeHandler(recorder)
         app.start()
     except CgpuError as exc:
         print(f"cgpu-kernel: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -217,6 +218,55 @@ def test_bad_environment_value_is_shown_in_the_cell(
     assert alive
     assert content["ename"] == "CgpuConfigurationError"
     assert "CGPU_MAX_QUEUE='lots'" in content["evalue"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--ping-interval=often"], "'ping_interval' trait of a ProxyKernel instance expected"),
+        (["--log-level=LOUD"], "'log_level' trait"),
+        (["--no-such-option=1"], "unrecognized arguments: --no-such-option=1"),
+    ],
+)
+def test_bad_kernel_command_line_is_shown_in_the_cell(
+    kernel_dir: Path, extra: list[str], says: str
+) -> None:
+    """A hand-edited kernel.json: the kernel comes up and says what is wrong, instead of dying
+    at launch (which frontends answer by restarting it in a loop)."""
+    name = install_spec(kernel_dir, "cgpu-test-badargv", "jupyter", url="http://127.0.0.1:9")
+    spec_file = kernel_dir / "kernels" / name / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["argv"].extend(extra)
+    spec_file.write_text(json.dumps(spec))
+    content, alive = error_of(name)
+    assert alive
+    assert content["ename"] == "CgpuConfigurationError"
+    assert says in content["evalue"] and "cgpu-kernel install" in content["evalue"]
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ("c.ProxyKernel.max_queue = 'lots'\n", "'max_queue' trait"),
+        ("c.ProxyKernel.max_queue = (\n", "could not be loaded"),
+    ],
+)
+def test_bad_config_file_is_shown_in_the_cell(
+    kernel_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    config: str,
+    says: str,
+) -> None:
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "cgpu_kernel_config.py").write_text(config)
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(config_dir))
+    name = install_spec(kernel_dir, "cgpu-test-badconfig", "jupyter", url="http://127.0.0.1:9")
+    content, alive = error_of(name)
+    assert alive
+    assert says in content["evalue"]
+    assert "cgpu_kernel_config.py" in content["evalue"]
 
 
 def test_local_server_cut_short_by_the_deadline_is_replaced() -> None:
