@@ -98,7 +98,7 @@ class Journal:
         # leave, whichever thread sends them.
         with self.lock:
             msg = self.original_send(stream, msg_or_type, *args, **kwargs)
-            if isinstance(msg, dict):
+            if isinstance(msg, dict) and stream is not None:  # None: built, not sent
                 try:
                     self._record(stream, msg, args, kwargs)
                 except Exception:
@@ -187,7 +187,12 @@ class Journal:
             messages.append(dict(entry.msg, channel=entry.channel, buffers=len(entry.buffers)))
             buffers.extend(entry.buffers)
         reply = {"status": "ok", "messages": messages, "complete": complete}
-        self.session.send(stream, REPLY_TYPE, reply, parent, ident, buffers)
+        try:
+            self.session.send(stream, REPLY_TYPE, reply, parent, ident, buffers)
+        except Exception as exc:
+            # Say so at once rather than leave the proxy waiting for an answer that never comes.
+            failed = {"status": "error", "ename": type(exc).__name__, "evalue": str(exc)}
+            self.session.send(stream, REPLY_TYPE, failed, parent, ident)
 
 
 def install(max_messages: int, max_bytes: int) -> str:

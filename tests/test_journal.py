@@ -66,15 +66,26 @@ def emit(kernel: FakeKernel, stream: object, msg_type: str, **content: Any) -> d
     return sent
 
 
-def ask(kernel: FakeKernel, after: dict[str, str | None]) -> Message:
+def ask(kernel: FakeKernel, after: dict[str, str | None], replies_expected: int = 1) -> Message:
     """Call the control handler as ipykernel would; return its reply as the proxy reads it."""
     request = journal_request("proxy", after)
-    replies: list[dict[str, Any]] = []
-    kernel.session.send = lambda *args, **kwargs: replies.append({"args": args, **kwargs})
+    replies: list[tuple[Any, ...]] = []
+    journal = kernel.session._cgpu_journal
+    real_send = journal.original_send
+
+    def send(*args: Any) -> Any:
+        replies.append(args)
+        return real_send(*args)  # really serializes: content that is not JSON fails here
+
+    journal.original_send = send
     parent = {"header": request.header, "content": request.content}
-    kernel.control_handlers[journal_agent.REQUEST_TYPE](kernel.control_stream, [], parent)
-    (sent,) = replies
-    stream, msg_type, content, reply_parent, _ident, buffers = sent["args"]
+    try:
+        kernel.control_handlers[journal_agent.REQUEST_TYPE](kernel.control_stream, [], parent)
+    finally:
+        journal.original_send = real_send
+    assert len(replies) == replies_expected
+    stream, msg_type, content, reply_parent, _ident, *rest = replies[-1]
+    buffers = rest[0] if rest else []
     assert stream is kernel.control_stream and reply_parent is parent
     header = {"msg_id": "r", "msg_type": msg_type}
     return Message.build("control", header, request.header, {}, content, buffers)
@@ -115,6 +126,19 @@ def test_a_buffer_mutated_after_sending_comes_back_as_sent(kernel: FakeKernel) -
     data[:] = b"AFTER!"
     (message,), _ = recovered_messages(ask(kernel, {}))
     assert bytes(message.buffers[0]) == b"before"
+
+
+def test_a_message_built_but_not_sent_is_not_recorded(kernel: FakeKernel) -> None:
+    kernel.session.send(None, "stream", {"name": "stdout", "text": "never sent"})
+    messages, _ = recovered_messages(ask(kernel, {}))
+    assert messages == []
+
+
+def test_an_answer_that_cannot_be_sent_says_so(kernel: FakeKernel) -> None:
+    kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}})
+    kernel.session._cgpu_journal.entries[0].msg["content"] = {"data": object()}  # not JSON
+    with pytest.raises(MalformedMessageError, match="journal answered 'error'"):
+        recovered_messages(ask(kernel, {}, replies_expected=2))
 
 
 def test_the_proxys_own_requests_are_not_recorded(kernel: FakeKernel) -> None:
