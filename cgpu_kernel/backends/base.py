@@ -84,14 +84,6 @@ class Backend(abc.ABC):
         """
         return False
 
-    async def execution_state(self) -> str | None:
-        """The remote kernel's ``execution_state`` as the server reports it (None: unknown).
-
-        Asked after a reconnection to tell a cell that is still running from one whose reply
-        was lost.
-        """
-        return None
-
     @abc.abstractmethod
     async def shutdown_kernel(self, *, restart: bool = False) -> None:
         """Delete the remote kernel (and anything started for it). Safe to call twice."""

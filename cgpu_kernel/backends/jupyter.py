@@ -265,16 +265,6 @@ class JupyterBackend(Backend):
             return KernelHealth.GONE
         return KernelHealth.ALIVE
 
-    async def execution_state(self) -> str | None:
-        if self.kernel_id is None:
-            return None
-        try:
-            model = await self.client.call("GET", self._kernel_path())
-        except RemoteError:
-            return None
-        state = model.get("execution_state") if isinstance(model, dict) else None
-        return state if isinstance(state, str) else None
-
     async def shutdown_kernel(self, *, restart: bool = False) -> None:
         if self.kernel_id is None:
             return
