@@ -161,6 +161,40 @@ def test_journal_comes_back_after_the_kernel_crashes_and_restarts(
     assert numbered_lines(outputs) == list(range(LINES))
 
 
+def test_a_journal_that_stops_answering_falls_back_to_the_replay(
+    proxy_through: tuple[KernelManager, BlockingKernelClient, FaultyPath],
+) -> None:
+    """The journal's control handler is gone (as behind a gateway that filters unknown message
+    types): the first reconnection waits for it a bounded time, then carries on with the
+    server's replay; output is never duplicated or reordered and the cell completes."""
+    _, kc, faulty = proxy_through
+    reply, _ = run_cell(
+        kc, "get_ipython().kernel.control_handlers.pop('cgpu_journal_request', None)"
+    )
+    assert reply["content"]["status"] == "ok"
+
+    def cut_twice() -> None:
+        time.sleep(0.5)
+        faulty.cut()
+        time.sleep(6)  # past the journal's answer deadline
+        faulty.cut()
+
+    cutter = in_background(cut_twice)
+    code = (
+        f"import time\nfor i in range({LINES}):\n    print(i, flush=True)\n    time.sleep(0.03)\n"
+    )
+    reply, outputs = run_cell(kc, code, timeout=90)
+    cutter.join()
+    lines = numbered_lines(outputs)
+    assert lines == sorted(set(lines))
+    if reply["content"]["status"] == "ok":
+        assert lines[-1] == LINES - 1
+    else:  # the reply itself was in the lost instant
+        assert reply["content"]["ename"] == "RemoteReplyLost"
+    _, outputs = run_cell(kc, "print('after')")
+    assert stdout_of(outputs) == "after\n"
+
+
 def test_without_the_journal_cuts_never_duplicate_or_reorder(
     kernel_dir: Path, path: FaultyPath, jupyter_server: RemoteServer
 ) -> None:
