@@ -387,6 +387,11 @@ class RemoteChannels(asyncio.BufferedProtocol):
             self.closed.set()
             return
         self.last_heard = time.monotonic()
+        if self._socket is not None and _QUICKACK is not None:
+            try:
+                self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                self._socket = None
         self._v1 = self.subprotocol == V1_SUBPROTOCOL
         if isinstance(frame, str):
             self._message(OP_TEXT, frame.encode("utf-8"))
