@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,18 @@ def compute_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Execution:
+    """One execute_request between its arrival and its record."""
+
+    started: float
+    reconnects: int
+    output_bytes: int = 0
+    reply: dict[str, Any] | None = None
+    replied_at: float = 0.0
+    idle: bool = False
+
+
 class ExecutionTracker:
     """Turns one proxy kernel's traffic into history records: one per ``execute_request``.
 
@@ -216,10 +229,18 @@ class ExecutionTracker:
     * :meth:`connected` each time the remote channels open (the first time is the startup);
     * :meth:`request` when a frontend's ``execute_request`` arrives;
     * :meth:`output` for each iopub output (stream, display, result, error) of a request;
-    * :meth:`reply` when the ``execute_reply`` goes back to the frontend: this records it.
+    * :meth:`reply` when the ``execute_reply`` goes back to the frontend;
+    * :meth:`idle` when the request's ``status: idle`` is published.
+
+    An execution is recorded once both its reply and its ``idle`` have passed: the reply
+    travels on shell and the output on iopub, and a server relays the two sockets in no fixed
+    order, so output can follow the reply; ``idle`` comes after all of it on iopub. One whose
+    ``idle`` never comes is recorded anyway at the next request, ``IDLE_GRACE`` s after its reply.
 
     Pure bookkeeping plus :func:`record_execution`; ``clock`` is injectable for tests.
     """
+
+    IDLE_GRACE = 10.0
 
     def __init__(
         self,
@@ -235,7 +256,7 @@ class ExecutionTracker:
         self.startup_ms: float | None = None
         self.reconnects = 0
         self._startup_recorded = False
-        self._pending: dict[str, list[float]] = {}  # msg_id -> [start, reconnects, bytes]
+        self._pending: dict[str, _Execution] = {}
 
     def connected(self) -> None:
         if self.startup_ms is None:
@@ -244,17 +265,36 @@ class ExecutionTracker:
             self.reconnects += 1
 
     def request(self, msg_id: str) -> None:
-        self._pending[msg_id] = [self.clock(), float(self.reconnects), 0.0]
+        now = self.clock()
+        for parent_id, execution in list(self._pending.items()):
+            if execution.reply is not None and now - execution.replied_at > self.IDLE_GRACE:
+                self._record(parent_id)
+        self._pending[msg_id] = _Execution(now, self.reconnects)
 
     def output(self, parent_id: str, nbytes: int) -> None:
-        pending = self._pending.get(parent_id)
-        if pending is not None:
-            pending[2] += nbytes
+        execution = self._pending.get(parent_id)
+        if execution is not None:
+            execution.output_bytes += nbytes
 
     def reply(self, parent_id: str, content: dict[str, Any]) -> None:
-        pending = self._pending.pop(parent_id, None)
-        if pending is None:
+        execution = self._pending.get(parent_id)
+        if execution is None or execution.reply is not None:
             return
+        execution.reply, execution.replied_at = content, self.clock()
+        if execution.idle:
+            self._record(parent_id)
+
+    def idle(self, parent_id: str) -> None:
+        execution = self._pending.get(parent_id)
+        if execution is None:
+            return
+        execution.idle = True
+        if execution.reply is not None:
+            self._record(parent_id)
+
+    def _record(self, parent_id: str) -> None:
+        execution = self._pending.pop(parent_id)
+        content = execution.reply or {}
         from .runner import categorize
 
         status = "ok" if content.get("status") == "ok" else "error"
@@ -266,11 +306,11 @@ class ExecutionTracker:
             startup, self._startup_recorded = self.startup_ms, True
         record_execution(
             self.kernel,
-            (self.clock() - pending[0]) * 1000,
+            (execution.replied_at - execution.started) * 1000,
             status,
             category,
-            int(pending[2]),
-            self.reconnects - int(pending[1]),
+            execution.output_bytes,
+            self.reconnects - execution.reconnects,
             startup,
             session=self.session,
         )

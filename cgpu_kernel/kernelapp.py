@@ -258,6 +258,11 @@ class ProxyKernelRun:
             elif isinstance(action, Publish):
                 if action.msg.msg_type in HISTORY_OUTPUTS:
                     self.tracker.output(action.msg.parent_id or "", action.msg.size)
+                elif (
+                    action.msg.msg_type == "status"
+                    and action.msg.content.get("execution_state") == "idle"
+                ):
+                    self.tracker.idle(action.msg.parent_id or "")
                 self._publish(action.msg)
             elif isinstance(action, SpoolOutput):
                 self.spool.write(action.name, action.data)

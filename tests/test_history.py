@@ -196,15 +196,35 @@ def test_tracker_records_what_the_proxy_saw(history_file: Path) -> None:
     tracker.output("other", 99)
     now[0] = 103.0
     tracker.reply("a", {"status": "ok"})
+    tracker.output("a", 7)  # output can arrive after the reply (shell and iopub are not ordered)
+    assert history.read_records() == []  # recorded at idle, not at the reply
+    tracker.idle("a")
     tracker.request("b")
     tracker.connected()  # a reconnect while b runs
     tracker.output("b", 5)
+    tracker.idle("b")  # idle before the reply: recorded at the reply
     now[0] = 104.0
     tracker.reply("b", {"status": "error", "ename": "ModuleNotFoundError", "evalue": "x"})
     tracker.reply("unknown", {"status": "ok"})  # not ours: ignored
+    tracker.idle("unknown")
     first, second = history.read_records()
     assert (first["duration_ms"], first["status"], first["category"]) == (500.0, "ok", None)
-    assert (first["output_bytes"], first["reconnects"], first["startup_ms"]) == (10, 0, 2500.0)
+    assert (first["output_bytes"], first["reconnects"], first["startup_ms"]) == (17, 0, 2500.0)
     assert (second["status"], second["category"], second["reconnects"]) == ("error", "import", 1)
     assert "startup_ms" not in second
     assert {first["session"], second["session"], first["source"]} == {"proxy-1", "kernel"}
+
+
+def test_tracker_records_an_execution_whose_idle_never_came(history_file: Path) -> None:
+    now = [0.0]
+    tracker = history.ExecutionTracker("cgpu-x", session="proxy-1", clock=lambda: now[0])
+    tracker.connected()
+    tracker.request("a")
+    tracker.reply("a", {"status": "ok"})
+    now[0] = 5.0
+    tracker.request("b")
+    assert history.read_records() == []  # still within the grace
+    now[0] = 20.0
+    tracker.request("c")
+    (record,) = history.read_records()
+    assert record["status"] == "ok" and record["duration_ms"] == 0.0
