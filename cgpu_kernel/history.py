@@ -235,7 +235,8 @@ class ExecutionTracker:
     An execution is recorded once both its reply and its ``idle`` have passed: the reply
     travels on shell and the output on iopub, and a server relays the two sockets in no fixed
     order, so output can follow the reply; ``idle`` comes after all of it on iopub. One whose
-    ``idle`` never comes is recorded anyway at the next request, ``IDLE_GRACE`` s after its reply.
+    ``idle`` never comes is recorded anyway at the next request, ``IDLE_GRACE`` s after its reply,
+    or at :meth:`close`.
 
     Pure bookkeeping plus :func:`record_execution`; ``clock`` is injectable for tests.
     """
@@ -291,6 +292,12 @@ class ExecutionTracker:
         execution.idle = True
         if execution.reply is not None:
             self._record(parent_id)
+
+    def close(self) -> None:
+        """The proxy stops: record what has its reply, idle or not."""
+        for parent_id, execution in list(self._pending.items()):
+            if execution.reply is not None:
+                self._record(parent_id)
 
     def _record(self, parent_id: str) -> None:
         execution = self._pending.pop(parent_id)

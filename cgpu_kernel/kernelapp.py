@@ -161,6 +161,7 @@ class ProxyKernelRun:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush()
+        self.tracker.close()
         self.spool.close()
         for task in self._tasks:
             task.cancel()

@@ -228,3 +228,6 @@ def test_tracker_records_an_execution_whose_idle_never_came(history_file: Path) 
     tracker.request("c")
     (record,) = history.read_records()
     assert record["status"] == "ok" and record["duration_ms"] == 0.0
+    tracker.reply("b", {"status": "ok"})
+    tracker.close()  # the proxy stops: b has its reply, c has not
+    assert len(history.read_records()) == 2
