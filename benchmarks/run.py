@@ -10,8 +10,6 @@ Paths (each with its own ipykernel):
   by the same WebSocket client.
 * ``proxy_jupyter``, ``proxy_local``: our proxy kernel (jupyter and local backends), driven over
   ZMQ exactly like the floor.
-* ``proxy_websockets``: a prototype, the jupyter-backend proxy with its WebSocket client swapped
-  for the ``websockets`` library (``benchmarks/proxy_websockets.py``).
 * ``proxy_baseline``: with ``--baseline DIR``, the jupyter-backend proxy imported from another
   checkout (``git worktree add DIR HEAD``): a change measured against its base in one run.
 
@@ -26,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -63,15 +60,11 @@ ALL_PATHS = (
     "gateway_quickack",
     "proxy_jupyter",
     "proxy_local",
-    "proxy_websockets",
     "proxy_baseline",
 )
 #: Paths measured only when asked for (``--baseline DIR``).
 ON_REQUEST = ("proxy_baseline",)
-#: Paths that need the ``websockets`` library (not a dependency of the project).
-NEEDS_WEBSOCKETS = ("ws_websockets", "proxy_websockets")
-HAVE_WEBSOCKETS = importlib.util.find_spec("websockets") is not None
-PROXY_PATHS = ("proxy_jupyter", "proxy_local", "proxy_websockets", "proxy_baseline")
+PROXY_PATHS = ("proxy_jupyter", "proxy_local", "proxy_baseline")
 #: Paths that share a connection with another, differing only in TCP_QUICKACK on the client.
 TWINS = {"ws_quickack": "ws", "gateway_quickack": "gateway"}
 DIRECT_WS = ("ws", "ws_quickack", "ws_websockets")
@@ -520,9 +513,6 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
     wanted = set(settings.paths)
     if settings.baseline is None:
         wanted.discard("proxy_baseline")
-    if not HAVE_WEBSOCKETS and wanted & set(NEEDS_WEBSOCKETS):
-        log(f"the websockets library is not installed: skipping {', '.join(NEEDS_WEBSOCKETS)}")
-        wanted -= set(NEEDS_WEBSOCKETS)
     for twin, base in TWINS.items():
         if twin in wanted:
             wanted.add(base)
@@ -535,7 +525,6 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
             "ws_websockets",
             "gateway",
             "proxy_jupyter",
-            "proxy_websockets",
             "proxy_baseline",
         }
         if needs_remote:
@@ -562,9 +551,6 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
                 await setup_proxy(path, workdir, "jupyter", remote, settings)
             elif name == "proxy_local":
                 await setup_proxy(path, workdir, "local", None, settings)
-            elif name == "proxy_websockets":
-                module = "benchmarks.proxy_websockets"
-                await setup_proxy(path, workdir, "jupyter", remote, settings, module)
             elif name == "proxy_baseline":
                 await setup_proxy(
                     path, workdir, "jupyter", remote, settings, source=settings.baseline

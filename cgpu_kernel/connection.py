@@ -5,15 +5,14 @@ protocol when the server does not pick it. Sets ``TCP_NODELAY`` and, after each 
 platform has it, ``TCP_QUICKACK``: without them every round trip pays ~40 ms of Nagle and
 delayed-ACK latency (FIELD-NOTES section 3).
 
-The client is a small RFC 6455 client on an asyncio buffered protocol, not tornado's
-``websocket_connect``: per message, tornado's client awaited two reads through its stream's
-futures and copied a message three times on the way out (join, mask, frame). Here the framing
-is :mod:`cgpu_kernel.wire`'s (sans-I/O): a read lands in one reusable buffer and every complete
-frame in it is handled in the same callback; a large frame is read straight into a buffer of its
-own, whose binary buffers go on to ZMQ as views; a large message goes out as 1 MiB fragments
-masked one at a time, each written only once the socket took the one before (the transport's
-write buffer never holds more than a fragment). TLS is verified as before (the system's trust
-store, or the request's ``ca_certs``; ``validate_cert=False`` only where a backend asks for it).
+The WebSocket protocol itself (handshake, framing, masking, ping/pong, the closing handshake,
+size limits) is the ``websockets`` library's sans-I/O core, :class:`websockets.client.
+ClientProtocol`; this module is the I/O around it, on a plain asyncio protocol. Not its asyncio
+client, nor tornado's: measured side by side (docs/benchmarks.md), both copy a large message
+whole on the way out (join, then mask) and hold it while it drains. Here a message goes out as
+1 MiB fragments, each masked and written only once the socket took the one before, so the
+biggest copy is a fragment. TLS is verified (the system's trust store, or the request's
+``ca_certs``; ``validate_cert=False`` only where a backend asks for it).
 
 Liveness is ours: a silent connection here is only marked stalled; the proxy opens a new one
 (same ``session_id``, so the server replaces the stale one and replays what it buffered) while
@@ -24,26 +23,29 @@ Messages are handed to a sink callback as they are parsed (no queue hop). A new 
 holds its messages until :meth:`RemoteChannels.deliver_to` is called, so the proxy can finish
 draining an old connection first and keep the order.
 
-Reconnection policy lives in ``kernelapp``; this class is one socket's life.
+Reconnection policy lives in ``kernelapp`` and ``reconnect``; this class is one socket's life.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
-import os
 import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from . import __version__
 from .exceptions import (
@@ -54,40 +56,37 @@ from .exceptions import (
     RemoteUnreachableError,
 )
 from .wire import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
+    FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
-    FrameReader,
-    Mask,
+    Buffer,
     Message,
-    WebSocketProtocolError,
-    client_frames,
-    close_payload,
-    frame_header,
+    fragments,
     from_ws_legacy,
     from_ws_v1,
-    mask_python,
-    parse_close,
     to_ws_legacy,
     to_ws_v1_pieces,
 )
 
-try:
-    from tornado.speedups import websocket_mask as _c_mask
-except ImportError:  # pragma: no cover - tornado built without its C extension
-    _MASK: Mask = mask_python
-else:
-    _MASK = _c_mask
-
 log = logging.getLogger(__name__)
+# The library's own log: at DEBUG it writes the handshake's headers, token and all, so it never
+# goes below INFO, whatever the kernel's --log-level.
+_protocol_log = logging.getLogger(__name__ + ".protocol")
+_protocol_log.setLevel(logging.INFO)
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-_MAX_HEAD = 64 * 1024
 CLOSE_TIMEOUT = 5.0  # how long a closing handshake may take before the socket is dropped
+# Headers the handshake sets itself; a backend's request may not override them.
+_HANDSHAKE_HEADERS = frozenset(
+    {
+        "host",
+        "upgrade",
+        "connection",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+    }
+)
 
 MessageSink = Callable[[Message], None]
 
@@ -96,71 +95,30 @@ class ChannelsClosedError(Exception):
     """Sending on a channels WebSocket that has closed (the message was not sent)."""
 
 
-def _new_key() -> bytes:
-    return os.urandom(4)
-
-
-class _Handshake:
-    """The HTTP upgrade's response, read into the protocol's buffer before framing starts."""
-
-    def __init__(self) -> None:
-        self.data = bytearray(_MAX_HEAD)
-        self.filled = 0
-        self.done: asyncio.Future[tuple[int, str, dict[str, str], bytes]] = (
-            asyncio.get_running_loop().create_future()
-        )
-
-    def received(self, count: int) -> bool:
-        """Parse once the head is complete; True when it is."""
-        self.filled += count
-        end = self.data.find(b"\r\n\r\n", 0, self.filled)
-        if end < 0:
-            if self.filled >= len(self.data) and not self.done.done():
-                self.done.set_exception(RemoteProtocolError("an HTTP response head over 64 KiB"))
-            return False
-        lines = bytes(self.data[:end]).decode("latin-1").split("\r\n")
-        status_line = lines[0].split(" ", 2)
-        try:
-            code = int(status_line[1])
-        except (IndexError, ValueError):
-            if not self.done.done():
-                self.done.set_exception(RemoteProtocolError(f"not HTTP: {lines[0][:80]!r}"))
-            return True
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        reason = status_line[2] if len(status_line) > 2 else ""
-        if not self.done.done():
-            self.done.set_result((code, reason, headers, bytes(self.data[end + 4 : self.filled])))
-        return True
-
-
-class RemoteChannels(asyncio.BufferedProtocol):
+class RemoteChannels(asyncio.Protocol):
     """An open channels WebSocket to one remote kernel."""
 
     def __init__(self, where: str, max_message_size: int = 1 << 30) -> None:
         self.where = where
+        self.max_message_size = max_message_size
         self.subprotocol: str | None = None
         self.malformed = 0
         self.last_heard = time.monotonic()
         self.closed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._ws: ClientProtocol | None = None
+        self._transport: asyncio.Transport | None = None
         self._socket: Any = None
+        self._opened: asyncio.Future[Response] = self._loop.create_future()
         self._sink: MessageSink | None = None
         self._held: list[Message] = []
-        self._transport: asyncio.Transport | None = None
-        self._handshake: _Handshake | None = _Handshake()
-        self._reader = FrameReader(max_message_size)
-        self._v1 = False
-        # Messages being written: (frames still to write, future). The head's frames are
-        # written as the socket takes them; the future resolves once they are all flushed.
+        self._partial: list[Buffer] = []  # a fragmented message being received
+        self._partial_opcode = Opcode.BINARY
+        # Messages being written: (their wire bytes, frame by frame, made as the socket takes
+        # them; the future resolves once all are written).
         self._queue: deque[tuple[Iterator[bytes], asyncio.Future[None]]] = deque()
         self._paused = False
-        self._close_sent = False
-        self._close_code: int | None = None
-        self._close_reason = ""
         self._close_timer: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -187,14 +145,20 @@ class RemoteChannels(asyncio.BufferedProtocol):
 
     async def _connect(self, request: HTTPRequest) -> None:
         url = request.url
-        parts = urlsplit(url)
-        secure = parts.scheme in ("wss", "https")
-        if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
-            raise RemoteProtocolError(f"not a WebSocket URL: {self.where}")
-        host = parts.hostname
-        port = parts.port or (443 if secure else 80)
+        if url.startswith(("http://", "https://")):
+            url = "ws" + url[4:]
+        try:
+            uri = parse_uri(url)
+        except InvalidURI:
+            raise RemoteProtocolError(f"not a WebSocket URL: {self.where}") from None
+        self._ws = ClientProtocol(
+            uri,
+            subprotocols=[Subprotocol(V1_SUBPROTOCOL)],
+            max_size=self.max_message_size,
+            logger=_protocol_log,
+        )
         context: ssl.SSLContext | None = None
-        if secure:
+        if uri.secure:
             context = ssl.create_default_context(cafile=request.ca_certs)
             if request.client_cert:
                 context.load_cert_chain(request.client_cert, request.client_key)
@@ -206,10 +170,10 @@ class RemoteChannels(asyncio.BufferedProtocol):
             await asyncio.wait_for(
                 self._loop.create_connection(
                     lambda: self,
-                    host,
-                    port,
+                    uri.host,
+                    uri.port,
                     ssl=context,
-                    server_hostname=host if context is not None else None,
+                    server_hostname=uri.host if context is not None else None,
                 ),
                 connect_timeout,
             )
@@ -217,77 +181,46 @@ class RemoteChannels(asyncio.BufferedProtocol):
             raise RemoteUnreachableError(
                 f"Could not reach {self.where}: no connection within {connect_timeout:g} s."
             ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise RemoteUnreachableError(
+                f"Could not reach {self.where}: its TLS certificate is not trusted"
+                f" ({exc.verify_message}). Give the server's CA with --ca-certs."
+            ) from None
         except OSError as exc:
             raise RemoteUnreachableError(f"Could not reach {self.where}: {exc}.") from None
-        key = base64.b64encode(os.urandom(16)).decode("ascii")
-        self._transport_or_raise().write(self._upgrade_request(request, parts, key))
-        assert self._handshake is not None
-        code, reason, headers, rest = await self._handshake.done
-        self._check_upgrade(code, reason, headers, key)
-        self.subprotocol = headers.get("sec-websocket-protocol") or None
-        self._v1 = self.subprotocol == V1_SUBPROTOCOL
-        self._handshake = None
-        if rest:
-            self._handle_events(rest)
-        self._transport_or_raise().resume_reading()
-
-    def _upgrade_request(self, request: HTTPRequest, parts: Any, key: str) -> bytes:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        default_port = 443 if parts.scheme in ("wss", "https") else 80
-        netloc = parts.netloc.rpartition("@")[2]
-        if parts.port == default_port:
-            netloc = netloc.rsplit(":", 1)[0]
-        lines = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {netloc}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-            f"Sec-WebSocket-Protocol: {V1_SUBPROTOCOL}",
-        ]
+        handshake = self._ws.connect()
         given = request.headers
         items = given.get_all() if isinstance(given, HTTPHeaders) else dict(given or {}).items()
-        skip = {"host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version"}
-        skip.add("sec-websocket-protocol")
-        have_agent = False
         for name, value in items:
-            if name.lower() in skip:
-                continue
-            have_agent = have_agent or name.lower() == "user-agent"
-            lines.append(f"{name}: {value}")
-        if not have_agent:
-            lines.append(f"User-Agent: cgpu-kernel/{__version__}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            if name.lower() not in _HANDSHAKE_HEADERS:
+                handshake.headers[name] = value
+        if "User-Agent" not in handshake.headers:
+            handshake.headers["User-Agent"] = f"cgpu-kernel/{__version__}"
+        self._ws.send_request(handshake)
+        self._flush()
+        response = await self._opened
+        self._check_upgrade(response)
+        self.subprotocol = self._ws.subprotocol
 
-    def _check_upgrade(self, code: int, reason: str, headers: dict[str, str], key: str) -> None:
+    def _check_upgrade(self, response: Response) -> None:
+        assert self._ws is not None
+        failure = self._ws.handshake_exc
+        if failure is None:
+            return
         where = self.where
-        if code in (401, 403):
-            raise RemoteAuthError(
-                f"The server refused the WebSocket to {where} (HTTP {code}): check the token."
-            )
-        if code == 404:
-            raise RemoteKernelGoneError(f"The server no longer knows {where}.")
-        if code != 101:
+        if isinstance(failure, InvalidStatus):
+            code = failure.response.status_code
+            if code in (401, 403):
+                raise RemoteAuthError(
+                    f"The server refused the WebSocket to {where} (HTTP {code}): check the token."
+                )
+            if code == 404:
+                raise RemoteKernelGoneError(f"The server no longer knows {where}.")
             raise RemoteProtocolError(
-                f"The server refused the WebSocket to {where} (HTTP {code} {reason})."
+                f"The server refused the WebSocket to {where} (HTTP {code}"
+                f" {response.reason_phrase})."
             )
-        # RFC 6455's fixed accept-key derivation, not a security use of SHA-1
-        digest = hashlib.sha1(key.encode("ascii") + _GUID, usedforsecurity=False).digest()
-        accept = base64.b64encode(digest).decode()
-        if (
-            headers.get("upgrade", "").lower() != "websocket"
-            or headers.get("sec-websocket-accept") != accept
-        ):
-            raise RemoteProtocolError(f"{where} answered the WebSocket upgrade wrongly.")
-        chosen = headers.get("sec-websocket-protocol")
-        if chosen and chosen != V1_SUBPROTOCOL:
-            raise RemoteProtocolError(f"{where} chose an unknown subprotocol {chosen!r}.")
-
-    def _transport_or_raise(self) -> asyncio.Transport:
-        if self._transport is None:
-            raise RemoteUnreachableError(f"Could not reach {self.where}: the connection closed.")
-        return self._transport
+        raise RemoteProtocolError(f"{where} answered the WebSocket upgrade wrongly ({failure}).")
 
     # --- asyncio protocol ---------------------------------------------------------------------
 
@@ -303,70 +236,61 @@ class RemoteChannels(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._socket = sock
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        handshake = self._handshake
-        if handshake is not None:
-            return memoryview(handshake.data)[handshake.filled :]
-        return self._reader.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         self.last_heard = time.monotonic()
         if self._socket is not None and _QUICKACK is not None:
             try:
                 self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
             except OSError:
                 self._socket = None
-        handshake = self._handshake
-        if handshake is not None:
-            if handshake.received(nbytes):
-                # Framing starts with whatever follows the head; wait for _connect to switch.
-                self._transport_or_raise().pause_reading()
+        ws = self._ws
+        if ws is None:
             return
-        try:
-            events = self._reader.buffer_updated(nbytes)
-        except WebSocketProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        self._dispatch(events)
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if isinstance(event, Frame):
+                self._frame(event)
+            elif isinstance(event, Response) and not self._opened.done():
+                self._opened.set_result(event)
+        self._flush()  # pongs, the answer to a close, the close after a protocol error
 
-    def _handle_events(self, data: bytes) -> None:
-        try:
-            events = self._reader.feed(data)
-        except WebSocketProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        self._dispatch(events)
+    def eof_received(self) -> bool | None:
+        if self._ws is not None:
+            self._ws.receive_eof()
+            self._flush()
+        return None  # let the transport close
 
-    def _dispatch(self, events: list[tuple[int, bytes | bytearray]]) -> None:
-        for opcode, payload in events:
-            if opcode in (OP_BINARY, OP_TEXT):
-                self._message(opcode, payload)
-            elif opcode == OP_PING:
-                self._write_control(OP_PONG, bytes(payload))
-            elif opcode == OP_CLOSE:
-                self._close_code, self._close_reason = parse_close(payload)
-                if not self._close_sent:
-                    code = self._close_code if self._close_code is not None else 1000
-                    self._write_control(OP_CLOSE, close_payload(code))
-                    self._close_sent = True
-                if self._transport is not None:
-                    self._transport.close()
-            # OP_PONG: a sign of life, already noted
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode in (Opcode.TEXT, Opcode.BINARY):
+            if frame.fin:
+                self._message(opcode, frame.data)
+            else:
+                self._partial, self._partial_opcode = [frame.data], opcode
+        elif opcode is Opcode.CONT:
+            self._partial.append(frame.data)
+            if frame.fin:
+                parts, self._partial = self._partial, []
+                self._message(self._partial_opcode, b"".join(parts))
+        elif opcode is Opcode.CLOSE and self._ws is not None and self._ws.close_expected():
+            # The library answered the close; drop the socket if the server does not.
+            self._close_after(CLOSE_TIMEOUT)
+        # PING (answered by the library) and PONG: signs of life, already noted
 
-    def _message(self, opcode: int, payload: bytes | bytearray) -> None:
+    def _message(self, opcode: Opcode, payload: Buffer) -> None:
         try:
-            if self._v1:
-                if opcode != OP_BINARY:
+            if self.subprotocol == V1_SUBPROTOCOL:
+                if opcode is not Opcode.BINARY:
                     raise MalformedMessageError("text frame on a v1 WebSocket")
                 msg = from_ws_v1(payload)
-            elif opcode == OP_TEXT:
+            elif opcode is Opcode.TEXT:
                 try:
-                    text = payload.decode("utf-8")
+                    text = bytes(payload).decode("utf-8")
                 except UnicodeDecodeError:
                     raise MalformedMessageError("a text frame that is not UTF-8") from None
                 msg = from_ws_legacy(text)
             else:
-                msg = from_ws_legacy(payload)
+                msg = from_ws_legacy(bytes(payload) if isinstance(payload, memoryview) else payload)
         except MalformedMessageError as exc:
             self.malformed += 1
             log.warning("dropped a malformed message from %s: %s", self.where, exc)
@@ -380,32 +304,6 @@ class RemoteChannels(asyncio.BufferedProtocol):
         except Exception:
             log.exception("handling a message from %s failed", self.where)
 
-    def _on_frame(self, frame: str | bytes | None) -> None:
-        """One whole message (or None at the end), for clients that frame messages themselves
-        (the ``websockets`` prototype in ``benchmarks/``)."""
-        if frame is None:
-            self.closed.set()
-            return
-        self.last_heard = time.monotonic()
-        if self._socket is not None and _QUICKACK is not None:
-            try:
-                self._socket.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                self._socket = None
-        self._v1 = self.subprotocol == V1_SUBPROTOCOL
-        if isinstance(frame, str):
-            self._message(OP_TEXT, frame.encode("utf-8"))
-        else:
-            self._message(OP_BINARY, frame)
-
-    def _protocol_error(self, exc: WebSocketProtocolError) -> None:
-        log.warning("closing the WebSocket to %s: %s", self.where, exc)
-        self._close_code, self._close_reason = exc.code, str(exc)
-        if not self._close_sent:
-            self._write_control(OP_CLOSE, close_payload(exc.code))
-            self._close_sent = True
-        self.abort()
-
     def pause_writing(self) -> None:
         self._paused = True
 
@@ -415,6 +313,8 @@ class RemoteChannels(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._ws is not None and self._ws.state is not State.CLOSED:
+            self._ws.receive_eof()
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
@@ -422,9 +322,8 @@ class RemoteChannels(asyncio.BufferedProtocol):
         for _, future in queue:
             if not future.done():
                 future.set_exception(ChannelsClosedError("the connection closed"))
-        handshake = self._handshake
-        if handshake is not None and not handshake.done.done():
-            handshake.done.set_exception(
+        if not self._opened.done():
+            self._opened.set_exception(
                 RemoteUnreachableError(f"{self.where} closed the connection during the handshake.")
             )
         self.closed.set()
@@ -444,36 +343,61 @@ class RemoteChannels(asyncio.BufferedProtocol):
     def silent_for(self) -> float:
         return time.monotonic() - self.last_heard
 
-    def ping(self) -> None:
-        if self._transport is not None and not self.closed.is_set():
-            self._write_control(OP_PING, b"")
+    def _open(self) -> ClientProtocol | None:
+        ws = self._ws
+        if self._transport is None or ws is None or ws.state is not State.OPEN:
+            return None
+        return ws
 
-    def _write_control(self, opcode: int, payload: bytes) -> None:
-        """A control frame goes out at once (allowed between the fragments of a message)."""
-        transport = self._transport
-        if transport is None or self._close_sent or transport.is_closing():
-            return
-        key = _new_key()
-        transport.write(frame_header(opcode, len(payload), key) + _MASK(key, payload))
+    def ping(self) -> None:
+        ws = self._open()
+        if ws is not None and not self.closed.is_set():
+            ws.send_ping(b"")
+            self._flush()
 
     def send(self, msg: Message) -> asyncio.Future[None]:
         """Write ``msg``; the future fails if the connection drops before it is written out."""
-        transport = self._transport
-        if transport is None or self._close_sent or self.closed.is_set():
+        ws = self._open()
+        if ws is None or self.closed.is_set():
             raise ChannelsClosedError(str(msg))
-        if self._v1:
-            opcode, pieces = OP_BINARY, to_ws_v1_pieces(msg)
-        else:
-            data = to_ws_legacy(msg)
-            if isinstance(data, str):
-                opcode, pieces = OP_TEXT, [data.encode("utf-8")]
-            else:
-                opcode, pieces = OP_BINARY, [data]
         future: asyncio.Future[None] = self._loop.create_future()
-        self._queue.append((client_frames(opcode, pieces, _MASK, _new_key), future))
+        self._queue.append((self._frames(ws, msg), future))
         if len(self._queue) == 1 and not self._paused:
             self._pump()
         return future
+
+    def _frames(self, ws: ClientProtocol, msg: Message) -> Iterator[bytes]:
+        """``msg`` on the wire, one frame at a time: up to :data:`FRAGMENT_SIZE` bytes is one
+        frame; a larger message becomes fragments, each made only when it is its turn."""
+        if self.subprotocol == V1_SUBPROTOCOL:
+            pieces: list[Buffer] = to_ws_v1_pieces(msg)
+        else:
+            data = to_ws_legacy(msg)
+            if isinstance(data, str):
+                ws.send_text(data.encode("utf-8"))
+                yield self._outgoing(ws)
+                return
+            pieces = [data]
+        total = sum(len(p) for p in pieces)
+        if total <= FRAGMENT_SIZE:
+            ws.send_binary(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            yield self._outgoing(ws)
+            return
+        sent = 0
+        for index, chunk in enumerate(fragments(pieces)):
+            sent += len(chunk)
+            if ws.state is not State.OPEN:
+                return  # closed meanwhile: the rest cannot go out
+            if index == 0:
+                ws.send_binary(chunk, fin=sent == total)
+            else:
+                ws.send_continuation(chunk, fin=sent == total)
+            yield self._outgoing(ws)
+
+    @staticmethod
+    def _outgoing(ws: ClientProtocol) -> bytes:
+        data = ws.data_to_send()
+        return data[0] if len(data) == 1 else b"".join(data)
 
     def _pump(self) -> None:
         """Write frames from the queue's head while the socket takes them whole."""
@@ -491,22 +415,38 @@ class RemoteChannels(asyncio.BufferedProtocol):
                 continue
             transport.write(frame)
 
+    def _flush(self) -> None:
+        """Write what the protocol has to say by itself (control frames); an empty chunk is its
+        signal to end the connection."""
+        ws, transport = self._ws, self._transport
+        if ws is None or transport is None:
+            return
+        for data in ws.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def _close_after(self, seconds: float) -> None:
+        if self._close_timer is None and self._transport is not None:
+            self._close_timer = self._loop.call_later(seconds, self.abort)
+
     @property
     def close_reason(self) -> str:
-        if self._close_code is None:
+        received = self._ws.close_rcvd if self._ws is not None else None
+        if received is None:
             return "connection lost"
-        return f"code {self._close_code}, {self._close_reason}"
+        return f"code {received.code}, {received.reason}"
 
     def close(self) -> None:
         """Start the closing handshake; the socket is dropped if it does not finish in time."""
-        transport = self._transport
-        if transport is None:
-            return
-        if not self._close_sent:
-            self._write_control(OP_CLOSE, close_payload(1000))
-            self._close_sent = True
-        if self._close_timer is None:
-            self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
+        ws = self._open()
+        if ws is not None:
+            ws.send_close(1000)
+            self._flush()
+        self._close_after(CLOSE_TIMEOUT)
 
     def abort(self) -> None:
         """Drop the TCP connection now (a stalled socket that will not drain)."""

@@ -29,7 +29,8 @@ from .wire import Message
 
 log = logging.getLogger(__name__)
 
-FIRST_REPLY_WAIT = 10.0  # a fresh kernel answering kernel_info (it may still be starting)
+FIRST_REPLY_WAIT = 10.0  # how long cells wait for the journal before going ahead anyway
+KERNEL_INFO_WAIT = 120.0  # how long a starting (or restarting) kernel may take to answer at all
 ANSWER_WAIT = 5.0  # the journal answering on the control channel
 
 
@@ -65,20 +66,25 @@ class JournalKeeper:
         """Install the journal in the kernel behind ``channels``.
 
         ``ready`` is called once the install request is written (cells queued behind it are
-        then covered from their first line), or once it is clear there will be none.
+        then covered from their first line), once it is clear there will be none, or after
+        ``FIRST_REPLY_WAIT`` s of a kernel slow to answer (the install follows when it does).
         """
         self.kernel_changed()
         if not self.enabled:
             ready()
             return
         try:
-            info = await self.ask(channels, kernel_info_request(self.session), FIRST_REPLY_WAIT)
+            asked = self.ask(channels, kernel_info_request(self.session), KERNEL_INFO_WAIT)
+            done, _ = await asyncio.wait({asked}, timeout=FIRST_REPLY_WAIT)
+            if not done:
+                ready()  # a slow kernel: cells go ahead; the journal follows when it answers
+            info = await asked
             if info is None or not can_hold_journal(info.content):
                 if info is not None:
                     log.info("the remote kernel is not an IPython kernel: no output journal")
                 return
             install = install_request(self.session, self.max_messages, self.max_bytes)
-            answer = self.ask(channels, install, FIRST_REPLY_WAIT)
+            answer = self.ask(channels, install, KERNEL_INFO_WAIT)
             ready()
             reply = await answer
         finally:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -336,241 +336,28 @@ def from_ws(frame: bytes | bytearray | str, subprotocol: str | None) -> Message:
     return from_ws_legacy(frame)
 
 
-# --- WebSocket framing (RFC 6455), client side -----------------------------------------------
+# --- WebSocket fragments ---------------------------------------------------------------------
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
-#: A message larger than this goes out as several fragments, each masked on its own: a large
-#: buffer is never joined, masked and framed whole.
+#: Largest WebSocket frame the proxy writes: a bigger message goes out in fragments this size,
+#: each masked and written on its own, so no whole-message copy is ever made.
 FRAGMENT_SIZE = 1 << 20
-#: Frames at least this large are read straight into a buffer of their own.
-_BIG_FRAME = 64 * 1024
-_READ_CHUNK = 256 * 1024
-Mask = Callable[[bytes, bytes], bytes]
 
 
-class WebSocketProtocolError(Exception):
-    """The server broke RFC 6455 framing; ``code`` is the close code to answer with."""
-
-    def __init__(self, message: str, code: int = 1002) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def mask_python(key: bytes, data: bytes) -> bytes:
-    """XOR ``data`` with the repeated 4-byte ``key`` (a fallback for a C implementation)."""
-    size = len(data)
-    if not size:
-        return b""
-    repeated = (key * (size // 4 + 1))[:size]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(
-        size, "little"
-    )
-
-
-def frame_header(opcode: int, length: int, mask_key: bytes, *, fin: bool = True) -> bytes:
-    """The header of a masked client frame carrying ``length`` payload bytes."""
-    first = (0x80 if fin else 0) | opcode
-    if length < 126:
-        return struct.pack("!BB", first, 0x80 | length) + mask_key
-    if length < 1 << 16:
-        return struct.pack("!BBH", first, 0x80 | 126, length) + mask_key
-    return struct.pack("!BBQ", first, 0x80 | 127, length) + mask_key
-
-
-def client_frames(
-    opcode: int, pieces: list[Buffer], mask: Mask, new_key: Callable[[], bytes]
-) -> Iterator[bytes]:
-    """One message as masked client frames, written one after the other.
-
-    Up to :data:`FRAGMENT_SIZE` bytes make one frame (header and masked payload in one
-    ``bytes``); a larger message becomes fragments of that size cut from ``pieces`` without
-    joining them, so the biggest copy made is one fragment.
-    """
-    total = sum(len(p) for p in pieces)
-    if total <= FRAGMENT_SIZE:
-        key = new_key()
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        yield frame_header(opcode, total, key) + mask(key, bytes(data))
-        return
-    first = True
-    sent = 0
-    for chunk in _fragments(pieces):
-        key = new_key()
-        sent += len(chunk)
-        yield frame_header(
-            opcode if first else OP_CONTINUATION, len(chunk), key, fin=sent == total
-        ) + mask(key, chunk)
-        first = False
-
-
-def _fragments(pieces: list[Buffer]) -> Iterator[bytes]:
-    """``pieces`` regrouped into chunks of :data:`FRAGMENT_SIZE` bytes (the last one shorter)."""
+def fragments(pieces: list[Buffer], size: int = FRAGMENT_SIZE) -> Iterator[bytes]:
+    """``pieces`` regrouped into chunks of ``size`` bytes (the last one shorter), cut from the
+    pieces without joining them first."""
     small: list[memoryview] = []
-    size = 0
+    filled = 0
     for piece in pieces:
         view = memoryview(piece).cast("B")
         start = 0
         while start < len(view):
-            take = min(FRAGMENT_SIZE - size, len(view) - start)
+            take = min(size - filled, len(view) - start)
             small.append(view[start : start + take])
-            size += take
+            filled += take
             start += take
-            if size == FRAGMENT_SIZE:
+            if filled == size:
                 yield small[0].tobytes() if len(small) == 1 else b"".join(small)
-                small, size = [], 0
+                small, filled = [], 0
     if small:
         yield small[0].tobytes() if len(small) == 1 else b"".join(small)
-
-
-class FrameReader:
-    """Incremental reader of the frames a server sends (unmasked), for a buffered protocol.
-
-    The caller reads into :meth:`get_buffer` and reports the count to :meth:`buffer_updated`,
-    which returns the complete messages and control frames as ``(opcode, payload)``. Small
-    frames are cut out of one reusable read buffer; a large frame is read straight into a
-    ``bytearray`` of its own, which is handed over whole (no join, no second copy). Fragmented
-    messages are reassembled; control frames may arrive between fragments.
-    """
-
-    def __init__(self, max_message_size: int) -> None:
-        self.max_message_size = max_message_size
-        self._buf = bytearray(_READ_CHUNK)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-        self._big: bytearray | None = None
-        self._big_filled = 0
-        self._big_head = (True, OP_BINARY)
-        self._fragments: list[bytes | bytearray] = []
-        self._fragment_opcode = 0
-        self._fragment_size = 0
-
-    def get_buffer(self) -> memoryview:
-        if self._big is not None:
-            return memoryview(self._big)[self._big_filled :]
-        if self._end == len(self._buf):
-            self._compact()
-        return self._view[self._end :]
-
-    def _compact(self) -> None:
-        pending = self._end - self._start
-        if self._start:
-            self._buf[:pending] = self._view[self._start : self._end]
-        self._start, self._end = 0, pending
-
-    def feed(self, data: bytes) -> list[tuple[int, bytes | bytearray]]:
-        """Copy ``data`` in and parse it (for bytes read before framing began)."""
-        events: list[tuple[int, bytes | bytearray]] = []
-        view = memoryview(data)
-        while view:
-            target = self.get_buffer()
-            count = min(len(target), len(view))
-            target[:count] = view[:count]
-            view = view[count:]
-            events.extend(self.buffer_updated(count))
-        return events
-
-    def buffer_updated(self, count: int) -> list[tuple[int, bytes | bytearray]]:
-        events: list[tuple[int, bytes | bytearray]] = []
-        if self._big is not None:
-            self._big_filled += count
-            if self._big_filled < len(self._big):
-                return events
-            big, self._big = self._big, None
-            fin, opcode = self._big_head
-            self._frame(fin, opcode, big, events)
-            return events
-        self._end += count
-        buf = self._buf
-        while True:
-            start, available = self._start, self._end - self._start
-            if available < 2:
-                break
-            first, second = buf[start], buf[start + 1]
-            if first & 0x70:
-                raise WebSocketProtocolError("a frame with reserved bits set (no extension)")
-            if second & 0x80:
-                raise WebSocketProtocolError("a masked frame from the server")
-            length = second & 0x7F
-            head = 2
-            if length == 126:
-                if available < 4:
-                    break
-                (length,) = struct.unpack_from("!H", buf, start + 2)
-                head = 4
-            elif length == 127:
-                if available < 10:
-                    break
-                (length,) = struct.unpack_from("!Q", buf, start + 2)
-                head = 10
-            fin, opcode = bool(first & 0x80), first & 0x0F
-            if opcode >= OP_CLOSE:
-                if length > 125 or not fin:
-                    raise WebSocketProtocolError("a control frame too long or fragmented")
-            elif self._fragment_size + length > self.max_message_size:
-                raise WebSocketProtocolError(
-                    f"a message over the {self.max_message_size} byte limit", code=1009
-                )
-            if available - head >= length:
-                begin = start + head
-                self._start = begin + length
-                self._frame(fin, opcode, bytes(self._view[begin : begin + length]), events)
-                continue
-            if length >= _BIG_FRAME:
-                # Read the rest of this frame straight into a buffer of its own.
-                have = available - head
-                big = bytearray(length)
-                big[:have] = self._view[start + head : self._end]
-                self._big, self._big_filled, self._big_head = big, have, (fin, opcode)
-                self._start = self._end = 0
-                break
-            if start + head + length > len(buf):
-                self._compact()
-            break
-        if self._start == self._end:
-            self._start = self._end = 0
-        return events
-
-    def _frame(
-        self,
-        fin: bool,
-        opcode: int,
-        payload: bytes | bytearray,
-        events: list[tuple[int, bytes | bytearray]],
-    ) -> None:
-        if opcode >= OP_CLOSE:
-            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
-                raise WebSocketProtocolError(f"unknown control opcode {opcode}")
-            events.append((opcode, payload))
-            return
-        if opcode == OP_CONTINUATION:
-            if not self._fragments:
-                raise WebSocketProtocolError("a continuation frame without a message to continue")
-            self._fragments.append(payload)
-            self._fragment_size += len(payload)
-            if fin:
-                whole = b"".join(self._fragments)
-                events.append((self._fragment_opcode, whole))
-                self._fragments, self._fragment_size = [], 0
-            return
-        if opcode not in (OP_TEXT, OP_BINARY):
-            raise WebSocketProtocolError(f"unknown data opcode {opcode}")
-        if self._fragments:
-            raise WebSocketProtocolError("a new message before the last one's final fragment")
-        if fin:
-            events.append((opcode, payload))
-            return
-        self._fragments, self._fragment_opcode = [payload], opcode
-        self._fragment_size = len(payload)
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode("utf-8")[:123]
-
-
-def parse_close(payload: Buffer) -> tuple[int | None, str]:
-    if len(payload) < 2:
-        return None, ""
-    (code,) = struct.unpack_from("!H", payload, 0)
-    return code, bytes(payload[2:]).decode("utf-8", "replace")

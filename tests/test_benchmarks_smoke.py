@@ -14,16 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run import (
-    ALL_PATHS,
-    HAVE_WEBSOCKETS,
-    NEEDS_WEBSOCKETS,
-    ON_REQUEST,
-    PROXY_PATHS,
-    compare,
-)
+from benchmarks.run import ALL_PATHS, ON_REQUEST, PROXY_PATHS, compare
 
-SKIPPED = set(ON_REQUEST) | (set() if HAVE_WEBSOCKETS else set(NEEDS_WEBSOCKETS))
+SKIPPED = set(ON_REQUEST)
 EXPECTED = [p for p in ALL_PATHS if p not in SKIPPED]
 MEASURED_PROXIES = [p for p in PROXY_PATHS if p not in SKIPPED]
 

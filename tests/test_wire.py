@@ -19,23 +19,13 @@ from cgpu_kernel.exceptions import MalformedMessageError
 from cgpu_kernel.wire import (
     DELIMITER,
     FRAGMENT_SIZE,
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_TEXT,
     V1_SUBPROTOCOL,
-    FrameReader,
     Message,
-    WebSocketProtocolError,
-    client_frames,
-    close_payload,
+    fragments,
     from_ws,
     from_ws_legacy,
     from_ws_v1,
     make_header,
-    mask_python,
-    parse_close,
     split_zmq_frames,
     to_ws,
     to_ws_legacy,
@@ -198,129 +188,19 @@ def test_content_parsed_lazily() -> None:
 # --- WebSocket framing -----------------------------------------------------------------------
 
 
-def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
-    first = (0x80 if fin else 0) | opcode
-    size = len(payload)
-    if size < 126:
-        return struct.pack("!BB", first, size) + payload
-    if size < 1 << 16:
-        return struct.pack("!BBH", first, 126, size) + payload
-    return struct.pack("!BBQ", first, 127, size) + payload
+def test_fragments_cut_pieces_into_equal_chunks_without_losing_a_byte() -> None:
+    pieces = [b"head", memoryview(bytes(range(251)) * 10), b"", bytearray(b"tail" * 100)]
+    whole = b"".join(bytes(p) for p in pieces)
+    chunks = list(fragments(pieces, size=1000))
+    assert b"".join(chunks) == whole
+    assert all(len(c) == 1000 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 1000
+    assert list(fragments([], size=1000)) == []
+    assert list(fragments([b"x" * 1000], size=1000)) == [b"x" * 1000]
 
 
-def read_all(reader: FrameReader, data: bytes, step: int) -> list[tuple[int, bytes]]:
-    """Feed ``data`` through the buffered-protocol interface, at most ``step`` bytes a read."""
-    events = []
-    view = memoryview(data)
-    while view:
-        target = reader.get_buffer()
-        count = min(len(target), len(view), step)
-        target[:count] = view[:count]
-        view = view[count:]
-        events += [(op, bytes(p)) for op, p in reader.buffer_updated(count)]
-    return events
-
-
-def unmask_client(frames: list[bytes]) -> list[tuple[int, bool, bytes]]:
-    """Parse masked client frames back into (opcode, fin, payload)."""
-    out = []
-    for frame in frames:
-        first, second = frame[0], frame[1]
-        assert second & 0x80, "client frames are masked"
-        size, at = second & 0x7F, 2
-        if size == 126:
-            (size,) = struct.unpack_from("!H", frame, 2)
-            at = 4
-        elif size == 127:
-            (size,) = struct.unpack_from("!Q", frame, 2)
-            at = 10
-        key, payload = frame[at : at + 4], frame[at + 4 :]
-        assert len(payload) == size
-        out.append((first & 0x0F, bool(first & 0x80), mask_python(key, payload)))
-    return out
-
-
-@pytest.mark.parametrize("step", [1, 7, 4096, 1 << 30])
-def test_frame_reader_small_big_and_fragmented(step: int) -> None:
-    big = bytes(range(256)) * 1200  # over the big-frame threshold: read into its own buffer
-    data = (
-        server_frame(OP_BINARY, b"one")
-        + server_frame(OP_PING, b"p")
-        + server_frame(OP_TEXT, b"x" * 300)
-        + server_frame(OP_BINARY, big)
-        + server_frame(OP_BINARY, b"frag-", fin=False)
-        + server_frame(OP_PING, b"")
-        + server_frame(OP_CONTINUATION, b"mid-", fin=False)
-        + server_frame(OP_CONTINUATION, b"end")
-        + server_frame(OP_CLOSE, close_payload(1001, "bye"))
-    )
-    events = read_all(FrameReader(1 << 30), data, step)
-    assert events == [
-        (OP_BINARY, b"one"),
-        (OP_PING, b"p"),
-        (OP_TEXT, b"x" * 300),
-        (OP_BINARY, big),
-        (OP_PING, b""),
-        (OP_BINARY, b"frag-mid-end"),
-        (OP_CLOSE, close_payload(1001, "bye")),
-    ]
-    assert parse_close(events[-1][1]) == (1001, "bye")
-
-
-def test_frame_reader_big_frame_is_handed_over_without_a_copy() -> None:
-    reader = FrameReader(1 << 30)
-    payload = b"z" * (300 * 1024)
-    events = reader.feed(server_frame(OP_BINARY, payload))
-    assert len(events) == 1 and isinstance(events[0][1], bytearray)
-    assert events[0][1] == payload
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        bytes([0x82 | 0x40, 0]),  # reserved bit
-        bytes([0x82, 0x80 | 1, 0, 0, 0, 0, 0]),  # masked by the server
-        server_frame(OP_CONTINUATION, b"x"),  # nothing to continue
-        server_frame(OP_PING, b"x" * 126),  # control frame too long
-        server_frame(OP_BINARY, b"a", fin=False) + server_frame(OP_BINARY, b"b"),
-    ],
-)
-def test_frame_reader_rejects_broken_framing(data: bytes) -> None:
-    with pytest.raises(WebSocketProtocolError):
-        FrameReader(1 << 30).feed(data)
-
-
-def test_frame_reader_enforces_the_size_limit() -> None:
-    with pytest.raises(WebSocketProtocolError) as info:
-        FrameReader(100).feed(server_frame(OP_BINARY, b"x" * 101))
-    assert info.value.code == 1009
-
-
-def test_mask_python_round_trips_and_matches_tornado() -> None:
-    from tornado.util import _websocket_mask_python
-
-    data = bytes(range(256)) * 3 + b"tail"
-    key = b"\x01\x80\xfe\x7f"
-    assert mask_python(key, data) == _websocket_mask_python(key, data)
-    assert mask_python(key, mask_python(key, data)) == data
-    assert mask_python(key, b"") == b""
-
-
-def test_client_frames_small_message_is_one_masked_frame() -> None:
-    msg = sample(bufs=[b"\x00\x01"])
-    frames = list(client_frames(OP_BINARY, to_ws_v1_pieces(msg), mask_python, lambda: b"abcd"))
-    assert unmask_client(frames) == [(OP_BINARY, True, to_ws_v1(msg))]
-
-
-def test_client_frames_large_message_is_fragmented_without_joining() -> None:
+def test_a_fragmented_v1_message_reassembles_to_the_same_message() -> None:
     big = bytes(range(251)) * (FRAGMENT_SIZE // 100)  # about 2.5 fragments
     msg = sample(bufs=[b"small", memoryview(big)])
-    frames = list(client_frames(OP_BINARY, to_ws_v1_pieces(msg), mask_python, lambda: b"k3y!"))
-    parsed = unmask_client(frames)
-    assert len(parsed) == 3
-    assert [op for op, _, _ in parsed] == [OP_BINARY, OP_CONTINUATION, OP_CONTINUATION]
-    assert [fin for _, fin, _ in parsed] == [False, False, True]
-    assert all(len(p) == FRAGMENT_SIZE for _, _, p in parsed[:-1])
-    assert b"".join(p for _, _, p in parsed) == to_ws_v1(msg)
-    again = from_ws_v1(bytearray(b"".join(p for _, _, p in parsed)))
-    same(msg, again)
+    chunks = list(fragments(to_ws_v1_pieces(msg)))
+    assert len(chunks) == 3
+    same(msg, from_ws_v1(bytearray(b"".join(chunks))))
