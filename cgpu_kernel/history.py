@@ -76,10 +76,17 @@ def _locked(path: Path) -> Iterator[int]:
 
 def append_record(record: dict[str, Any], path: Path | None = None) -> None:
     """Append ``record`` as one JSON line, then trim the file if it outgrew the cap."""
+    append_records([record], path)
+
+
+def append_records(records: list[dict[str, Any]], path: Path | None = None) -> None:
+    """Append ``records``, one JSON line each, in one write under the lock; then trim."""
+    if not records:
+        return
     path = path or history_path()
-    line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
+    lines = "".join(json.dumps(r, separators=(",", ":"), sort_keys=True) + "\n" for r in records)
     with _locked(path) as descriptor:
-        os.write(descriptor, line)
+        os.write(descriptor, lines.encode())
         cap = max_bytes()
         if os.fstat(descriptor).st_size > cap:
             _trim(path, cap // 2)
@@ -120,8 +127,42 @@ def record_execution(
     given with the first execution after a start. ``session``: groups the records of one kernel
     process for "reconnects per session" (default: this process's pid).
     """
+    record = make_record(
+        kernel,
+        duration_ms,
+        status,
+        category,
+        output_bytes,
+        reconnects,
+        startup_ms,
+        source=source,
+        session=session,
+        queue_ms=queue_ms,
+    )
+    if record is None:
+        return
+    try:
+        append_record(record)
+    except OSError as exc:
+        log.warning("could not write the execution history %s: %s", history_path(), exc)
+
+
+def make_record(
+    kernel: str,
+    duration_ms: float,
+    status: str,
+    category: str | None,
+    output_bytes: int,
+    reconnects: int,
+    startup_ms: float | None = None,
+    *,
+    source: str = "kernel",
+    session: str | None = None,
+    queue_ms: float | None = None,
+) -> dict[str, Any] | None:
+    """The record :func:`record_execution` writes (None: this kernel's records are off)."""
     if source == "kernel" and os.environ.get(SUPPRESS_ENV) == "1":
-        return  # `cgpu-kernel run` launched this kernel and records the run itself
+        return None  # `cgpu-kernel run` launched this kernel and records the run itself
     record: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": kernel,
@@ -137,10 +178,7 @@ def record_execution(
         record["startup_ms"] = round(float(startup_ms), 3)
     if queue_ms is not None:
         record["queue_ms"] = round(float(queue_ms), 3)
-    try:
-        append_record(record)
-    except OSError as exc:
-        log.warning("could not write the execution history %s: %s", history_path(), exc)
+    return record
 
 
 def read_records(path: Path | None = None) -> list[dict[str, Any]]:
@@ -238,7 +276,11 @@ class ExecutionTracker:
     ``idle`` never comes is recorded anyway at the next request, ``IDLE_GRACE`` s after its reply,
     or at :meth:`close`.
 
-    Pure bookkeeping plus :func:`record_execution`; ``clock`` is injectable for tests.
+    With ``deferred``, records wait in memory until :meth:`flush` (the proxy flushes about once
+    a second and when it stops): one locked append for many cells keeps the file's open, lock
+    and close off the round trip of each one.
+
+    Pure bookkeeping plus the history file; ``clock`` is injectable for tests.
     """
 
     IDLE_GRACE = 10.0
@@ -249,8 +291,11 @@ class ExecutionTracker:
         *,
         session: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        deferred: bool = False,
     ) -> None:
         self.kernel = kernel
+        self.deferred = deferred
+        self.unwritten: list[dict[str, Any]] = []
         self.session = session or f"pid-{os.getpid()}"
         self.clock = clock
         self.launched = clock()
@@ -294,10 +339,19 @@ class ExecutionTracker:
             self._record(parent_id)
 
     def close(self) -> None:
-        """The proxy stops: record what has its reply, idle or not."""
+        """The proxy stops: record what has its reply, idle or not, and write it all."""
         for parent_id, execution in list(self._pending.items()):
             if execution.reply is not None:
                 self._record(parent_id)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the records waiting in memory. Never raises."""
+        records, self.unwritten = self.unwritten, []
+        try:
+            append_records(records)
+        except OSError as exc:
+            log.warning("could not write the execution history %s: %s", history_path(), exc)
 
     def _record(self, parent_id: str) -> None:
         execution = self._pending.pop(parent_id)
@@ -311,7 +365,7 @@ class ExecutionTracker:
         startup = None
         if not self._startup_recorded and self.startup_ms is not None:
             startup, self._startup_recorded = self.startup_ms, True
-        record_execution(
+        record = make_record(
             self.kernel,
             (execution.replied_at - execution.started) * 1000,
             status,
@@ -321,3 +375,7 @@ class ExecutionTracker:
             startup,
             session=self.session,
         )
+        if record is not None:
+            self.unwritten.append(record)
+        if not self.deferred:
+            self.flush()

@@ -71,6 +71,7 @@ log = logging.getLogger("cgpu_kernel")
 #: iopub messages whose size the execution history counts as output
 HISTORY_OUTPUTS = frozenset({"stream", "display_data", "execute_result", "error"})
 DELETE_TIMEOUT = 30.0  # Colab: delete the kernel, list kernels, unassign the runtime
+HISTORY_FLUSH_DELAY = 1.0  # execution records are written in batches, at most this late
 
 
 class ProxyKernelRun:
@@ -116,8 +117,9 @@ class ProxyKernelRun:
             limiter=limiter,
         )
         self.tracker = ExecutionTracker(
-            str(connection_info.get("kernel_name") or backend.description)
+            str(connection_info.get("kernel_name") or backend.description), deferred=True
         )
+        self._history_flush: asyncio.TimerHandle | None = None
         self.journal = JournalKeeper(
             self.session.session,
             enabled=options.output_journal,
@@ -161,6 +163,8 @@ class ProxyKernelRun:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush()
+        if self._history_flush is not None:
+            self._history_flush.cancel()
         self.tracker.close()
         self.spool.close()
         for task in self._tasks:
@@ -255,6 +259,7 @@ class ProxyKernelRun:
             elif isinstance(action, SendToFrontend):
                 if action.msg.msg_type == "execute_reply":
                     self.tracker.reply(action.msg.parent_id or "", action.msg.content)
+                    self._schedule_history()
                 self.frontend.send(action.channel, action.identities, action.msg)
             elif isinstance(action, Publish):
                 if action.msg.msg_type in HISTORY_OUTPUTS:
@@ -264,6 +269,7 @@ class ProxyKernelRun:
                     and action.msg.content.get("execution_state") == "idle"
                 ):
                     self.tracker.idle(action.msg.parent_id or "")
+                    self._schedule_history()
                 self._publish(action.msg)
             elif isinstance(action, SpoolOutput):
                 self.spool.write(action.name, action.data)
@@ -278,6 +284,16 @@ class ProxyKernelRun:
                     self.channels.close()
             elif isinstance(action, AnswerRemoteRequest):
                 self._spawn(self._answer_remote(action.msg, action.request))
+
+    def _schedule_history(self) -> None:
+        if self.tracker.unwritten and self._history_flush is None:
+            self._history_flush = asyncio.get_running_loop().call_later(
+                HISTORY_FLUSH_DELAY, self._flush_history
+            )
+
+    def _flush_history(self) -> None:
+        self._history_flush = None
+        self.tracker.flush()
 
     def _publish(self, msg: Message) -> None:
         """Publish on iopub, merging bursts of stream messages (leading edge goes at once)."""

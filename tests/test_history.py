@@ -231,3 +231,17 @@ def test_tracker_records_an_execution_whose_idle_never_came(history_file: Path) 
     tracker.reply("b", {"status": "ok"})
     tracker.close()  # the proxy stops: b has its reply, c has not
     assert len(history.read_records()) == 2
+
+
+def test_deferred_tracker_writes_its_records_in_one_batch(history_file: Path) -> None:
+    tracker = history.ExecutionTracker("cgpu-x", session="proxy-1", deferred=True)
+    tracker.connected()
+    for cell in ("a", "b", "c"):
+        tracker.request(cell)
+        tracker.reply(cell, {"status": "ok"})
+        tracker.idle(cell)
+    assert history.read_records() == []  # waiting in memory
+    assert len(tracker.unwritten) == 3
+    tracker.flush()
+    assert [r["status"] for r in history.read_records()] == ["ok", "ok", "ok"]
+    assert tracker.unwritten == []

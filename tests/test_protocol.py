@@ -515,7 +515,12 @@ def test_every_execution_lands_in_the_history(
     pid = km.provisioner.pid  # type: ignore[union-attr]
     run_cell(kc, "print('recorded ' * 3)")
     run_cell(kc, "1 / 0")
-    mine = [r for r in history.read_records() if r["session"] == f"pid-{pid}"]
+    deadline = time.monotonic() + 10  # records are written in batches, about once a second
+    while True:
+        mine = [r for r in history.read_records() if r["session"] == f"pid-{pid}"]
+        if len(mine) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert [r["status"] for r in mine[-2:]] == ["ok", "error"]
     assert mine[-2]["output_bytes"] > 0 and mine[-2]["source"] == "kernel"
     assert mine[-1]["category"] is not None
