@@ -40,7 +40,7 @@ from typing import Any
 from tornado.httpclient import HTTPRequest
 from tornado.httputil import HTTPHeaders
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
@@ -386,8 +386,6 @@ class RemoteChannels(asyncio.Protocol):
         sent = 0
         for index, chunk in enumerate(fragments(pieces)):
             sent += len(chunk)
-            if ws.state is not State.OPEN:
-                return  # closed meanwhile: the rest cannot go out
             if index == 0:
                 ws.send_binary(chunk, fin=sent == total)
             else:
@@ -407,7 +405,13 @@ class RemoteChannels(asyncio.Protocol):
             if transport is None:
                 return
             frames, future = queue[0]
-            frame = next(frames, None)
+            try:
+                frame = next(frames, None)
+            except InvalidState:  # the connection began closing after this message was queued
+                queue.popleft()
+                if not future.done():
+                    future.set_exception(ChannelsClosedError("the connection is closing"))
+                continue
             if frame is None:
                 queue.popleft()
                 if not future.done():
