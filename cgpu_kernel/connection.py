@@ -110,6 +110,9 @@ class RemoteChannels(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._socket: Any = None
         self._opened: asyncio.Future[Response] = self._loop.create_future()
+        # A connection dropped after a timed-out handshake fails this with nobody left waiting:
+        # mark the failure as seen, so asyncio does not report it as lost.
+        self._opened.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._sink: MessageSink | None = None
         self._held: list[Message] = []
         self._partial: list[Buffer] = []  # a fragmented message being received
