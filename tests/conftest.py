@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
@@ -327,3 +328,19 @@ def stdout_of(outputs: list[dict[str, Any]]) -> str:
         for m in outputs
         if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
     )
+
+
+def assert_heartbeat_answers(km: KernelManager, times: int = 3) -> None:
+    """Ping the kernel's heartbeat socket as frontends do; each ping must come back."""
+    info = km.get_connection_info()
+    context = zmq.Context()
+    hb = context.socket(zmq.REQ)
+    hb.linger = 0
+    hb.connect(f"tcp://{info['ip']}:{info['hb_port']}")
+    try:
+        for _ in range(times):
+            hb.send(b"ping")
+            assert hb.poll(5000), "the heartbeat did not answer"
+            assert hb.recv() == b"ping"
+    finally:
+        context.destroy(linger=0)

@@ -19,7 +19,15 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_client.session import Session
 
-from .conftest import TIMEOUT, RemoteServer, collect_iopub, run_cell, start_kernel, stdout_of
+from .conftest import (
+    TIMEOUT,
+    RemoteServer,
+    assert_heartbeat_answers,
+    collect_iopub,
+    run_cell,
+    start_kernel,
+    stdout_of,
+)
 
 ECHO_TARGET = """
 def _echo_target(comm, open_msg):
@@ -402,19 +410,7 @@ def test_mis_signed_and_malformed_messages_are_rejected(
 
 
 def test_heartbeat_answers(proxy: tuple[KernelManager, BlockingKernelClient]) -> None:
-    km, _ = proxy
-    info = km.get_connection_info()
-    context = zmq.Context()
-    hb = context.socket(zmq.REQ)
-    hb.linger = 0
-    hb.connect(f"tcp://{info['ip']}:{info['hb_port']}")
-    try:
-        for _ in range(3):
-            hb.send(b"ping")
-            assert hb.poll(5000)
-            assert hb.recv() == b"ping"
-    finally:
-        context.destroy(linger=0)
+    assert_heartbeat_answers(proxy[0])
 
 
 def test_requests_before_ready_are_queued(local_spec: str) -> None:

@@ -18,6 +18,7 @@ from jupyter_client.manager import KernelManager
 
 from .conftest import (
     RemoteServer,
+    assert_heartbeat_answers,
     collect_iopub,
     install_remote_spec,
     install_spec,
@@ -263,13 +264,14 @@ def test_blackhole_mid_cell_loses_nothing(
 def test_requests_sent_during_an_outage_run_once_after(
     proxy_through: tuple[KernelManager, BlockingKernelClient, FaultyPath],
 ) -> None:
-    _, kc, faulty = proxy_through
+    km, kc, faulty = proxy_through
     run_cell(kc, "counter = 0")
     faulty.blackhole()
     faulty.cut()  # down, and staying down until restored
     time.sleep(0.5)
     ids = [kc.execute("counter += 1") for _ in range(3)]
     time.sleep(1.5)
+    assert_heartbeat_answers(km)  # the frontend must not think the kernel died
     faulty.restore()
     for msg_id in ids:
         collect_iopub(kc, msg_id, timeout=60)
