@@ -41,7 +41,6 @@ from .exceptions import (
 )
 from .frontend import FrontendSockets
 from .history import ExecutionTracker
-from .journal import kernel_info_request
 from .limits import Budgets, Coalescer, OutputLimiter
 from .options import ProxyKernel, UnavailableBackend
 from .reconnect import Reconnector
@@ -429,8 +428,7 @@ class ProxyKernelRun:
             and msg.content.get("execution_state") == "restarting"
             and self.channels is not None
         ):
-            # The server restarted a crashed kernel: the new process needs a journal too.
-            self._spawn(self.journal.arm(self.channels, lambda: None))
+            self._spawn(self._after_restart(self.channels))
         try:
             actions = self.relay.remote_message(msg)
         except MalformedMessageError as exc:  # valid framing, but content that is not JSON
@@ -531,26 +529,50 @@ class ProxyKernelRun:
                 channels.ping()
         return False
 
-    async def _check_lost_replies(self, channels: RemoteChannels) -> None:
-        """After a reconnection, a cell whose reply never comes would stay busy forever.
+    async def _after_restart(self, channels: RemoteChannels) -> None:
+        """The server restarted a crashed kernel. The relay holds new requests meanwhile; they
+        go once the new process answers, has its journal, and its iopub reaches the proxy
+        (output published before the server's subscription takes hold is lost). A cell that
+        slipped through to the restarting kernel anyway must not stay busy forever."""
+        self.journal.iopub_heard.clear()
+        await self.journal.arm(channels, lambda: None)
+        if not await self.journal.iopub_flowing(channels):
+            log.warning("no output from the restarted remote kernel yet; sending cells anyway")
+        if self.channels is channels and self.relay.state is RemoteState.RESTARTING:
+            self.perform(self.relay.remote_connected())
+        await self._check_lost_replies(
+            channels,
+            ReplyLostError(
+                "This cell was sent while the remote kernel was restarting and never reached"
+                " it (the server lost it on the way to the new kernel). Run it again."
+            ),
+        )
+
+    async def _check_lost_replies(
+        self, channels: RemoteChannels, error: CgpuError | None = None
+    ) -> None:
+        """After a reconnection (or a kernel restart), a cell whose reply never comes would
+        stay busy forever.
 
         The shell channel answers in order, so a ``kernel_info_request`` sent now is answered
-        only after every cell sent before it. A cell still without a reply then has lost it
-        (the server had nothing to replay): answer it with an error that says so. (The server's
-        REST ``execution_state`` cannot tell: its own kernel_info on a new connection makes a
-        busy kernel look idle.)
+        only after every cell sent before it. A cell still without a reply then has lost it:
+        answer it with ``error``, by default one that says the connection lost it. (The
+        server's REST ``execution_state`` cannot tell: its own kernel_info on a new connection
+        makes a busy kernel look idle.)
         """
         waiting = self.relay.unanswered_cells()
         if not waiting:
             return
-        probe = kernel_info_request(self.session.session)
-        if await self.journal.ask(channels, probe, None) is None or self.channels is not channels:
+        # No time limit: the cells before the probe may run for hours.
+        answered = await self.journal.kernel_info(channels, within=None)
+        if answered is None or self.channels is not channels:
             return
         still = [r for r in self.relay.unanswered_cells() if r in waiting]
         self.perform(
             self.relay.fail_requests(
                 still,
-                ReplyLostError(
+                error
+                or ReplyLostError(
                     "The connection dropped and the server kept nothing to replay: this cell's"
                     " result (and possibly part of its output) was lost, though the remote"
                     " kernel and its variables are fine. Run the cell again if needed."

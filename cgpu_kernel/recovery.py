@@ -10,6 +10,7 @@ timeout, not one per reconnection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FIRST_REPLY_WAIT = 10.0  # how long cells wait for the journal before going ahead anyway
 KERNEL_INFO_WAIT = 120.0  # how long a starting (or restarting) kernel may take to answer at all
+ASK_AGAIN = 5.0  # a kernel_info request unanswered this long is sent again (it may have been lost)
 ANSWER_WAIT = 5.0  # the journal answering on the control channel
 
 
@@ -44,6 +46,7 @@ class JournalKeeper:
         self.max_bytes = max_bytes
         self.active = False
         self.last_seen = LastSeen()
+        self.iopub_heard = asyncio.Event()  # an iopub message about one of our requests came
         self._waiting: dict[str, asyncio.Future[Message]] = {}
 
     def route(self, msg: Message) -> bool:
@@ -51,7 +54,9 @@ class JournalKeeper:
         frontend: replies go to whoever waits for them, busy/idle and the like are dropped)."""
         if not is_internal(msg):
             return False
-        if msg.channel != "iopub":
+        if msg.channel == "iopub":
+            self.iopub_heard.set()
+        else:
             future = self._waiting.pop(msg.parent_id or "", None)
             if future is not None and not future.done():
                 future.set_result(msg)
@@ -73,12 +78,10 @@ class JournalKeeper:
         if not self.enabled:
             ready()
             return
+        # A slow kernel: cells go ahead after a while; the journal follows when it answers.
+        impatient = asyncio.get_running_loop().call_later(FIRST_REPLY_WAIT, ready)
         try:
-            asked = self.ask(channels, kernel_info_request(self.session), KERNEL_INFO_WAIT)
-            done, _ = await asyncio.wait({asked}, timeout=FIRST_REPLY_WAIT)
-            if not done:
-                ready()  # a slow kernel: cells go ahead; the journal follows when it answers
-            info = await asked
+            info = await self.kernel_info(channels)
             if info is None or not can_hold_journal(info.content):
                 if info is not None:
                     log.info("the remote kernel is not an IPython kernel: no output journal")
@@ -88,6 +91,7 @@ class JournalKeeper:
             ready()
             reply = await answer
         finally:
+            impatient.cancel()
             ready()
         if reply is not None and reply.content.get("status") == "ok":
             self.active = True
@@ -99,6 +103,48 @@ class JournalKeeper:
                 reply.content.get("ename"),
                 reply.content.get("evalue"),
             )
+
+    async def kernel_info(
+        self, channels: RemoteChannels, within: float | None = KERNEL_INFO_WAIT
+    ) -> Message | None:
+        """The remote kernel's ``kernel_info_reply`` to an internal request, which is answered
+        only after every shell request sent before it; None if none comes ``within`` s (None:
+        no limit) or the connection drops.
+
+        Asked again if unanswered (after ``ASK_AGAIN`` s, then twice as long each time, up to
+        5 minutes): a request sent while the server restarts a crashed kernel can be lost
+        between the server and the new process.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if within is None else loop.time() + within
+        interval = ASK_AGAIN
+        while not channels.closed.is_set():
+            wait = interval if deadline is None else min(interval, deadline - loop.time())
+            if wait <= 0:
+                break
+            reply = await self.ask(channels, kernel_info_request(self.session), wait)
+            if reply is not None:
+                return reply
+            interval = min(2 * interval, 300.0)
+        return None
+
+    async def iopub_flowing(self, channels: RemoteChannels, within: float = 30.0) -> bool:
+        """Wait until the kernel's iopub reaches the proxy, asking ``kernel_info`` (whose
+        busy/idle go out on iopub) until a status about one of our requests arrives.
+
+        After the server restarts a kernel, its subscription to the new process's iopub takes a
+        moment to take hold, and what the kernel publishes before that is lost: a cell run then
+        could lose its output, even its ``idle``, and look busy forever.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not self.iopub_heard.is_set() and not channels.closed.is_set():
+            if loop.time() >= deadline:
+                return False
+            self.ask(channels, kernel_info_request(self.session), 2.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.iopub_heard.wait(), 0.5)
+        return self.iopub_heard.is_set()
 
     async def recover(self, channels: RemoteChannels) -> tuple[list[Message], bool] | None:
         """Everything the kernel sent after what the proxy last received, and whether that is

@@ -53,6 +53,7 @@ class RemoteState(Enum):
     CONNECTING = "connecting"  # first connection (or a fresh kernel) on its way
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"  # the socket dropped; the same remote kernel is expected back
+    RESTARTING = "restarting"  # the server restarts a crashed kernel; requests wait until it is up
     FAILED = "failed"  # no remote; the next request asks for a new attempt
     SHUTTING_DOWN = "shutting_down"
 
@@ -285,7 +286,7 @@ class Relay:
 
     def remote_disconnected(self) -> list[Action]:
         """The socket dropped; the same remote kernel is expected back, so keep everything."""
-        if self.state is RemoteState.CONNECTED:
+        if self.state in (RemoteState.CONNECTED, RemoteState.RESTARTING):
             self.state = RemoteState.RECONNECTING
         return []
 
@@ -424,7 +425,13 @@ class Relay:
                 f"{self.remote_description} restarted (it crashed, or ran out of memory): its"
                 " variables are lost. Run the cells it needs again."
             )
-            return self._fail_waiting(lost)
+            actions = self._fail_waiting(lost)
+            if self.state is RemoteState.CONNECTED:
+                # Requests wait until the new process is up and its output reaches the server
+                # (``remote_connected``): what a restarting kernel is sent, or publishes before
+                # the server listens again, can be lost.
+                self.state = RemoteState.RESTARTING
+            return actions
         if state == "dead":
             error = RemoteKernelGoneError(
                 f"{self.remote_description} died and could not be restarted. The next cell"
@@ -467,6 +474,8 @@ class Relay:
                 )
             elif self.state is RemoteState.RECONNECTING:
                 text = f"cgpu-kernel: reconnecting to {self.remote_description}..."
+            elif self.state is RemoteState.RESTARTING:
+                text = f"cgpu-kernel: waiting for {self.remote_description} to restart..."
             else:
                 text = f"cgpu-kernel: waiting for {self.remote_description}..."
             actions.append(self._notice(request.msg, text))

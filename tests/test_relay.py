@@ -348,7 +348,26 @@ def test_server_restarting_the_kernel_fails_waiting_cells() -> None:
     reply = next(a for a in out if isinstance(a, SendToFrontend))
     assert reply.msg.content["ename"] == "RemoteKernelLost"
     assert "variables are lost" in reply.msg.content["evalue"]
-    assert relay.state is RemoteState.CONNECTED  # same kernel id, fresh state: keep going
+    # Same kernel id, a new process: the next cell waits until the proxy says it is up (what a
+    # restarting kernel is sent, or publishes before the server listens again, can be lost).
+    assert relay.state is RemoteState.RESTARTING
+    after = request("execute_request", code="1")
+    held = relay.frontend_message("shell", NOTEBOOK, after)
+    assert not any(isinstance(a, SendToRemote) for a in held)
+    notices = [a.msg.content.get("text", "") for a in held if isinstance(a, Publish)]
+    assert any("to restart" in text for text in notices)
+    assert [a.msg for a in relay.remote_connected() if isinstance(a, SendToRemote)] == [after]
+    assert relay.state is RemoteState.CONNECTED
+
+
+def test_a_connection_lost_while_the_kernel_restarts_is_reconnected() -> None:
+    relay = connected_relay()
+    restarting = Message.build(
+        "iopub", make_header("status", "server"), {}, {}, {"execution_state": "restarting"}
+    )
+    relay.remote_message(restarting)
+    relay.remote_disconnected()
+    assert relay.state is RemoteState.RECONNECTING  # not stuck waiting for a restart forever
 
 
 def test_lost_replies_are_failed_on_request() -> None:
