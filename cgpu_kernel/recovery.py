@@ -138,13 +138,18 @@ class JournalKeeper:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        while not self.iopub_heard.is_set() and not channels.closed.is_set():
-            if loop.time() >= deadline:
-                return False
-            self.ask(channels, kernel_info_request(self.session), 2.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.iopub_heard.wait(), 0.5)
-        return self.iopub_heard.is_set()
+        asked: list[asyncio.Future[Message | None]] = []  # their replies do not matter
+        try:
+            while not self.iopub_heard.is_set() and not channels.closed.is_set():
+                if loop.time() >= deadline:
+                    return False
+                asked.append(self.ask(channels, kernel_info_request(self.session), 2.0))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.iopub_heard.wait(), 0.5)
+            return self.iopub_heard.is_set()
+        finally:
+            for future in asked:
+                future.cancel()
 
     async def recover(self, channels: RemoteChannels) -> tuple[list[Message], bool] | None:
         """Everything the kernel sent after what the proxy last received, and whether that is
