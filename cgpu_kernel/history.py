@@ -10,7 +10,8 @@ else ``<jupyter data dir>/cgpu-kernel/history.jsonl`` (``jupyter --data-dir`` pr
 dir), so it survives reboots, unlike the runtime dir. The file is private (0600). When it grows
 past ``$CGPU_HISTORY_MAX_BYTES`` (default 1 MiB) the oldest half is dropped.
 
-Who calls what: the proxy kernel calls :func:`record_execution` once per ``execute_reply``;
+Who calls what: the proxy kernel's :class:`ExecutionTracker` makes one record per cell, once
+its reply and its ``idle`` have passed, and writes them in batches (:func:`write_records`);
 ``cgpu-kernel run`` calls it once per run (and sets ``CGPU_HISTORY_SUPPRESS=1`` for the kernels
 it launches, so a run counts once); ``cgpu-kernel logs`` calls :func:`read_records` and
 :func:`compute_stats`. Recording never raises: a full disk must not break a kernel.
@@ -74,11 +75,6 @@ def _locked(path: Path) -> Iterator[int]:
         os.close(descriptor)  # also releases the lock
 
 
-def append_record(record: dict[str, Any], path: Path | None = None) -> None:
-    """Append ``record`` as one JSON line, then trim the file if it outgrew the cap."""
-    append_records([record], path)
-
-
 def append_records(records: list[dict[str, Any]], path: Path | None = None) -> None:
     """Append ``records``, one JSON line each, in one write under the lock; then trim."""
     if not records:
@@ -117,6 +113,7 @@ def record_execution(
     source: str = "kernel",
     session: str | None = None,
     queue_ms: float | None = None,
+    into: list[dict[str, Any]] | None = None,
 ) -> None:
     """Append one execution's metadata to the history. Never raises.
 
@@ -125,44 +122,12 @@ def record_execution(
     (``categorize(ename, evalue)`` turns an error reply into one). ``reconnects``: how many
     times the proxy reconnected while this cell ran. ``startup_ms``: the kernel's startup time,
     given with the first execution after a start. ``session``: groups the records of one kernel
-    process for "reconnects per session" (default: this process's pid).
+    process for "reconnects per session" (default: this process's pid). ``into``: add the
+    record to that list instead of writing it (the proxy writes its records in batches, with
+    :func:`write_records`).
     """
-    record = make_record(
-        kernel,
-        duration_ms,
-        status,
-        category,
-        output_bytes,
-        reconnects,
-        startup_ms,
-        source=source,
-        session=session,
-        queue_ms=queue_ms,
-    )
-    if record is None:
-        return
-    try:
-        append_record(record)
-    except OSError as exc:
-        log.warning("could not write the execution history %s: %s", history_path(), exc)
-
-
-def make_record(
-    kernel: str,
-    duration_ms: float,
-    status: str,
-    category: str | None,
-    output_bytes: int,
-    reconnects: int,
-    startup_ms: float | None = None,
-    *,
-    source: str = "kernel",
-    session: str | None = None,
-    queue_ms: float | None = None,
-) -> dict[str, Any] | None:
-    """The record :func:`record_execution` writes (None: this kernel's records are off)."""
     if source == "kernel" and os.environ.get(SUPPRESS_ENV) == "1":
-        return None  # `cgpu-kernel run` launched this kernel and records the run itself
+        return  # `cgpu-kernel run` launched this kernel and records the run itself
     record: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": kernel,
@@ -178,7 +143,19 @@ def make_record(
         record["startup_ms"] = round(float(startup_ms), 3)
     if queue_ms is not None:
         record["queue_ms"] = round(float(queue_ms), 3)
-    return record
+    if into is not None:
+        into.append(record)
+    else:
+        write_records([record])
+
+
+def write_records(records: list[dict[str, Any]]) -> None:
+    """Append ``records`` to the history. Never raises: a history that cannot be written is
+    worth a warning, not a failed cell."""
+    try:
+        append_records(records)
+    except OSError as exc:
+        log.warning("could not write the execution history %s: %s", history_path(), exc)
 
 
 def read_records(path: Path | None = None) -> list[dict[str, Any]]:
@@ -348,10 +325,7 @@ class ExecutionTracker:
     def flush(self) -> None:
         """Write the records waiting in memory. Never raises."""
         records, self.unwritten = self.unwritten, []
-        try:
-            append_records(records)
-        except OSError as exc:
-            log.warning("could not write the execution history %s: %s", history_path(), exc)
+        write_records(records)
 
     def _record(self, parent_id: str) -> None:
         execution = self._pending.pop(parent_id)
@@ -365,7 +339,7 @@ class ExecutionTracker:
         startup = None
         if not self._startup_recorded and self.startup_ms is not None:
             startup, self._startup_recorded = self.startup_ms, True
-        record = make_record(
+        record_execution(
             self.kernel,
             (execution.replied_at - execution.started) * 1000,
             status,
@@ -374,8 +348,7 @@ class ExecutionTracker:
             self.reconnects - execution.reconnects,
             startup,
             session=self.session,
+            into=self.unwritten,
         )
-        if record is not None:
-            self.unwritten.append(record)
         if not self.deferred:
             self.flush()
