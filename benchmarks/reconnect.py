@@ -36,7 +36,7 @@ FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
 def measure(
     kind: str, journal: bool, rounds: int, kernel_dir: Path, server: Any, seed: int
 ) -> dict[str, Any]:
-    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    port = server.port
     lines = 400 + 250 * rounds
     with FaultyPath(port) as path:
         name = install_spec(

@@ -48,6 +48,10 @@ class RemoteServer:
     token_file: Path
     log_path: Path
 
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].strip("/"))
+
     def api(self, method: str, path: str, body: Any = None) -> Any:
         request = urllib.request.Request(
             self.url + path,

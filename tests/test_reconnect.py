@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,8 +37,7 @@ PRINT_LINES = (
 
 @pytest.fixture
 def path(jupyter_server: RemoteServer) -> Iterator[FaultyPath]:
-    port = int(jupyter_server.url.rsplit(":", 1)[1].strip("/"))
-    with FaultyPath(port) as faulty:
+    with FaultyPath(jupyter_server.port) as faulty:
         yield faulty
 
 
@@ -76,6 +75,29 @@ def in_background(action: object) -> threading.Thread:
     return thread
 
 
+def print_lines_under_faults(
+    kc: BlockingKernelClient,
+    fault: Callable[[], None],
+    *,
+    times: int,
+    seed: int,
+    spacing: tuple[float, float] = (0.3, 0.6),
+) -> tuple[dict, list[dict]]:
+    """Run the numbered-lines cell while ``fault`` strikes ``times`` times, at random moments
+    ``spacing`` seconds apart (seeded: the same moments every run)."""
+    rng = random.Random(seed)
+
+    def strike() -> None:
+        for _ in range(times):
+            time.sleep(rng.uniform(*spacing))
+            fault()
+
+    striker = in_background(strike)
+    reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
+    striker.join()
+    return reply, outputs
+
+
 @pytest.mark.parametrize("fault", ["cut", "reset"])
 def test_cuts_mid_cell_lose_nothing(
     proxy_through: tuple[KernelManager, BlockingKernelClient, FaultyPath], fault: str
@@ -87,17 +109,8 @@ def test_cuts_mid_cell_lose_nothing(
     """
     _, kc, faulty = proxy_through
     run_cell(kc, "survivor = 'still here'")
-    rng = random.Random(7)
     inject = faulty.cut if fault == "cut" else faulty.reset
-
-    def cut_repeatedly() -> None:
-        for _ in range(6):
-            time.sleep(rng.uniform(0.2, 0.6))
-            inject()
-
-    cutter = in_background(cut_repeatedly)
-    reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
-    cutter.join()
+    reply, outputs = print_lines_under_faults(kc, inject, times=6, seed=7, spacing=(0.2, 0.6))
     assert reply["content"]["status"] == "ok", reply["content"]
     assert numbered_lines(outputs) == list(range(LINES))
     assert faulty.connections_seen > 6  # it really did reconnect
@@ -112,22 +125,12 @@ def test_cuts_lose_nothing_through_other_servers(
     """Kernel Gateway, and a server speaking only the legacy JSON protocol: the journal's
     control message and its buffers pass through both."""
     server: RemoteServer = request.getfixturevalue(server_fixture)
-    port = int(server.url.rsplit(":", 1)[1].strip("/"))
-    with FaultyPath(port) as faulty:
+    with FaultyPath(server.port) as faulty:
         km, kc = start_kernel(
             spec_through(kernel_dir, f"cgpu-test-{server_fixture}", faulty, server)
         )
         try:
-            rng = random.Random(5)
-
-            def cut_repeatedly() -> None:
-                for _ in range(4):
-                    time.sleep(rng.uniform(0.3, 0.6))
-                    faulty.reset()
-
-            cutter = in_background(cut_repeatedly)
-            reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
-            cutter.join()
+            reply, outputs = print_lines_under_faults(kc, faulty.reset, times=4, seed=5)
             assert reply["content"]["status"] == "ok", reply["content"]
             assert numbered_lines(outputs) == list(range(LINES))
             assert faulty.connections_seen > 4
@@ -148,16 +151,7 @@ def test_journal_comes_back_after_the_kernel_crashes_and_restarts(
     while run_cell(kc, "1", timeout=30)[0]["content"]["status"] != "ok":
         assert time.monotonic() < deadline, "the restarted kernel never ran a cell"
         time.sleep(0.5)
-    rng = random.Random(3)
-
-    def cut_repeatedly() -> None:
-        for _ in range(4):
-            time.sleep(rng.uniform(0.3, 0.6))
-            faulty.reset()
-
-    cutter = in_background(cut_repeatedly)
-    reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
-    cutter.join()
+    reply, outputs = print_lines_under_faults(kc, faulty.reset, times=4, seed=3)
     assert reply["content"]["status"] == "ok", reply["content"]
     assert numbered_lines(outputs) == list(range(LINES))
 
@@ -207,16 +201,9 @@ def test_without_the_journal_cuts_never_duplicate_or_reorder(
     )
     km, kc = start_kernel(spec)
     try:
-        rng = random.Random(11)
-
-        def cut_repeatedly() -> None:
-            for _ in range(5):
-                time.sleep(rng.uniform(0.3, 0.7))
-                path.cut()
-
-        cutter = in_background(cut_repeatedly)
-        reply, outputs = run_cell(kc, PRINT_LINES, timeout=90)
-        cutter.join()
+        reply, outputs = print_lines_under_faults(
+            kc, path.cut, times=5, seed=11, spacing=(0.3, 0.7)
+        )
         lines = numbered_lines(outputs)
         assert lines == sorted(set(lines))
         if reply["content"]["status"] == "ok":
@@ -338,7 +325,7 @@ def test_remote_kernel_deleted_behind_our_back(
 
 def test_remote_server_restarted(kernel_dir: Path, tmp_path: Path) -> None:
     server = start_jupyter_server(tmp_path / "first")
-    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    port = server.port
     name = install_remote_spec(
         kernel_dir,
         "cgpu-test-restarted",
