@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,7 @@ class RemoteServer:
     process: subprocess.Popen[bytes]
     token_file: Path
     log_path: Path
+    ca_file: Path | None = None  # the CA that signed an https server's certificate
 
     @property
     def port(self) -> int:
@@ -59,7 +61,8 @@ class RemoteServer:
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"token {self.token}"},
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             data = response.read()
         return json.loads(data) if data else None
 
@@ -96,8 +99,13 @@ def _wait_until_up(server: RemoteServer, timeout: float = 60) -> None:
 
 
 def start_jupyter_server(
-    workdir: Path, *extra: str, port: int | None = None, token: str | None = None
+    workdir: Path,
+    *extra: str,
+    port: int | None = None,
+    token: str | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
 ) -> RemoteServer:
+    """A jupyter-server on loopback; with ``tls`` (CA, certificate, key files) on https."""
     token = token or secrets.token_hex(16)
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -114,6 +122,7 @@ def start_jupyter_server(
             "--ServerApp.open_browser=False",
             f"--ServerApp.root_dir={workdir}",
             "--ServerApp.allow_root=True",
+            *([f"--ServerApp.certfile={tls[1]}", f"--ServerApp.keyfile={tls[2]}"] if tls else []),
             *extra,
         ],
         env=env,
@@ -123,7 +132,15 @@ def start_jupyter_server(
     token_file = workdir / "token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    server = RemoteServer(f"http://127.0.0.1:{port}/", token, process, token_file, log_path)
+    scheme = "https" if tls else "http"
+    server = RemoteServer(
+        f"{scheme}://127.0.0.1:{port}/",
+        token,
+        process,
+        token_file,
+        log_path,
+        ca_file=tls[0] if tls else None,
+    )
     _wait_until_up(server)
     return server
 

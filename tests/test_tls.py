@@ -9,16 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import os
-import secrets
-import ssl
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,16 +22,14 @@ from tornado.httpclient import HTTPRequest
 from cgpu_kernel.connection import RemoteChannels
 from cgpu_kernel.exceptions import RemoteUnreachableError
 
-from .conftest import free_port, install_spec, run_cell, start_kernel, stdout_of
-
-
-@dataclass
-class TlsServer:
-    url: str
-    token: str
-    token_file: Path
-    ca_file: Path
-    process: subprocess.Popen[bytes]
+from .conftest import (
+    RemoteServer,
+    install_spec,
+    run_cell,
+    start_jupyter_server,
+    start_kernel,
+    stdout_of,
+)
 
 
 def _name(common: str) -> x509.Name:
@@ -108,50 +97,14 @@ def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
     folder = tmp_path_factory.mktemp("tls")
-    ca_file, cert_file, key_file = make_certificates(folder)
-    token, port = secrets.token_hex(16), free_port()
-    token_file = folder / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyter_server",
-            "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=0",
-            "--ServerApp.open_browser=False",
-            f"--ServerApp.root_dir={folder}",
-            "--ServerApp.allow_root=True",
-            f"--ServerApp.certfile={cert_file}",
-            f"--ServerApp.keyfile={key_file}",
-        ],
-        env=dict(os.environ, JUPYTER_TOKEN=token, JUPYTER_RUNTIME_DIR=str(folder / "rt")),
-        stdout=subprocess.DEVNULL,
-        stderr=(folder / "server.log").open("wb"),
-    )
-    url = f"https://127.0.0.1:{port}/"
-    context = ssl.create_default_context(cafile=str(ca_file))
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(url + "api/status", context=context, timeout=5):
-                break
-        except urllib.error.HTTPError:
-            break  # it answers (403 without a token): it is up, and its certificate verified
-        except OSError:
-            assert process.poll() is None, (folder / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the TLS server did not come up"
-            time.sleep(0.2)
-    yield TlsServer(url, token, token_file, ca_file, process)
-    process.terminate()
-    process.wait(timeout=30)
+    server = start_jupyter_server(folder / "server", tls=make_certificates(folder))
+    yield server
+    server.stop()
 
 
-def test_cells_run_over_tls_with_the_servers_ca(kernel_dir: Path, tls_server: TlsServer) -> None:
+def test_cells_run_over_tls_with_the_servers_ca(kernel_dir: Path, tls_server: RemoteServer) -> None:
     name = install_spec(
         kernel_dir,
         "cgpu-test-tls",
@@ -171,7 +124,7 @@ def test_cells_run_over_tls_with_the_servers_ca(kernel_dir: Path, tls_server: Tl
 
 
 def test_an_untrusted_certificate_is_refused_with_a_clear_error(
-    kernel_dir: Path, tls_server: TlsServer
+    kernel_dir: Path, tls_server: RemoteServer
 ) -> None:
     name = install_spec(
         kernel_dir,
@@ -190,7 +143,7 @@ def test_an_untrusted_certificate_is_refused_with_a_clear_error(
         km.shutdown_kernel()
 
 
-def test_the_websocket_verifies_the_certificate(tls_server: TlsServer) -> None:
+def test_the_websocket_verifies_the_certificate(tls_server: RemoteServer) -> None:
     """The channels socket on its own: refused without the CA, open with it."""
     ws_url = "wss" + tls_server.url[len("https") :] + "api/kernels/none/channels"
     headers = {"Authorization": f"token {tls_server.token}"}
