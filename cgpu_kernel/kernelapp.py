@@ -48,6 +48,7 @@ from .recovery import JournalKeeper
 from .relay import (
     Action,
     AnswerRemoteRequest,
+    AwaitRestartedKernel,
     CloseRemote,
     ConnectRemote,
     InterruptRemote,
@@ -283,6 +284,8 @@ class ProxyKernelRun:
                     self.channels.close()
             elif isinstance(action, AnswerRemoteRequest):
                 self._spawn(self._answer_remote(action.msg, action.request))
+            elif isinstance(action, AwaitRestartedKernel) and self.channels is not None:
+                self._spawn(self._after_restart(self.channels))
 
     def _schedule_history(self) -> None:
         if self.tracker.unwritten and self._history_flush is None:
@@ -421,14 +424,6 @@ class ProxyKernelRun:
 
     def _on_remote_message(self, msg: Message) -> None:
         self.journal.last_seen.saw(msg)
-        if (
-            msg.channel == "iopub"
-            and msg.msg_type == "status"
-            and not msg.parent_header
-            and msg.content.get("execution_state") == "restarting"
-            and self.channels is not None
-        ):
-            self._spawn(self._after_restart(self.channels))
         try:
             actions = self.relay.remote_message(msg)
         except MalformedMessageError as exc:  # valid framing, but content that is not JSON

@@ -130,6 +130,12 @@ class ConnectRemote:
     """Ask the remote shell for a (new) connection attempt."""
 
 
+@dataclass(frozen=True)
+class AwaitRestartedKernel:
+    """The server restarted a crashed kernel: prepare the new process (its journal), then call
+    :meth:`Relay.remote_connected` to send the requests held meanwhile."""
+
+
 Action = (
     SendToRemote
     | SendToFrontend
@@ -140,6 +146,7 @@ Action = (
     | AnswerRemoteRequest
     | CloseRemote
     | SpoolOutput
+    | AwaitRestartedKernel
 )
 
 
@@ -431,6 +438,7 @@ class Relay:
                 # (``remote_connected``): what a restarting kernel is sent, or publishes before
                 # the server listens again, can be lost.
                 self.state = RemoteState.RESTARTING
+                actions.append(AwaitRestartedKernel())
             return actions
         if state == "dead":
             error = RemoteKernelGoneError(

@@ -8,6 +8,7 @@ import pytest
 
 from cgpu_kernel.exceptions import RemoteKernelGoneError, RemoteUnreachableError
 from cgpu_kernel.relay import (
+    AwaitRestartedKernel,
     ConnectRemote,
     InterruptRemote,
     Publish,
@@ -348,6 +349,7 @@ def test_server_restarting_the_kernel_fails_waiting_cells() -> None:
     reply = next(a for a in out if isinstance(a, SendToFrontend))
     assert reply.msg.content["ename"] == "RemoteKernelLost"
     assert "variables are lost" in reply.msg.content["evalue"]
+    assert isinstance(out[-1], AwaitRestartedKernel)  # the proxy prepares the new process
     # Same kernel id, a new process: the next cell waits until the proxy says it is up (what a
     # restarting kernel is sent, or publishes before the server listens again, can be lost).
     assert relay.state is RemoteState.RESTARTING
