@@ -331,10 +331,9 @@ async def setup_proxy(
     backend: str,
     remote: servers.Server | None,
     settings: Settings,
-    module: str = "cgpu_kernel",
     source: Path | None = None,
 ) -> None:
-    proxy = servers.start_proxy(workdir, path.name, backend, remote, module, source)
+    proxy = servers.start_proxy(workdir, path.name, backend, remote, source)
     path.closers.append(proxy.stop)
     path.pid = proxy.pid
     path.results["log"] = str(proxy.log_path)

@@ -177,7 +177,6 @@ def start_proxy(
     name: str,
     backend: str,
     remote: Server | None = None,
-    module: str = "cgpu_kernel",
     source: Path | None = None,
 ) -> ProxyProcess:
     """Start a proxy kernel; its token (jupyter backend) goes in ``CGPU_TOKEN``.
@@ -185,8 +184,7 @@ def start_proxy(
     ``source``: a checkout to import ``cgpu_kernel`` from instead of this one."""
     folder = workdir / name
     fname, info = connection_info(folder, "connection")
-    module, *flags = module.split()
-    argv = [sys.executable, "-m", module, "-f", fname, "--backend", backend, *flags]
+    argv = [sys.executable, "-m", "cgpu_kernel", "-f", fname, "--backend", backend]
     env = dict(
         os.environ,
         CGPU_STATE_DIR=str(folder / "state"),
@@ -196,9 +194,6 @@ def start_proxy(
         CGPU_MAX_OUTPUT_BYTES=str(1 << 40),
     )
     env.pop("CGPU_TOKEN", None)
-    if module != "cgpu_kernel":  # a prototype under benchmarks/: importable from the repo root
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     if source is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     if remote is not None:
