@@ -13,6 +13,7 @@ from cgpu_kernel.limits import (
     OutputLimiter,
     Show,
     Spool,
+    _text_bound,
     visible_size,
 )
 from cgpu_kernel.wire import Message, make_header
@@ -79,6 +80,28 @@ def test_past_budget_head_notice_spool_and_tail() -> None:
     assert "held back" in summary
     assert summary.endswith("line 37\nline 38\nline 39\n")
     assert end[-1].msg.msg_type == "status"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["x", "n", "r", "\n", "\r", "\\", '"', "\t", "\x00", "é", "𝄞", "\\n"]),
+        max_size=60,
+    )
+)
+def test_the_unparsed_bound_never_undercounts_and_sees_carriage_returns(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    raw = stream(text).parts[3]
+    bound = _text_bound(raw)
+    if "\r" in text:
+        assert bound is None  # a carriage return rewinds the line: the text must be parsed
+    else:
+        if bound is None:  # allowed only where a literal backslash may look like one
+            assert "\\" in text
+            return
+        assert bound >= len(text)
+        if set(text) <= set('xnr\n\t"'):  # one byte or one two-byte escape per character
+            assert bound == len(text) + len(stream("").parts[3])  # exact, with the JSON around
 
 
 def test_one_huge_line_shows_its_start() -> None:
@@ -219,3 +242,26 @@ def test_outputs_command_lists_shows_and_cleans(tmp_path) -> None:  # type: igno
     assert missing.returncode == 1 and "cgpu-kernel outputs" in missing.stderr
     assert "Deleted 1" in cli("clean", "--older-than", "0").stdout
     assert "No saved outputs" in cli().stdout
+
+
+def test_many_small_messages_get_the_whole_budget() -> None:
+    # Each message's JSON is mostly the object around its text: counting that would cut the
+    # cell at a fraction of its budget.
+    limiter = OutputLimiter(Budgets(max_stream_bytes=10_000), "proxy")
+    decisions = []
+    for i in range(3000):
+        decisions += limiter.process(stream(f"{i:04d}\n"))
+    shown = shown_text(decisions)
+    assert 9_000 < len(shown) <= 10_000
+    assert shown == "".join(f"{i:04d}\n" for i in range(len(shown) // 5))
+
+
+def test_large_messages_are_counted_within_their_json() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=1_000_000), "proxy")
+    line = "y" * 99 + "\n"
+    decisions = []
+    for _ in range(200):
+        decisions += limiter.process(stream(line * 100))  # 10 kB each, counted unparsed
+    shown = shown_text(decisions)
+    assert 990_000 < len(shown) <= 1_000_000
+    assert spooled(decisions) == (line * 20_000)[len(shown) :].encode()
