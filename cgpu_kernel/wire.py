@@ -42,7 +42,9 @@ Buffer = bytes | bytearray | memoryview
 
 def _loads_dict(raw: Buffer, what: str) -> JsonDict:
     try:
-        value = json.loads(bytes(raw))
+        # Decoded here: Jupyter's JSON is UTF-8, and ``json.loads`` would first guess the
+        # encoding of bytes (a few percent of the proxy's CPU per round trip).
+        value = json.loads(str(raw, "utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedMessageError(f"the {what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
