@@ -12,6 +12,9 @@ Paths (each with its own ipykernel):
   ZMQ exactly like the floor.
 * ``proxy_baseline``: with ``--baseline DIR``, the jupyter-backend proxy imported from another
   checkout (``git worktree add DIR HEAD``): a change measured against its base in one run.
+* ``relay_minimal``: the yardstick, ``benchmarks/minimal_relay.py``: the least a relay of the
+  proxy's shape can do (check and make signatures, move bytes, nothing parsed), on the proxy's
+  own WebSocket transport. Not a kernel for use; it shows what the goals leave for any proxy.
 
 Metrics: trivial execute round trip (median, p99; interleaved rounds so every path sees the same
 machine load), stream throughput, a binary comm buffer echoed both ways (byte-identical check,
@@ -61,6 +64,7 @@ ALL_PATHS = (
     "proxy_jupyter",
     "proxy_local",
     "proxy_baseline",
+    "relay_minimal",
 )
 #: Paths measured only when asked for (``--baseline DIR``).
 ON_REQUEST = ("proxy_baseline",)
@@ -332,8 +336,9 @@ async def setup_proxy(
     remote: servers.Server | None,
     settings: Settings,
     source: Path | None = None,
+    module: str = "cgpu_kernel",
 ) -> None:
-    proxy = servers.start_proxy(workdir, path.name, backend, remote, source)
+    proxy = servers.start_proxy(workdir, path.name, backend, remote, source, module)
     path.closers.append(proxy.stop)
     path.pid = proxy.pid
     path.results["log"] = str(proxy.log_path)
@@ -525,6 +530,7 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
             "gateway",
             "proxy_jupyter",
             "proxy_baseline",
+            "relay_minimal",
         }
         if needs_remote:
             remote = servers.start_server(workdir, "remote")
@@ -553,6 +559,10 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
             elif name == "proxy_baseline":
                 await setup_proxy(
                     path, workdir, "jupyter", remote, settings, source=settings.baseline
+                )
+            elif name == "relay_minimal":
+                await setup_proxy(
+                    path, workdir, "jupyter", remote, settings, module="benchmarks.minimal_relay"
                 )
             await execute(path.client, SETUP_CODE, settings.timeout)
             log(f"{name}: ready in {path.results['start_s']:.2f} s")

@@ -178,13 +178,15 @@ def start_proxy(
     backend: str,
     remote: Server | None = None,
     source: Path | None = None,
+    module: str = "cgpu_kernel",
 ) -> ProxyProcess:
     """Start a proxy kernel; its token (jupyter backend) goes in ``CGPU_TOKEN``.
 
-    ``source``: a checkout to import ``cgpu_kernel`` from instead of this one."""
+    ``source``: a checkout to import ``cgpu_kernel`` from instead of this one. ``module``: what
+    to run with the proxy's command line (``benchmarks.minimal_relay`` for the yardstick)."""
     folder = workdir / name
     fname, info = connection_info(folder, "connection")
-    argv = [sys.executable, "-m", "cgpu_kernel", "-f", fname, "--backend", backend]
+    argv = [sys.executable, "-m", module, "-f", fname, "--backend", backend]
     env = dict(
         os.environ,
         CGPU_STATE_DIR=str(folder / "state"),
@@ -194,8 +196,9 @@ def start_proxy(
         CGPU_MAX_OUTPUT_BYTES=str(1 << 40),
     )
     env.pop("CGPU_TOKEN", None)
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    if source is not None or module != "cgpu_kernel":
+        first = str(source) if source is not None else str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [first, env.get("PYTHONPATH")]))
     if remote is not None:
         argv += ["--url", remote.url]
         env["CGPU_TOKEN"] = remote.token
