@@ -49,9 +49,9 @@ class RawChannels(RemoteChannels):
 
 
 class MinimalRelay:
-    def __init__(self, info: dict[str, Any], channels: RawChannels) -> None:
+    def __init__(self, info: dict[str, Any]) -> None:
         self.key = info["key"].encode()
-        self.channels = channels
+        self.channels: RawChannels | None = None
         self.context = zmq.Context()
         self.sockets: dict[str, zmq.Socket[bytes]] = {}
         self.identities: dict[str, list[Any]] = {}
@@ -67,9 +67,10 @@ class MinimalRelay:
         heartbeat = self.context.socket(zmq.REP)
         heartbeat.bind(address + str(info["hb_port"]))
         threading.Thread(target=_echo, args=(heartbeat,), daemon=True).start()
-        channels.raw_sink = self.from_remote
 
-    def start(self) -> None:
+    def start(self, channels: RawChannels) -> None:
+        self.channels = channels
+        channels.raw_sink = self.from_remote
         loop = asyncio.get_running_loop()
         for channel in ("shell", "control", "stdin"):
             sock = self.sockets[channel]
@@ -98,6 +99,7 @@ class MinimalRelay:
             msg = Message(
                 channel, parts, buffers, header=UNREAD_HEADER, parent_header=UNREAD_HEADER
             )
+            assert self.channels is not None
             self.channels.send(msg)
 
     def from_remote(self, payload: Buffer) -> None:
@@ -133,6 +135,9 @@ def _echo(sock: zmq.Socket[bytes]) -> None:
 async def main(connection_file: str, url: str) -> None:
     with open(connection_file) as file:
         info = json.load(file)
+    # Bound before the kernel starts, as the proxy does: a frontend's iopub subscription is
+    # in place by the time the first output is published (a PUB socket drops until then).
+    relay = MinimalRelay(info)
     backend = JupyterBackend(url, os.environ.get("CGPU_TOKEN"), record_for_reclaim=False)
     await backend.start_kernel()
     channels = cast(
@@ -143,8 +148,7 @@ async def main(connection_file: str, url: str) -> None:
             max_message_size=1 << 30,
         ),
     )
-    relay = MinimalRelay(info, channels)
-    relay.start()
+    relay.start(channels)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
