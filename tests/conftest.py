@@ -343,6 +343,38 @@ def collect_iopub(kc: BlockingKernelClient, msg_id: str, timeout: float = TIMEOU
             return outputs
 
 
+def nbconvert_execute(
+    notebook: Path,
+    *options: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """``jupyter nbconvert --to notebook --execute`` on ``notebook``, as users run it; fails the
+    test with the end of its stderr unless it succeeds."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            *options,
+            str(notebook),
+        ],
+        cwd=None if cwd is None else str(cwd),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def stdout_of(outputs: list[dict[str, Any]]) -> str:
     return "".join(
         m["content"]["text"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import time
 import uuid
@@ -20,7 +19,7 @@ import pexpect
 import psutil
 import pytest
 
-from .conftest import install_spec
+from .conftest import install_spec, nbconvert_execute
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = r"In \[\d+\]: "
@@ -122,29 +121,16 @@ def test_nbconvert_execute_example(kernel_dir: Path, tmp_path: Path) -> None:
     example = ROOT / "examples" / "quickstart.ipynb"
     assert nbformat.read(example, as_version=4).metadata.kernelspec.name == "cgpu-local"
     install_spec(kernel_dir, "cgpu-local", "local")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            "--ExecutePreprocessor.timeout=120",
-            "--ExecutePreprocessor.startup_timeout=120",
-            "--output-dir",
-            str(tmp_path),
-            str(example),
-        ],
-        cwd=str(tmp_path),
+    nbconvert_execute(
+        example,
+        "--ExecutePreprocessor.timeout=120",
+        "--ExecutePreprocessor.startup_timeout=120",
+        "--output-dir",
+        str(tmp_path),
+        cwd=tmp_path,
         env=dict(os.environ, CGPU_TEST_MARKER=marker),
-        capture_output=True,
-        text=True,
         timeout=240,
-        check=False,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     nb = nbformat.read(tmp_path / "quickstart.ipynb", as_version=4)
     cells = {cell.id: cell for cell in nb.cells}
     assert "Hello from the remote kernel" in stdout_of(cells["cell-1"])

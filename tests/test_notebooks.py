@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -12,7 +10,7 @@ import papermill
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
-from .conftest import RemoteServer
+from .conftest import RemoteServer, nbconvert_execute
 
 WIDGET_BYTES = bytes(range(256)) * 4
 
@@ -78,24 +76,7 @@ def test_papermill_parameters(jupyter_spec: str, tmp_path: Path) -> None:
 def test_nbconvert_execute(jupyter_spec: str, tmp_path: Path) -> None:
     source = tmp_path / "in.ipynb"
     nbformat.write(make_notebook(), source)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            f"--ExecutePreprocessor.kernel_name={jupyter_spec}",
-            "--output",
-            "out.ipynb",
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    nbconvert_execute(
+        source, f"--ExecutePreprocessor.kernel_name={jupyter_spec}", "--output", "out.ipynb"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     check_executed(nbformat.read(tmp_path / "out.ipynb", as_version=4), 3)
