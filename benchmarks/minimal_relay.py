@@ -40,7 +40,10 @@ NOWAIT_MORE = zmq.NOBLOCK | zmq.SNDMORE
 
 
 class RawChannels(RemoteChannels):
-    """The proxy's WebSocket transport, handing on each message's bytes unparsed."""
+    """The proxy's WebSocket transport, handing on each message's bytes unparsed.
+
+    It overrides ``RemoteChannels._message``, a private method: fine for a measuring instrument
+    that lives beside the code it measures, not a pattern for anything else."""
 
     raw_sink: Any = None
 
