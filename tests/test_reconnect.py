@@ -6,6 +6,7 @@ and restores the path while a real cell runs on a real ipykernel.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -54,15 +55,28 @@ def spec_through(
     )
 
 
+@contextlib.contextmanager
+def kernel_through(
+    spec: str, faulty: FaultyPath
+) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+    """A proxy kernel from ``spec``; at the end the path is healed first, so the proxy can
+    shut its remote kernel down."""
+    km, kc = start_kernel(spec)
+    try:
+        yield km, kc
+    finally:
+        faulty.restore()
+        kc.stop_channels()
+        km.shutdown_kernel()
+
+
 @pytest.fixture
 def proxy_through(
     kernel_dir: Path, path: FaultyPath, jupyter_server: RemoteServer
 ) -> Iterator[tuple[KernelManager, BlockingKernelClient, FaultyPath]]:
-    km, kc = start_kernel(spec_through(kernel_dir, "cgpu-test-faulty", path, jupyter_server))
-    yield km, kc, path
-    path.restore()
-    kc.stop_channels()
-    km.shutdown_kernel()
+    spec = spec_through(kernel_dir, "cgpu-test-faulty", path, jupyter_server)
+    with kernel_through(spec, path) as (km, kc):
+        yield km, kc, path
 
 
 def numbered_lines(outputs: list[dict]) -> list[int]:
@@ -126,18 +140,12 @@ def test_cuts_lose_nothing_through_other_servers(
     control message and its buffers pass through both."""
     server: RemoteServer = request.getfixturevalue(server_fixture)
     with FaultyPath(server.port) as faulty:
-        km, kc = start_kernel(
-            spec_through(kernel_dir, f"cgpu-test-{server_fixture}", faulty, server)
-        )
-        try:
+        spec = spec_through(kernel_dir, f"cgpu-test-{server_fixture}", faulty, server)
+        with kernel_through(spec, faulty) as (_, kc):
             reply, outputs = print_lines_under_faults(kc, faulty.reset, times=4, seed=5)
             assert reply["content"]["status"] == "ok", reply["content"]
             assert numbered_lines(outputs) == list(range(LINES))
             assert faulty.connections_seen > 4
-        finally:
-            faulty.restore()
-            kc.stop_channels()
-            km.shutdown_kernel()
 
 
 def test_journal_comes_back_after_the_kernel_crashes_and_restarts(
@@ -199,8 +207,7 @@ def test_without_the_journal_cuts_never_duplicate_or_reorder(
     spec = spec_through(
         kernel_dir, "cgpu-test-nojournal", path, jupyter_server, "--output-journal=False"
     )
-    km, kc = start_kernel(spec)
-    try:
+    with kernel_through(spec, path) as (_, kc):
         reply, outputs = print_lines_under_faults(
             kc, path.cut, times=5, seed=11, spacing=(0.3, 0.7)
         )
@@ -210,10 +217,6 @@ def test_without_the_journal_cuts_never_duplicate_or_reorder(
             assert lines[-1] == LINES - 1
         else:  # the reply itself was in the lost instant
             assert reply["content"]["ename"] == "RemoteReplyLost"
-    finally:
-        path.restore()
-        kc.stop_channels()
-        km.shutdown_kernel()
 
 
 def test_blackhole_mid_cell_loses_nothing(
@@ -272,8 +275,7 @@ def test_reconnect_budget_runs_out_then_kernel_is_usable(
     name = spec_through(
         kernel_dir, "cgpu-test-budget", path, jupyter_server, "--reconnect-budget=2"
     )
-    km, kc = start_kernel(name)
-    try:
+    with kernel_through(name, path) as (_, kc):
         run_cell(kc, "kept = 'variables survive a failed reconnection'")
         msg_id = kc.execute("import time; time.sleep(8); print('finished')")
         time.sleep(0.5)
@@ -288,10 +290,6 @@ def test_reconnect_budget_runs_out_then_kernel_is_usable(
         path.restore()
         _reply, outputs = run_cell(kc, "print(kept)", timeout=60)
         assert stdout_of(outputs) == "variables survive a failed reconnection\n"
-    finally:
-        path.restore()
-        kc.stop_channels()
-        km.shutdown_kernel()
 
 
 def test_remote_kernel_deleted_behind_our_back(
