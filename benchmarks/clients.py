@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from cgpu_kernel.wire import V1_SUBPROTOCOL, Message, from_ws, make_header, to_ws
+from cgpu_kernel.core.wire import V1_SUBPROTOCOL, Message, from_ws, make_header, to_ws
 
 QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 MAX_MESSAGE = (1 << 31) - 1

@@ -4,7 +4,7 @@
 starts a kernel on a Jupyter server and relays between ZMQ sockets bound from the connection
 file and the kernel's WebSocket, doing only what no relay of this shape can skip: check the
 frontend's signature, sign for the frontend, and move the bytes, on the same WebSocket
-transport as the proxy (``cgpu_kernel.connection.RemoteChannels``: TCP_NODELAY, TCP_QUICKACK,
+transport as the proxy (``cgpu_kernel.proxy.connection.RemoteChannels``: TCP_NODELAY, TCP_QUICKACK,
 fragments). It parses no JSON, keeps no state per request (a reply goes to the last frontend
 that wrote on that channel), applies no output limits, keeps no journal, history or spool,
 never reconnects and answers nothing itself. **Not a kernel anyone should use**: it exists so
@@ -30,8 +30,8 @@ import zmq
 from websockets.frames import Opcode
 
 from cgpu_kernel.backends.jupyter import JupyterBackend
-from cgpu_kernel.connection import RemoteChannels
-from cgpu_kernel.wire import DELIMITER, Buffer, Message
+from cgpu_kernel.core.wire import DELIMITER, Buffer, Message
+from cgpu_kernel.proxy.connection import RemoteChannels
 
 #: Stands in for the parsed header the relay never reads (``Message`` requires one).
 UNREAD_HEADER = {"msg_id": "", "msg_type": ""}

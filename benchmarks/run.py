@@ -501,13 +501,13 @@ async def measure_buffer(path: Path_, settings: Settings) -> None:
 
 
 def measure_import(runs: int) -> dict[str, float]:
-    """``python -X importtime -c "import cgpu_kernel.kernelapp"``: the cumulative import time."""
+    """``python -X importtime -c "import cgpu_kernel.proxy.app"``: the cumulative import time."""
     best = float("inf")
     wall = float("inf")
     for _ in range(runs):
         started = time.perf_counter()
         done = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", "import cgpu_kernel.kernelapp"],
+            [sys.executable, "-X", "importtime", "-c", "import cgpu_kernel.proxy.app"],
             capture_output=True,
             text=True,
             check=True,
@@ -516,7 +516,7 @@ def measure_import(runs: int) -> dict[str, float]:
         wall = min(wall, time.perf_counter() - started)
         for line in done.stderr.splitlines():
             parts = [p.strip() for p in line.split("|")]
-            if len(parts) == 3 and parts[2] == "cgpu_kernel.kernelapp":
+            if len(parts) == 3 and parts[2] == "cgpu_kernel.proxy.app":
                 best = min(best, int(parts[1]) / 1000)
     return {"import_ms": best, "import_wall_ms": wall * 1000}
 

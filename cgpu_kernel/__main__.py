@@ -1,6 +1,6 @@
 """``python -m cgpu_kernel``: the CLI, or the kernel itself when given ``-f CONNECTION_FILE``."""
 
-from .cli import main
+from cgpu_kernel.cli import main
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ from typing import Any
 from traitlets import TraitError
 from traitlets.config import Configurable
 
-from .exceptions import ConfigurationError
+from cgpu_kernel.exceptions import ConfigurationError
 
 
 class EnvConfigurable(Configurable):

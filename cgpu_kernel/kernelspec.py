@@ -21,8 +21,8 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_core.paths import jupyter_data_dir
 
-from .backends.jupyter import normalize_base_url
-from .exceptions import ConfigurationError
+from cgpu_kernel.backends.jupyter import normalize_base_url
+from cgpu_kernel.exceptions import ConfigurationError
 
 BACKENDS = ("local", "jupyter", "colab")
 DEFAULT_DISPLAY_NAMES = {

@@ -41,11 +41,11 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float
 
-from . import registry
-from .backends.jupyter import JupyterServerClient
-from .backends.local import start_private_server, stop_private_server
-from .exceptions import CgpuError, RemoteProtocolError, RemoteUnreachableError
-from .registry import registry_dir
+from cgpu_kernel.backends import registry
+from cgpu_kernel.backends.jupyter import JupyterServerClient
+from cgpu_kernel.backends.local import start_private_server, stop_private_server
+from cgpu_kernel.backends.registry import registry_dir
+from cgpu_kernel.exceptions import CgpuError, RemoteProtocolError, RemoteUnreachableError
 
 #: The name kernelspecs use in ``metadata.kernel_provisioner.provisioner_name``.
 PROVISIONER_NAME = "cgpu-provisioner"

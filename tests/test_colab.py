@@ -30,9 +30,10 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 from tornado.websocket import websocket_connect
 
-from cgpu_kernel import auth, kernelspec
+from cgpu_kernel import kernelspec
 from cgpu_kernel.backends.base import KernelHealth
-from cgpu_kernel.backends.colab import (
+from cgpu_kernel.backends.colab import auth
+from cgpu_kernel.backends.colab.backend import (
     ColabAuthError,
     ColabBackend,
     ColabDeniedError,
@@ -44,10 +45,10 @@ from cgpu_kernel.backends.colab import (
     notebook_hash,
     parse_json,
 )
+from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import ConfigurationError
-from cgpu_kernel.kernelapp import ProxyKernelRun
-from cgpu_kernel.options import ProxyKernel
-from cgpu_kernel.wire import Message, make_header
+from cgpu_kernel.proxy.app import ProxyKernelRun
+from cgpu_kernel.proxy.options import ProxyKernel
 
 from .colab_double import COLAB_REQUEST_HELPER, ColabDouble
 from .conftest import RemoteServer, collect_iopub, install_spec, run_cell, start_kernel, stdout_of

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cgpu_kernel.config import trait_reference
-from cgpu_kernel.options import ProxyKernel
+from cgpu_kernel.proxy.options import ProxyKernel
 
 ROOT = Path(__file__).resolve().parent.parent
 

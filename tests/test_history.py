@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cgpu_kernel import history
+from cgpu_kernel.run import history
 
 METADATA = {
     "time",

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from jupyter_client.session import Session
 
-from cgpu_kernel import journal_agent
-from cgpu_kernel.exceptions import MalformedMessageError
-from cgpu_kernel.journal import (
+from cgpu_kernel.core import journal_agent
+from cgpu_kernel.core.journal import (
     INTERNAL_PREFIX,
     LastSeen,
     agent_source,
@@ -25,7 +24,8 @@ from cgpu_kernel.journal import (
     journal_request,
     recovered_messages,
 )
-from cgpu_kernel.wire import Message
+from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import MalformedMessageError
 
 
 class FakeKernel(SimpleNamespace):

@@ -126,7 +126,7 @@ def test_config_reference_lists_every_option() -> None:
 def test_env_fallback_and_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     from traitlets.config import Config
 
-    from cgpu_kernel.options import ProxyKernel
+    from cgpu_kernel.proxy.options import ProxyKernel
 
     monkeypatch.setenv("CGPU_STARTUP_TIMEOUT", "7.5")
     monkeypatch.setenv("CGPU_REMOTE_KERNEL", "from-env")

@@ -7,7 +7,7 @@ import base64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cgpu_kernel.limits import (
+from cgpu_kernel.core.limits import (
     Budgets,
     Coalescer,
     OutputLimiter,
@@ -16,7 +16,7 @@ from cgpu_kernel.limits import (
     _text_bound,
     visible_size,
 )
-from cgpu_kernel.wire import Message, make_header
+from cgpu_kernel.core.wire import Message, make_header
 
 CELL = {"msg_id": "cell-1", "msg_type": "execute_request"}
 
@@ -201,7 +201,7 @@ def test_spool_files_are_private_and_cleaned_by_age_then_size(tmp_path) -> None:
     import stat
     import time
 
-    from cgpu_kernel import spool
+    from cgpu_kernel.proxy import spool
 
     writer = spool.SpoolWriter(tmp_path / "run-1")
     writer.write("cell-stdout.txt", b"a" * 100)

@@ -505,7 +505,7 @@ def test_websocket_protocol_negotiated(
 def test_every_execution_lands_in_the_history(
     proxy: tuple[KernelManager, BlockingKernelClient],
 ) -> None:
-    from cgpu_kernel import history
+    from cgpu_kernel.run import history
 
     km, kc = proxy
     pid = km.provisioner.pid  # type: ignore[union-attr]

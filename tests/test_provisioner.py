@@ -26,13 +26,13 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from cgpu_kernel import kernelspec
+from cgpu_kernel.backends.registry import registry_dir
 from cgpu_kernel.provisioner import (
     PROVISIONER_NAME,
     CgpuProvisioner,
     spec_backend,
     without_backend,
 )
-from cgpu_kernel.registry import registry_dir
 from tests.conftest import RemoteServer, run_cell, start_kernel, stdout_of
 
 SERVER_MODULE = "cgpu_kernel.backends.local_server"

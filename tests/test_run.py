@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from cgpu_kernel import runner
+from cgpu_kernel.run import runner
 from tests.conftest import RemoteServer, free_port, install_spec
 
 ROOT = Path(__file__).resolve().parent.parent

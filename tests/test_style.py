@@ -13,9 +13,12 @@ ROOT = Path(__file__).parent.parent
 IO_MODULES = {"asyncio", "zmq", "tornado", "websockets", "socket", "aiohttp", "selectors", "ssl"}
 
 
-@pytest.mark.parametrize("module", ["wire.py", "relay.py"])
-def test_protocol_core_imports_no_io_library(module: str) -> None:
-    tree = ast.parse((ROOT / "cgpu_kernel" / module).read_text())
+CORE = sorted((ROOT / "cgpu_kernel" / "core").glob("*.py"))
+
+
+@pytest.mark.parametrize("module", CORE, ids=[path.name for path in CORE])
+def test_protocol_core_imports_no_io_library(module: Path) -> None:
+    tree = ast.parse(module.read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

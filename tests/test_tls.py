@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tornado.httpclient import HTTPRequest
 
-from cgpu_kernel.connection import RemoteChannels
 from cgpu_kernel.exceptions import RemoteUnreachableError
+from cgpu_kernel.proxy.connection import RemoteChannels
 
 from .conftest import (
     RemoteServer,

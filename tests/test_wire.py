@@ -15,8 +15,7 @@ from jupyter_server.services.kernels.connection.base import (
     serialize_msg_to_ws_v1,
 )
 
-from cgpu_kernel.exceptions import MalformedMessageError
-from cgpu_kernel.wire import (
+from cgpu_kernel.core.wire import (
     DELIMITER,
     FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
@@ -33,6 +32,7 @@ from cgpu_kernel.wire import (
     to_ws_v1_pieces,
     zmq_frames,
 )
+from cgpu_kernel.exceptions import MalformedMessageError
 
 json_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=50)
 contents = st.dictionaries(json_text, st.one_of(json_text, st.integers(), st.booleans()))

@@ -18,7 +18,7 @@ from typing import Any
 
 from tornado.httpclient import HTTPRequest
 
-from ..wire import Message
+from cgpu_kernel.core.wire import Message
 
 
 class KernelHealth(Enum):

@@ -16,8 +16,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from .. import registry
-from ..exceptions import (
+from cgpu_kernel.backends import registry
+from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.exceptions import (
     ConfigurationError,
     RemoteAuthError,
     RemoteError,
@@ -26,7 +27,6 @@ from ..exceptions import (
     RemoteProtocolError,
     RemoteUnreachableError,
 )
-from .base import Backend, KernelHealth
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import RemoteUnreachableError
-from ..registry import registry_dir
-from .jupyter import JupyterBackend
+from cgpu_kernel.backends.jupyter import JupyterBackend
+from cgpu_kernel.backends.registry import registry_dir
+from cgpu_kernel.exceptions import RemoteUnreachableError
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from urllib.parse import quote
 import psutil
 from jupyter_core.paths import jupyter_runtime_dir
 
-from .exceptions import RemoteError, RemoteProtocolError
+from cgpu_kernel.exceptions import RemoteError, RemoteProtocolError
 
 if TYPE_CHECKING:
-    from .backends.jupyter import JupyterServerClient
+    from cgpu_kernel.backends.jupyter import JupyterServerClient
 
 log = logging.getLogger(__name__)
 

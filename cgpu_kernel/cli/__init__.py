@@ -16,19 +16,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, kernelspec
-from .exceptions import CgpuError, ConfigurationError
+from cgpu_kernel import __version__, kernelspec
+from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 
 #: Modules that add subcommands: each has ``register(commands)``, taking the subparsers object
 #: and adding parsers whose ``func`` default runs the command (returns the exit code).
-COMMAND_MODULES = ("cgpu_kernel.run_cli", "cgpu_kernel.colab_cli")
+COMMAND_MODULES = ("cgpu_kernel.run.cli", "cgpu_kernel.cli.colab")
 
 
 def _checked_option(option: str) -> str:
     """``NAME=VALUE`` for ``install --option``, validated now rather than at kernel start."""
     from traitlets import TraitError
 
-    from .options import ProxyKernel
+    from cgpu_kernel.proxy.options import ProxyKernel
 
     name, sep, value = option.strip().lstrip("-").partition("=")
     trait = ProxyKernel.class_traits(config=True).get(name.replace("-", "_"))
@@ -105,9 +105,9 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _reclaim(args: argparse.Namespace) -> int:
-    from . import registry
-    from .backends.jupyter import JupyterServerClient, safe_url
-    from .options import read_token
+    from cgpu_kernel.backends import registry
+    from cgpu_kernel.backends.jupyter import JupyterServerClient, safe_url
+    from cgpu_kernel.proxy.options import read_token
 
     async def reclaim() -> int:
         urls = sorted({r["url"] for r in registry.records() if not registry.owner_alive(r)})
@@ -133,7 +133,7 @@ def _reclaim(args: argparse.Namespace) -> int:
 
 
 def _outputs(args: argparse.Namespace) -> int:
-    from . import spool
+    from cgpu_kernel.proxy import spool
 
     configured = args.spool_dir or os.environ.get("CGPU_SPOOL_DIR")
     root = Path(configured) if configured else spool.default_spool_root()
@@ -172,8 +172,8 @@ def _outputs(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
-    from .config import trait_reference
-    from .options import ProxyKernel
+    from cgpu_kernel.config import trait_reference
+    from cgpu_kernel.proxy.options import ProxyKernel
 
     rows = trait_reference(ProxyKernel)
     print("| Option | Type | Default | Environment | Description |")
@@ -185,7 +185,7 @@ def _config_reference(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from cgpu_kernel.cli.demo import run_demo
 
     return run_demo(args.notebook, timeout=args.timeout)
 
@@ -298,7 +298,7 @@ def _is_kernel_launch(args: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args_list = sys.argv[1:] if argv is None else argv
     if _is_kernel_launch(args_list):
-        from .kernelapp import launch_kernel
+        from cgpu_kernel.proxy.app import launch_kernel
 
         launch_kernel(args_list)
         return

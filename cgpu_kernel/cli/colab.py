@@ -16,8 +16,8 @@ from typing import Any
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from . import auth
-from .backends.colab import (
+from cgpu_kernel.backends.colab import auth
+from cgpu_kernel.backends.colab.backend import (
     CLIENT_AGENT,
     CLIENT_AGENT_HEADER,
     DEFAULT_COLAB_URL,
@@ -26,8 +26,8 @@ from .backends.colab import (
     RuntimeProxy,
     parse_json,
 )
-from .backends.jupyter import JupyterServerClient
-from .exceptions import CgpuError, RemoteError
+from cgpu_kernel.backends.jupyter import JupyterServerClient
+from cgpu_kernel.exceptions import CgpuError, RemoteError
 
 COLAB_URL_ENV = "CGPU_COLAB_URL"
 

@@ -16,7 +16,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from . import kernelspec
+from cgpu_kernel import kernelspec
 
 DEMO_KERNEL = "cgpu-demo"
 

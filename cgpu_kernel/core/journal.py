@@ -4,7 +4,7 @@
 reconnection the proxy asks it for everything after the last message it received on each
 channel. This module builds those requests (all with ``msg_id``\\ s starting ``cgpu-internal-``,
 which the agent never records and the proxy never shows a frontend), tracks the last message
-seen per channel, and turns an answer back into :class:`~cgpu_kernel.wire.Message`\\ s.
+seen per channel, and turns an answer back into :class:`~cgpu_kernel.core.wire.Message`\\ s.
 
 Sans-I/O: nothing here sends or waits; ``kernelapp`` does.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from importlib import resources
 
-from .exceptions import MalformedMessageError
-from .journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE
-from .wire import Buffer, JsonDict, Message, make_header, new_id
+from cgpu_kernel.core.journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE
+from cgpu_kernel.core.wire import Buffer, JsonDict, Message, make_header, new_id
+from cgpu_kernel.exceptions import MalformedMessageError
 
 
 def is_internal(msg: Message) -> bool:

@@ -24,7 +24,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .wire import JsonDict, Message, make_header
+from cgpu_kernel.core.wire import JsonDict, Message, make_header
 
 RICH_TYPES = ("display_data", "execute_result", "update_display_data")
 #: In raw JSON, an escaped backslash or carriage return: the two escapes that stop the

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import __version__
-from .exceptions import CgpuError, RemoteKernelGoneError
-from .limits import OutputLimiter, Show
-from .wire import PROTOCOL_VERSION, JsonDict, Message, make_header
+from cgpu_kernel import __version__
+from cgpu_kernel.core.limits import OutputLimiter, Show
+from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
+from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError
 
 log = logging.getLogger(__name__)
 

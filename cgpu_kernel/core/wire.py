@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from .exceptions import MalformedMessageError
+from cgpu_kernel.exceptions import MalformedMessageError
 
 DELIMITER = b"<IDS|MSG>"
 V1_SUBPROTOCOL = "v1.kernel.websocket.jupyter.org"

@@ -29,23 +29,10 @@ from jupyter_core.paths import jupyter_config_path
 from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
 
-from . import __version__
-from .backends.base import Backend
-from .connection import ChannelsClosedError, MessageSink, RemoteChannels
-from .exceptions import (
-    CgpuError,
-    ConfigurationError,
-    MalformedMessageError,
-    ReplyLostError,
-    StartupTimeoutError,
-)
-from .frontend import FrontendSockets
-from .history import ExecutionTracker
-from .limits import Budgets, Coalescer, OutputLimiter
-from .options import ProxyKernel, UnavailableBackend
-from .reconnect import Reconnector
-from .recovery import JournalKeeper
-from .relay import (
+from cgpu_kernel import __version__
+from cgpu_kernel.backends.base import Backend
+from cgpu_kernel.core.limits import Budgets, Coalescer, OutputLimiter
+from cgpu_kernel.core.relay import (
     Action,
     AnswerRemoteRequest,
     AwaitRestartedKernel,
@@ -61,10 +48,23 @@ from .relay import (
     ShutdownRemote,
     SpoolOutput,
 )
-from .spool import SpoolWriter, default_spool_root
-from .spool import clean as clean_spool
-from .winevents import watch_interrupt_event
-from .wire import Message
+from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import (
+    CgpuError,
+    ConfigurationError,
+    MalformedMessageError,
+    ReplyLostError,
+    StartupTimeoutError,
+)
+from cgpu_kernel.proxy.connection import ChannelsClosedError, MessageSink, RemoteChannels
+from cgpu_kernel.proxy.frontend import FrontendSockets
+from cgpu_kernel.proxy.options import ProxyKernel, UnavailableBackend
+from cgpu_kernel.proxy.reconnect import Reconnector
+from cgpu_kernel.proxy.recovery import JournalKeeper
+from cgpu_kernel.proxy.spool import SpoolWriter, default_spool_root
+from cgpu_kernel.proxy.spool import clean as clean_spool
+from cgpu_kernel.proxy.winevents import watch_interrupt_event
+from cgpu_kernel.run.history import ExecutionTracker
 
 log = logging.getLogger("cgpu_kernel")
 

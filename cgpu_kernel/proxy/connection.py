@@ -47,15 +47,8 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from . import __version__
-from .exceptions import (
-    MalformedMessageError,
-    RemoteAuthError,
-    RemoteKernelGoneError,
-    RemoteProtocolError,
-    RemoteUnreachableError,
-)
-from .wire import (
+from cgpu_kernel import __version__
+from cgpu_kernel.core.wire import (
     FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
     Buffer,
@@ -65,6 +58,13 @@ from .wire import (
     from_ws_v1,
     to_ws_legacy,
     to_ws_v1_pieces,
+)
+from cgpu_kernel.exceptions import (
+    MalformedMessageError,
+    RemoteAuthError,
+    RemoteKernelGoneError,
+    RemoteProtocolError,
+    RemoteUnreachableError,
 )
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ from typing import Any, cast
 import zmq
 from jupyter_client.session import Session
 
-from .exceptions import MalformedMessageError
-from .wire import DELIMITER, Buffer, Message, zmq_frames
+from cgpu_kernel.core.wire import DELIMITER, Buffer, Message, zmq_frames
+from cgpu_kernel.exceptions import MalformedMessageError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from tornado.httpclient import HTTPRequest
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from .backends.base import Backend, KernelHealth
-from .config import EnvConfigurable
-from .exceptions import CgpuError, ConfigurationError
+from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.config import EnvConfigurable
+from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 
 TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
@@ -224,11 +224,11 @@ class ProxyKernel(EnvConfigurable):
 
     def make_backend(self) -> Backend:
         if self.backend == "local":
-            from .backends.local import LocalBackend
+            from cgpu_kernel.backends.local import LocalBackend
 
             return LocalBackend(self.remote_kernel)
         if self.backend == "jupyter":
-            from .backends.jupyter import JupyterBackend
+            from cgpu_kernel.backends.jupyter import JupyterBackend
 
             if not self.url:
                 raise ConfigurationError(
@@ -243,8 +243,8 @@ class ProxyKernel(EnvConfigurable):
                 validate_cert=self.validate_cert,
                 ca_certs=self.ca_certs or None,
             )
-        from .auth import load_tokens
-        from .backends.colab import ColabBackend
+        from cgpu_kernel.backends.colab.auth import load_tokens
+        from cgpu_kernel.backends.colab.backend import ColabBackend
 
         connection_file = str(getattr(self.parent, "connection_file", "") or "")
         return ColabBackend(

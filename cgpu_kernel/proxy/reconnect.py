@@ -15,10 +15,15 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 
-from .backends.base import Backend, KernelHealth
-from .connection import RemoteChannels
-from .exceptions import CgpuError, ReconnectBudgetError, RemoteAuthError, RemoteKernelGoneError
-from .options import TOKEN_ENV
+from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.exceptions import (
+    CgpuError,
+    ReconnectBudgetError,
+    RemoteAuthError,
+    RemoteKernelGoneError,
+)
+from cgpu_kernel.proxy.connection import RemoteChannels
+from cgpu_kernel.proxy.options import TOKEN_ENV
 
 log = logging.getLogger("cgpu_kernel")
 

@@ -1,7 +1,7 @@
 """The I/O side of the output journal: installing it, and asking it after a reconnection.
 
 ``journal`` builds the messages and reads the answers; this module sends them on a
-:class:`~cgpu_kernel.connection.RemoteChannels` and waits, with bounds, for the answers. A
+:class:`~cgpu_kernel.proxy.connection.RemoteChannels` and waits, with bounds, for the answers. A
 journal that does not answer in time is given up for this remote kernel, so a remote that
 cannot hold one (not an ipykernel, a gateway that filters unknown message types) costs one
 timeout, not one per reconnection.
@@ -15,9 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .connection import ChannelsClosedError, RemoteChannels
-from .exceptions import MalformedMessageError
-from .journal import (
+from cgpu_kernel.core.journal import (
     LastSeen,
     can_hold_journal,
     install_request,
@@ -26,7 +24,9 @@ from .journal import (
     kernel_info_request,
     recovered_messages,
 )
-from .wire import Message
+from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import MalformedMessageError
+from cgpu_kernel.proxy.connection import ChannelsClosedError, RemoteChannels
 
 log = logging.getLogger(__name__)
 

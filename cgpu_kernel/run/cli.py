@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import history, runner, sessions
+from cgpu_kernel.run import history, runner, sessions
 
 
 def register(commands: Any) -> None:

@@ -118,7 +118,7 @@ def record_execution(
     """Append one execution's metadata to the history. Never raises.
 
     ``kernel``: the kernelspec name (or a description). ``status``: ``"ok"`` or ``"error"``.
-    ``category``: None for ok, else one of :data:`cgpu_kernel.runner.CATEGORIES`
+    ``category``: None for ok, else one of :data:`cgpu_kernel.run.runner.CATEGORIES`
     (``categorize(ename, evalue)`` turns an error reply into one). ``reconnects``: how many
     times the proxy reconnected while this cell ran. ``startup_ms``: the kernel's startup time,
     given with the first execution after a start. ``session``: groups the records of one kernel
@@ -330,7 +330,7 @@ class ExecutionTracker:
     def _record(self, parent_id: str) -> None:
         execution = self._pending.pop(parent_id)
         content = execution.reply or {}
-        from .runner import categorize
+        from cgpu_kernel.run.runner import categorize
 
         status = "ok" if content.get("status") == "ok" else "error"
         category = None

@@ -30,8 +30,8 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import KernelManager
 
-from . import history, kernelspec
-from .exceptions import (
+from cgpu_kernel import kernelspec
+from cgpu_kernel.exceptions import (
     CgpuError,
     ConfigurationError,
     RemoteAuthError,
@@ -42,6 +42,7 @@ from .exceptions import (
     RemoteUnreachableError,
     StartupTimeoutError,
 )
+from cgpu_kernel.run import history
 
 
 @dataclass(frozen=True)
@@ -593,7 +594,7 @@ def run(options: RunOptions) -> RunResult:
 def _run(options: RunOptions, result: RunResult) -> None:
     kernel_name = options.kernel
     if options.session:
-        from . import sessions
+        from cgpu_kernel.run import sessions
 
         kernel_name = sessions.kernel_for(options.session, options.kernel)
     name, spec = resolve_kernel(kernel_name)

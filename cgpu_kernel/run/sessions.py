@@ -2,14 +2,14 @@
 
 A run is a short-lived process, and the proxy kernel stops when the process that launched it
 exits (it watches its parent, so no remote kernel is left running). A session therefore gets its
-own small *host* process (``python -m cgpu_kernel.sessions host ...``), detached from the
+own small *host* process (``python -m cgpu_kernel.run.sessions host ...``), detached from the
 terminal, which launches the proxy with ``jupyter_client``'s ``KernelManager`` and keeps it
 until ``cgpu-kernel sessions stop NAME``. Runs attach to the kernel through its connection file.
 
-Everything lives in ``<state dir>/sessions/`` (``cgpu_kernel.registry.registry_dir()``), private
-to the user: ``NAME.json`` (host pid, kernel, connection file; no secret), ``NAME.connection``
-(the connection file, 0600: it holds the signing key), ``NAME.log`` (the host's and kernel's
-log) and ``NAME.lock``.
+Everything lives in ``<state dir>/sessions/`` (beside
+``cgpu_kernel.backends.registry.registry_dir()``), private to the user: ``NAME.json`` (host
+pid, kernel, connection file; no secret), ``NAME.connection`` (the connection file, 0600: it
+holds the signing key), ``NAME.log`` (the host's and kernel's log) and ``NAME.lock``.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import psutil
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from .exceptions import ConfigurationError, RemoteError
-from .registry import registry_dir
+from cgpu_kernel.backends.registry import registry_dir
+from cgpu_kernel.exceptions import ConfigurationError, RemoteError
 
 if TYPE_CHECKING:
-    from .runner import Output, RunOptions, RunResult
+    from cgpu_kernel.run.runner import Output, RunOptions, RunResult
 
 try:
     import fcntl
@@ -149,7 +149,7 @@ def ensure(
                 [
                     sys.executable,
                     "-m",
-                    "cgpu_kernel.sessions",
+                    "cgpu_kernel.run.sessions",
                     "host",
                     name,
                     "--kernel",
@@ -204,7 +204,7 @@ def stop(name: str, timeout: float = STOP_TIMEOUT) -> bool:
 
 
 def _kernel_env() -> dict[str, str]:
-    from .runner import kernel_env
+    from cgpu_kernel.run.runner import kernel_env
 
     return kernel_env()
 
@@ -219,7 +219,7 @@ def run_in_session(
     """``cgpu-kernel run --session NAME``: attach to the session's kernel and run the code.
 
     ``first_start``: the deadline for a new kernel and the proxy arguments that set it."""
-    from .runner import REUSE_TIMEOUT, Execution, wait_ready
+    from cgpu_kernel.run.runner import REUSE_TIMEOUT, Execution, wait_ready
 
     assert options.session is not None
     begun = time.monotonic()
@@ -275,7 +275,7 @@ def host(name: str, kernel: str, proxy_args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cgpu_kernel.sessions")
+    parser = argparse.ArgumentParser(prog="python -m cgpu_kernel.run.sessions")
     commands = parser.add_subparsers(dest="command", required=True)
     host_parser = commands.add_parser("host", help="(internal) host session NAME's kernel")
     host_parser.add_argument("name")

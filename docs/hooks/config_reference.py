@@ -45,7 +45,7 @@ def option_table() -> str:
 
 def flag_table() -> str:
     """The kernel process's short flags and the option each one sets."""
-    from cgpu_kernel.kernelapp import ProxyKernelApp
+    from cgpu_kernel.proxy.app import ProxyKernelApp
 
     rows = ["| Flag | Sets |", "|---|---|"]
     for alias, target in ProxyKernelApp.aliases.items():

@@ -32,8 +32,8 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 
-from .backends.colab import AccessTokens, ColabAuthError
-from .exceptions import ConfigurationError, RemoteUnreachableError
+from cgpu_kernel.backends.colab.backend import AccessTokens, ColabAuthError
+from cgpu_kernel.exceptions import ConfigurationError, RemoteUnreachableError
 
 ACCESS_TOKEN_ENV = "CGPU_GOOGLE_ACCESS_TOKEN"  # noqa: S105 - the variable's name
 CREDENTIALS_FILE_ENV = "CGPU_CREDENTIALS_FILE"

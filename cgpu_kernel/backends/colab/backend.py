@@ -53,7 +53,10 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from ..exceptions import (
+from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.backends.jupyter import JupyterBackend
+from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import (
     ConfigurationError,
     RemoteAuthError,
     RemoteError,
@@ -61,9 +64,6 @@ from ..exceptions import (
     RemoteProtocolError,
     RemoteUnreachableError,
 )
-from ..wire import Message
-from .base import Backend, KernelHealth
-from .jupyter import JupyterBackend
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class ColabHTTPError(RemoteProtocolError):
 
 
 class AccessTokens(Protocol):
-    """Where the Google access token comes from (see :mod:`cgpu_kernel.auth`)."""
+    """Where the Google access token comes from (see :mod:`cgpu_kernel.backends.colab.auth`)."""
 
     async def access_token(self, *, refresh: bool = False) -> str:
         """A current access token; ``refresh`` asks for a new one (the last was refused)."""
