@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-from jupyter_core.paths import jupyter_data_dir
 
+from cgpu_kernel import paths
 from cgpu_kernel.backends.jupyter import normalize_base_url
 from cgpu_kernel.exceptions import ConfigurationError
 
@@ -45,6 +45,44 @@ def resource_dir(name: str) -> Path:
 
 def default_name(backend: str) -> str:
     return "colab-gpu" if backend == "colab" else f"cgpu-{backend}"
+
+
+def argv_option(argv: list[str], *names: str) -> str | None:
+    """The value ``names`` give in a kernel argv (``NAME VALUE`` or ``NAME=VALUE``; the last wins,
+    as on any traitlets command line).
+
+    The one reader of kernel command lines: the provisioner (which backend), the CLI (is this a
+    kernel launch), the proxy (its connection file) and ``run`` (the remote kernel, the startup
+    deadline) all ask here, so they agree on both spellings.
+    """
+    found = None
+    for index, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if arg in names and index + 1 < len(argv):
+            found = argv[index + 1]
+        elif equals and name in names:
+            found = value
+    return found
+
+
+def without_option(argv: list[str], *names: str) -> list[str]:
+    """``argv`` minus every ``NAME VALUE`` / ``NAME=VALUE`` for ``names`` (read as above)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif arg.partition("=")[0] not in names or "=" not in arg:
+            kept.append(arg)
+    return kept
+
+
+#: How a kernel argv names its connection file (jupyter_client writes ``-f {connection_file}``).
+CONNECTION_FILE_OPTIONS = ("-f", "--f")
+#: How a kernel argv names the backend (the alias and the trait's full name).
+BACKEND_OPTIONS = ("--backend", "--ProxyKernel.backend")
 
 
 def make_argv(
@@ -174,8 +212,7 @@ def remove(name: str) -> str:
 
 def save_token(name: str, token: str) -> Path:
     """Store a remote server's token in a 0600 file for kernelspec ``name``; its path."""
-    folder = Path(jupyter_data_dir()) / "cgpu-kernel" / "tokens"
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = paths.tokens_dir()
     path = folder / name
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:

@@ -41,11 +41,12 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from traitlets import Float
 
+from cgpu_kernel import kernelspec
 from cgpu_kernel.backends import registry
 from cgpu_kernel.backends.jupyter import JupyterServerClient
 from cgpu_kernel.backends.local import start_private_server, stop_private_server
-from cgpu_kernel.backends.registry import registry_dir
 from cgpu_kernel.exceptions import CgpuError, RemoteProtocolError, RemoteUnreachableError
+from cgpu_kernel.paths import registry_dir
 
 #: The name kernelspecs use in ``metadata.kernel_provisioner.provisioner_name``.
 PROVISIONER_NAME = "cgpu-provisioner"
@@ -53,26 +54,15 @@ PROVISIONER_NAME = "cgpu-provisioner"
 
 def spec_backend(argv: list[str], metadata: dict[str, Any]) -> str:
     """The backend a kernelspec's proxy would use: ``--backend`` in argv, else its metadata."""
-    for index, arg in enumerate(argv):
-        if arg in ("--backend", "--ProxyKernel.backend") and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith(("--backend=", "--ProxyKernel.backend=")):
-            return arg.split("=", 1)[1]
+    named = kernelspec.argv_option(argv, *kernelspec.BACKEND_OPTIONS)
+    if named is not None:
+        return named
     return str(metadata.get("cgpu_kernel", {}).get("backend", "local"))
 
 
 def without_backend(cmd: list[str]) -> list[str]:
     """``cmd`` minus its ``--backend X`` option, so ``CGPU_BACKEND`` in the environment rules."""
-    kept: list[str] = []
-    skip = False
-    for arg in cmd:
-        if skip:
-            skip = False
-        elif arg in ("--backend", "--ProxyKernel.backend"):
-            skip = True
-        elif not arg.startswith(("--backend=", "--ProxyKernel.backend=")):
-            kept.append(arg)
-    return kept
+    return kernelspec.without_option(cmd, *kernelspec.BACKEND_OPTIONS)
 
 
 class CgpuProvisioner(LocalProvisioner):

@@ -26,7 +26,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from cgpu_kernel import kernelspec
-from cgpu_kernel.backends.registry import registry_dir
+from cgpu_kernel.paths import registry_dir
 from cgpu_kernel.provisioner import (
     PROVISIONER_NAME,
     CgpuProvisioner,

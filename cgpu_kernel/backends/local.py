@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from cgpu_kernel.backends.jupyter import JupyterBackend
-from cgpu_kernel.backends.registry import registry_dir
 from cgpu_kernel.exceptions import RemoteUnreachableError
+from cgpu_kernel.paths import registry_dir
 
 log = logging.getLogger(__name__)
 

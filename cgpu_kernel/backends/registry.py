@@ -16,20 +16,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import psutil
-from jupyter_core.paths import jupyter_runtime_dir
 
 from cgpu_kernel.exceptions import RemoteError, RemoteProtocolError
+from cgpu_kernel.paths import registry_dir
 
 if TYPE_CHECKING:
     from cgpu_kernel.backends.jupyter import JupyterServerClient
 
 log = logging.getLogger(__name__)
-
-
-def registry_dir() -> Path:
-    path = Path(os.environ.get("CGPU_STATE_DIR") or jupyter_runtime_dir()) / "cgpu-kernel"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 def _record_path(kernel_id: str) -> Path:

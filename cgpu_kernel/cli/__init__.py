@@ -133,10 +133,11 @@ def _reclaim(args: argparse.Namespace) -> int:
 
 
 def _outputs(args: argparse.Namespace) -> int:
+    from cgpu_kernel import paths
     from cgpu_kernel.proxy import spool
 
     configured = args.spool_dir or os.environ.get("CGPU_SPOOL_DIR")
-    root = Path(configured) if configured else spool.default_spool_root()
+    root = Path(configured) if configured else paths.default_spool_root()
     if args.action == "clean":
         removed = spool.clean(root, max_age_days=args.older_than, max_total_bytes=1 << 62)
         print(f"Deleted {len(removed)} saved output file(s) from {root}")
@@ -292,7 +293,7 @@ def _is_kernel_launch(args: list[str]) -> bool:
     """True for ``-f CONNECTION_FILE ...`` (a frontend starting the kernel), not a subcommand."""
     if not args or not args[0].startswith("-"):
         return False  # a subcommand
-    return any(a in ("-f", "--f") or a.startswith(("-f=", "--f=")) for a in args)
+    return kernelspec.argv_option(args, *kernelspec.CONNECTION_FILE_OPTIONS) is not None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from jupyter_core.paths import jupyter_config_path
 from traitlets import Bool, TraitError, Unicode
 from traitlets.config import Application
 
-from cgpu_kernel import __version__
+from cgpu_kernel import __version__, kernelspec
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.core.limits import Budgets, Coalescer, OutputLimiter
 from cgpu_kernel.core.relay import (
@@ -51,17 +51,19 @@ from cgpu_kernel.core.relay import (
 from cgpu_kernel.core.wire import Message
 from cgpu_kernel.exceptions import (
     CgpuError,
+    ChannelsClosedError,
     ConfigurationError,
     MalformedMessageError,
     ReplyLostError,
     StartupTimeoutError,
 )
-from cgpu_kernel.proxy.connection import ChannelsClosedError, MessageSink, RemoteChannels
+from cgpu_kernel.paths import default_spool_root
+from cgpu_kernel.proxy.connection import MessageSink, RemoteChannels
 from cgpu_kernel.proxy.frontend import FrontendSockets
 from cgpu_kernel.proxy.options import ProxyKernel, UnavailableBackend
 from cgpu_kernel.proxy.reconnect import Reconnector
 from cgpu_kernel.proxy.recovery import JournalKeeper
-from cgpu_kernel.proxy.spool import SpoolWriter, default_spool_root
+from cgpu_kernel.proxy.spool import SpoolWriter
 from cgpu_kernel.proxy.spool import clean as clean_spool
 from cgpu_kernel.proxy.winevents import watch_interrupt_event
 from cgpu_kernel.run.history import ExecutionTracker
@@ -685,16 +687,6 @@ class ProxyKernelApp(Application):
         asyncio.run(ProxyKernelRun(options, connection_info, backend).run())
 
 
-def _connection_file_in(argv: list[str]) -> str | None:
-    for index, arg in enumerate(argv):
-        if arg in ("-f", "--f") and index + 1 < len(argv):
-            return argv[index + 1]
-        for prefix in ("-f=", "--f="):
-            if arg.startswith(prefix):
-                return arg[len(prefix) :]
-    return None
-
-
 class _Recorder(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -715,7 +707,7 @@ def launch_kernel(argv: list[str]) -> None:
                 app.initialize(argv)
         except SystemExit as exc:
             sys.stderr.write(captured.getvalue())
-            connection_file = _connection_file_in(argv)
+            connection_file = kernelspec.argv_option(argv, *kernelspec.CONNECTION_FILE_OPTIONS)
             if exc.code in (0, None) or connection_file is None:
                 raise
             # Come up anyway and say what is wrong in the cell: a kernel that exits at once

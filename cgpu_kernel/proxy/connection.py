@@ -60,6 +60,7 @@ from cgpu_kernel.core.wire import (
     to_ws_v1_pieces,
 )
 from cgpu_kernel.exceptions import (
+    ChannelsClosedError,
     MalformedMessageError,
     RemoteAuthError,
     RemoteKernelGoneError,
@@ -89,10 +90,6 @@ _HANDSHAKE_HEADERS = frozenset(
 )
 
 MessageSink = Callable[[Message], None]
-
-
-class ChannelsClosedError(Exception):
-    """Sending on a channels WebSocket that has closed (the message was not sent)."""
 
 
 class RemoteChannels(asyncio.Protocol):

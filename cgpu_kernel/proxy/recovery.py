@@ -25,8 +25,8 @@ from cgpu_kernel.core.journal import (
     recovered_messages,
 )
 from cgpu_kernel.core.wire import Message
-from cgpu_kernel.exceptions import MalformedMessageError
-from cgpu_kernel.proxy.connection import ChannelsClosedError, RemoteChannels
+from cgpu_kernel.exceptions import ChannelsClosedError, MalformedMessageError
+from cgpu_kernel.proxy.connection import RemoteChannels
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO
 
-from jupyter_core.paths import jupyter_data_dir
+from cgpu_kernel.paths import default_spool_root
 
 OPEN_FILES = 8
-
-
-def default_spool_root() -> Path:
-    return Path(jupyter_data_dir()) / "cgpu-kernel" / "outputs"
 
 
 class SpoolWriter:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_data_dir
+from cgpu_kernel import paths
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ def history_path() -> Path:
     explicit = os.environ.get("CGPU_HISTORY_FILE")
     if explicit:
         return Path(explicit).expanduser()
-    state = os.environ.get("CGPU_STATE_DIR")
-    if state:
-        return Path(state) / "cgpu-kernel" / "history.jsonl"
-    return Path(jupyter_data_dir()) / "cgpu-kernel" / "history.jsonl"
+    return paths.default_history_file()
 
 
 def max_bytes() -> int:

@@ -349,12 +349,9 @@ def is_python(spec: dict[str, Any]) -> bool:
     if not str(spec.get("language", "python")).lower().startswith("python"):
         return False
     argv = [str(a) for a in spec.get("argv", [])]
-    remote = os.environ.get("CGPU_REMOTE_KERNEL", "")
-    for index, arg in enumerate(argv):
-        if arg == "--remote-kernel" and index + 1 < len(argv):
-            remote = argv[index + 1]
-        elif arg.startswith("--remote-kernel="):
-            remote = arg.split("=", 1)[1]
+    remote = kernelspec.argv_option(argv, "--remote-kernel", "--ProxyKernel.remote_kernel")
+    if remote is None:
+        remote = os.environ.get("CGPU_REMOTE_KERNEL", "")
     return not remote or remote.lower().startswith("python")
 
 
@@ -367,12 +364,7 @@ def first_start_timeout(spec: dict[str, Any], requested: float | None) -> tuple[
     if requested:
         return requested, [f"--startup-timeout={requested:g}"]
     argv = [str(a) for a in spec.get("argv", [])]
-    value = ""
-    for index, arg in enumerate(argv):
-        if arg == "--startup-timeout" and index + 1 < len(argv):
-            value = argv[index + 1]
-        elif arg.startswith("--startup-timeout="):
-            value = arg.split("=", 1)[1]
+    value = kernelspec.argv_option(argv, "--startup-timeout", "--ProxyKernel.startup_timeout")
     try:
         return (float(value) if value else FIRST_START_TIMEOUT), []
     except ValueError:

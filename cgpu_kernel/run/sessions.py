@@ -32,8 +32,8 @@ import psutil
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-from cgpu_kernel.backends.registry import registry_dir
 from cgpu_kernel.exceptions import ConfigurationError, RemoteError
+from cgpu_kernel.paths import sessions_dir
 
 if TYPE_CHECKING:
     from cgpu_kernel.run.runner import Output, RunOptions, RunResult
@@ -45,12 +45,6 @@ except ImportError:  # pragma: no cover - Windows
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STOP_TIMEOUT = 30.0
-
-
-def sessions_dir() -> Path:
-    path = registry_dir() / "sessions"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
 
 
 def check_name(name: str) -> str:

@@ -30,10 +30,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_data_dir
-
-from cgpu_kernel.backends.colab.backend import AccessTokens, ColabAuthError
-from cgpu_kernel.exceptions import ConfigurationError, RemoteUnreachableError
+from cgpu_kernel import paths
+from cgpu_kernel.backends.colab.backend import AccessTokens
+from cgpu_kernel.exceptions import ColabAuthError, ConfigurationError, RemoteUnreachableError
 
 ACCESS_TOKEN_ENV = "CGPU_GOOGLE_ACCESS_TOKEN"  # noqa: S105 - the variable's name
 CREDENTIALS_FILE_ENV = "CGPU_CREDENTIALS_FILE"
@@ -52,13 +51,13 @@ def credentials_path() -> Path:
     configured = os.environ.get(CREDENTIALS_FILE_ENV)
     if configured:
         return Path(configured).expanduser()
-    return Path(jupyter_data_dir()) / "cgpu-kernel" / "google-credentials.json"
+    return paths.default_credentials_file()
 
 
 def save_store(data: dict[str, Any], path: Path | None = None) -> Path:
     """Write the store atomically, mode 0600 from the first byte (never world-readable)."""
     path = path or credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths.private_dir(path.parent)
     descriptor, temporary = tempfile.mkstemp(prefix=".credentials-", dir=path.parent)
     try:
         os.fchmod(descriptor, 0o600)

@@ -57,6 +57,14 @@ from cgpu_kernel.backends.base import Backend, KernelHealth
 from cgpu_kernel.backends.jupyter import JupyterBackend
 from cgpu_kernel.core.wire import Message
 from cgpu_kernel.exceptions import (
+    ColabAuthError,
+    ColabDeniedError,
+    ColabError,
+    ColabHTTPError,
+    ColabQuotaError,
+    ColabRuntimeGoneError,
+    ColabTooManyRuntimesError,
+    ColabUnavailableError,
     ConfigurationError,
     RemoteAuthError,
     RemoteError,
@@ -92,51 +100,6 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _NOTEBOOK_NAMESPACE = uuid.UUID("5d1c6f0e-8a5b-4b8f-9a39-3c2b0f0c6a11")
 
 T = TypeVar("T")
-
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class ColabError(RemoteError):
-    """Colab refused or failed an assignment step."""
-
-    ename = "ColabError"
-
-
-class ColabAuthError(RemoteAuthError):
-    """Google refused our credentials for Colab (or there are none)."""
-
-    ename = "ColabAuthenticationFailed"
-
-
-class ColabQuotaError(ColabError):
-    ename = "ColabQuotaExceeded"
-
-
-class ColabDeniedError(ColabError):
-    ename = "ColabAssignmentDenied"
-
-
-class ColabTooManyRuntimesError(ColabError):
-    ename = "ColabTooManyRuntimes"
-
-
-class ColabUnavailableError(ColabError):
-    ename = "ColabAcceleratorUnavailable"
-
-
-class ColabRuntimeGoneError(RemoteKernelGoneError):
-    """The assigned runtime is no longer listed: Colab reclaimed or released it."""
-
-    ename = "ColabRuntimeGone"
-
-
-class ColabHTTPError(RemoteProtocolError):
-    """Colab answered with an HTTP status this module has no specific meaning for."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- helpers ------------------------------------------------------------------------------------
