@@ -4,7 +4,7 @@ What passes here was tested against the double, written from FIELD-NOTES section
 Colab: the manual checklist for a real runtime is in docs/colab.md.
 
 Backend-level tests drive :class:`ColabBackend` directly with asyncio. Proxy-level tests run the
-real proxy (``kernelapp.ProxyKernelRun``) in a thread with a ``ColabBackend`` and talk to it
+real proxy (``proxy.kernel.ProxyKernelRun``) in a thread with a ``ColabBackend`` and talk to it
 with a real ``jupyter_client``. The kernelspec tests (``--backend colab``) run once the colab
 backend is wired into ``kernelapp`` and ``kernelspec``.
 """
@@ -47,7 +47,7 @@ from cgpu_kernel.backends.colab.backend import (
 )
 from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import ConfigurationError
-from cgpu_kernel.proxy.app import ProxyKernelRun
+from cgpu_kernel.proxy.kernel import ProxyKernelRun
 from cgpu_kernel.proxy.options import ProxyKernel
 
 from .colab_double import COLAB_REQUEST_HELPER, ColabDouble

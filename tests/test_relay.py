@@ -6,17 +6,16 @@ from typing import Any
 
 import pytest
 
-from cgpu_kernel.core.relay import (
+from cgpu_kernel.core.actions import (
     AwaitRestartedKernel,
     ConnectRemote,
     InterruptRemote,
     Publish,
-    Relay,
-    RemoteState,
     SendToFrontend,
     SendToRemote,
     ShutdownRemote,
 )
+from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import RemoteKernelGoneError, RemoteUnreachableError
 
@@ -290,7 +289,7 @@ def test_a_queued_cell_that_fails_is_busy_once_and_idle_once() -> None:
 
 
 def test_backend_intercepted_requests_are_answered_on_stdin() -> None:
-    from cgpu_kernel.core.relay import AnswerRemoteRequest
+    from cgpu_kernel.core.actions import AnswerRemoteRequest
 
     relay = Relay("proxy", intercept=lambda m: m.msg_type == "colab_request")
     relay.remote_connected()
@@ -384,7 +383,7 @@ def test_lost_replies_are_failed_on_request() -> None:
 
 
 def test_kernel_shut_down_by_someone_else() -> None:
-    from cgpu_kernel.core.relay import CloseRemote
+    from cgpu_kernel.core.actions import CloseRemote
 
     relay = connected_relay()
     execute = request("execute_request", code="import time; time.sleep(100)")

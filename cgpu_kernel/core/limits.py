@@ -23,6 +23,7 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cgpu_kernel.core.wire import JsonDict, Message, make_header
 
@@ -69,6 +70,20 @@ class Spool:
 Decision = Show | Spool
 
 
+class OutputOptions(Protocol):
+    """The options :meth:`Budgets.from_options` reads (``proxy.options.ProxyKernel`` has them);
+    a protocol, so the sans-I/O core does not import the traitlets configuration."""
+
+    @property
+    def max_output_bytes(self) -> int: ...
+    @property
+    def max_rich_output_bytes(self) -> int: ...
+    @property
+    def max_rich_item_bytes(self) -> int: ...
+    @property
+    def output_tail_lines(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Budgets:
     max_stream_bytes: int = 2 * 1024 * 1024
@@ -76,6 +91,28 @@ class Budgets:
     max_rich_item_bytes: int = 10 * 1024 * 1024
     tail_lines: int = 20
     tail_bytes: int = 16 * 1024
+
+    @classmethod
+    def from_options(cls, options: OutputOptions) -> Budgets:
+        """The budgets the user configured (``--max-output-bytes`` and friends); called by
+        ``proxy.kernel`` when it builds the run's :class:`OutputLimiter`."""
+        return cls(
+            max_stream_bytes=options.max_output_bytes,
+            max_rich_bytes=options.max_rich_output_bytes,
+            max_rich_item_bytes=options.max_rich_item_bytes,
+            tail_lines=options.output_tail_lines,
+        )
+
+
+def stream_notice(
+    session: str, parent_header: JsonDict, text: str, name: str = "stderr", newline: bool = True
+) -> Message:
+    """A line from the proxy itself in a cell's output: an iopub ``stream`` message whose parent
+    is ``parent_header`` (the cell's request). The one builder for every notice: the relay's
+    (waiting, reconnecting, lost) and the output limits' (held back, spooled, the tail)."""
+    header = make_header("stream", session)
+    content = {"name": name, "text": text + ("\n" if newline else "")}
+    return Message.build("iopub", header, parent_header, {}, content)
 
 
 def visible_size(committed: int, line: int, text: str) -> tuple[int, int]:
@@ -300,11 +337,10 @@ class OutputLimiter:
         return f"{self.spool_location}/{name}"
 
     def _notice(
-        self, parent: Message, text: str, name: str = "stderr", newline: bool = True
+        self, output: Message, text: str, name: str = "stderr", newline: bool = True
     ) -> Message:
-        header = make_header("stream", self.session)
-        content = {"name": name, "text": text + ("\n" if newline else "")}
-        return Message.build("iopub", header, parent.parent_header, {}, content)
+        """A notice in the cell that ``output`` belongs to (its parent is the cell's request)."""
+        return stream_notice(self.session, output.parent_header, text, name, newline)
 
 
 def _text_bound(raw: bytes) -> int | None:

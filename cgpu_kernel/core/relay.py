@@ -31,7 +31,21 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from cgpu_kernel import __version__
-from cgpu_kernel.core.limits import OutputLimiter, Show
+from cgpu_kernel.core.actions import (
+    Action,
+    AnswerRemoteRequest,
+    AwaitRestartedKernel,
+    CloseRemote,
+    ConnectRemote,
+    InterruptRemote,
+    Publish,
+    Request,
+    SendToFrontend,
+    SendToRemote,
+    ShutdownRemote,
+    SpoolOutput,
+)
+from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError
 
@@ -56,98 +70,6 @@ class RemoteState(Enum):
     RESTARTING = "restarting"  # the server restarts a crashed kernel; requests wait until it is up
     FAILED = "failed"  # no remote; the next request asks for a new attempt
     SHUTTING_DOWN = "shutting_down"
-
-
-@dataclass(frozen=True)
-class Request:
-    """A message from one frontend, remembered until its reply is routed back."""
-
-    channel: str
-    identities: tuple[bytes, ...]
-    msg: Message
-
-
-# --- actions ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SendToRemote:
-    request: Request
-
-    @property
-    def msg(self) -> Message:
-        return self.request.msg
-
-
-@dataclass(frozen=True)
-class SendToFrontend:
-    channel: str
-    identities: tuple[bytes, ...]
-    msg: Message
-
-
-@dataclass(frozen=True)
-class Publish:
-    msg: Message
-
-
-@dataclass(frozen=True)
-class InterruptRemote:
-    request: Request | None  # None for a SIGINT, which expects no reply
-
-
-@dataclass(frozen=True)
-class ShutdownRemote:
-    request: Request
-    restart: bool
-
-
-@dataclass(frozen=True)
-class AnswerRemoteRequest:
-    """The remote kernel asked the *client* for something only the backend can give (Colab's
-    ``colab_request`` for Drive or user credentials). ``request`` is the frontend request the
-    cell belongs to, for notices in its output; None when the relay cannot tell."""
-
-    msg: Message
-    request: Request | None
-
-
-@dataclass(frozen=True)
-class SpoolOutput:
-    """Append held-back output to the spool file ``name`` (see ``limits``)."""
-
-    name: str
-    data: bytes
-
-
-@dataclass(frozen=True)
-class CloseRemote:
-    """The remote kernel is gone: close the socket to it (the next request starts anew)."""
-
-
-@dataclass(frozen=True)
-class ConnectRemote:
-    """Ask the remote shell for a (new) connection attempt."""
-
-
-@dataclass(frozen=True)
-class AwaitRestartedKernel:
-    """The server restarted a crashed kernel: prepare the new process (its journal), then call
-    :meth:`Relay.remote_connected` to send the requests held meanwhile."""
-
-
-Action = (
-    SendToRemote
-    | SendToFrontend
-    | Publish
-    | InterruptRemote
-    | ShutdownRemote
-    | ConnectRemote
-    | AnswerRemoteRequest
-    | CloseRemote
-    | SpoolOutput
-    | AwaitRestartedKernel
-)
 
 
 @dataclass
@@ -593,5 +515,5 @@ class Relay:
         return Publish(self._make("iopub", "status", {"execution_state": state}, parent))
 
     def _notice(self, parent: Message, text: str) -> Publish:
-        content = {"name": "stderr", "text": text + "\n"}
-        return Publish(self._make("iopub", "stream", content, parent))
+        """A line from the proxy in the output of the cell ``parent`` started."""
+        return Publish(stream_notice(self.session, parent.header, text))

@@ -1,21 +1,22 @@
 """Reconnection attempts: from a dropped connection to a working one, or to a verdict.
 
-``kernelapp`` decides *when* to reconnect and what an outage means for the cells; this module is
-the attempt loop. Before each attempt it asks the backend about the kernel (alive, gone,
+``supervisor`` decides *when* to reconnect and what an outage means for the cells; this module
+is the attempt loop. Before each attempt it asks the backend about the kernel (alive, gone,
 credentials refused, no answer), so a dead kernel is reported at once and an expired credential
-is never taken for a dead kernel. Attempts back off exponentially with jitter (0.1 s doubling to
-10 s) within a time budget. A stalled socket that comes back to life is preferred to a new one:
-TCP rides out short outages by itself, and not switching sockets is not losing anything.
+is never taken for a dead kernel. Attempts back off exponentially with jitter (``core.backoff``:
+0.1 s doubling to 10 s) within a time budget. A stalled socket that comes back to life is
+preferred to a new one: TCP rides out short outages by itself, and not switching sockets is
+not losing anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.core.backoff import Backoff
 from cgpu_kernel.exceptions import (
     CgpuError,
     ReconnectBudgetError,
@@ -23,16 +24,16 @@ from cgpu_kernel.exceptions import (
     RemoteKernelGoneError,
 )
 from cgpu_kernel.proxy.connection import RemoteChannels
-from cgpu_kernel.proxy.options import TOKEN_ENV
 
 log = logging.getLogger("cgpu_kernel")
 
-FIRST_DELAY = 0.1
-MAX_DELAY = 10.0
-
 
 class Reconnector:
-    """One reconnection, attempt after attempt."""
+    """One reconnection, attempt after attempt; the supervisor makes one per outage.
+
+    ``auth_hint`` ends the error for credentials the server stopped accepting: what to renew
+    is the caller's knowledge (which variable, which file), not this loop's.
+    """
 
     def __init__(
         self,
@@ -42,12 +43,16 @@ class Reconnector:
         still_wanted: Callable[[], bool],
         ping_interval: float,
         budget: float,
+        auth_hint: str = "Renew the credentials and run the cell again.",
+        backoff: Backoff = Backoff(),  # noqa: B008 - frozen, shared safely
     ) -> None:
         self.backend = backend
         self.open_remote = open_remote
         self.still_wanted = still_wanted
         self.ping_interval = ping_interval
         self.budget = budget
+        self.auth_hint = auth_hint
+        self.backoff = backoff
 
     async def run(
         self, deadline: float, stalled: RemoteChannels | None
@@ -57,7 +62,7 @@ class Reconnector:
         longer wants one (it is stopping, or the remote was declared lost meanwhile)."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        delay, attempt = FIRST_DELAY, 0
+        delays, attempt = self.backoff.delays(), 0
         while self.still_wanted():
             attempt += 1
             health = await self.backend.kernel_health()
@@ -68,9 +73,7 @@ class Reconnector:
             if health is KernelHealth.AUTH_EXPIRED and not await self.backend.reauthenticate():
                 return RemoteAuthError(
                     f"The server stopped accepting our credentials for"
-                    f" {self.backend.description}. Renew the token (update the token file;"
-                    f" {TOKEN_ENV} cannot change under a running kernel, so restart it after"
-                    " changing that) and run the cell again."
+                    f" {self.backend.description}. {self.auth_hint}"
                 )
             if health is KernelHealth.GONE:
                 return RemoteKernelGoneError(
@@ -95,8 +98,7 @@ class Reconnector:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            await asyncio.sleep(min(delay + random.uniform(0, delay / 2), remaining))
-            delay = min(delay * 2, MAX_DELAY)
+            await asyncio.sleep(min(next(delays), remaining))
         if not self.still_wanted():
             return None
         return ReconnectBudgetError(

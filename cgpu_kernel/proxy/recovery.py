@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cgpu_kernel.core.journal import (
     LastSeen,
@@ -27,6 +27,9 @@ from cgpu_kernel.core.journal import (
 from cgpu_kernel.core.wire import Message
 from cgpu_kernel.exceptions import ChannelsClosedError, MalformedMessageError
 from cgpu_kernel.proxy.connection import RemoteChannels
+
+if TYPE_CHECKING:
+    from cgpu_kernel.proxy.options import ProxyKernel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,17 @@ class JournalKeeper:
         self.last_seen = LastSeen()
         self.iopub_heard = asyncio.Event()  # an iopub message about one of our requests came
         self._waiting: dict[str, asyncio.Future[Message]] = {}
+
+    @classmethod
+    def from_options(cls, options: ProxyKernel, session: str) -> JournalKeeper:
+        """The keeper for one proxy run, as ``--output-journal`` and the journal's size options
+        say; called by ``proxy.kernel`` when it wires the run."""
+        return cls(
+            session,
+            enabled=options.output_journal,
+            max_messages=options.journal_max_messages,
+            max_bytes=options.journal_max_bytes,
+        )
 
     def route(self, msg: Message) -> bool:
         """Take ``msg`` if it belongs to one of the proxy's own requests (never shown to a

@@ -8,13 +8,19 @@ total size when a kernel starts, or with ``cgpu-kernel outputs clean``.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from cgpu_kernel.paths import default_spool_root
+
+if TYPE_CHECKING:
+    from cgpu_kernel.proxy.options import ProxyKernel
+
+log = logging.getLogger("cgpu_kernel")
 
 OPEN_FILES = 8
 
@@ -26,6 +32,22 @@ class SpoolWriter:
         self.folder = folder
         self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
         self.written = 0
+
+    @classmethod
+    def from_options(cls, options: ProxyKernel, run_id: str) -> SpoolWriter:
+        """The spool of one proxy run (``proxy.kernel`` calls this at start): under
+        ``--spool-dir`` (or the default root), after cleaning old runs by ``--spool-max-age-days``
+        and ``--spool-max-total-bytes``; a clean-up that fails only warns."""
+        root = Path(options.spool_dir) if options.spool_dir else default_spool_root()
+        try:
+            clean(
+                root,
+                max_age_days=options.spool_max_age_days,
+                max_total_bytes=options.spool_max_total_bytes,
+            )
+        except OSError as exc:
+            log.warning("could not clean old saved outputs in %s: %s", root, exc)
+        return cls(root / (time.strftime("%Y%m%d-%H%M%S") + "-" + run_id))
 
     def write(self, name: str, data: bytes) -> None:
         handle = self._files.get(name)

@@ -14,19 +14,25 @@ from collections.abc import Callable
 
 
 def watch_interrupt_event(on_interrupt: Callable[[], None]) -> bool:
-    """Call ``on_interrupt`` (from a thread) each time the frontend sets the event."""
-    handle = os.environ.get("JPY_INTERRUPT_EVENT")
-    if sys.platform != "win32" or not handle:
-        return False
+    """Call ``on_interrupt`` (from a thread) each time the frontend sets the event; False when
+    there is no event to watch. ``lifecycle.install_signal_handlers`` calls this on Windows."""
+    if sys.platform == "win32":  # a platform block: mypy checks it only for Windows
+        handle = os.environ.get("JPY_INTERRUPT_EVENT")
+        if handle:
+            _watch(int(handle), on_interrupt)
+            return True
+    return False
+
+
+def _watch(handle: int, on_interrupt: Callable[[], None]) -> None:
     import ctypes
 
     kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined,unused-ignore]
     infinite, signalled = 0xFFFFFFFF, 0
 
     def wait() -> None:
-        while kernel32.WaitForSingleObject(int(handle), infinite) == signalled:
-            kernel32.ResetEvent(int(handle))
+        while kernel32.WaitForSingleObject(handle, infinite) == signalled:
+            kernel32.ResetEvent(handle)
             on_interrupt()
 
     threading.Thread(target=wait, name="cgpu-interrupt-event", daemon=True).start()
-    return True

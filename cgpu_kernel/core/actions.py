@@ -1,0 +1,103 @@
+"""What the relay asks its shell to do: one frozen dataclass per kind of action.
+
+:class:`~cgpu_kernel.core.relay.Relay` returns lists of these from every event method;
+``proxy.kernel.ProxyKernelRun.perform`` carries them out with a ``match`` over :data:`Action`
+that mypy checks is exhaustive, so a new action type here fails type checking until the shell
+performs it. Kept apart from the relay so a reader of the shell sees the whole vocabulary in one
+place, and so the tests build expected actions without importing the state machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cgpu_kernel.core.wire import Message
+
+
+@dataclass(frozen=True)
+class Request:
+    """A message from one frontend, remembered until its reply is routed back."""
+
+    channel: str
+    identities: tuple[bytes, ...]
+    msg: Message
+
+
+@dataclass(frozen=True)
+class SendToRemote:
+    request: Request
+
+    @property
+    def msg(self) -> Message:
+        return self.request.msg
+
+
+@dataclass(frozen=True)
+class SendToFrontend:
+    channel: str
+    identities: tuple[bytes, ...]
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Publish:
+    msg: Message
+
+
+@dataclass(frozen=True)
+class InterruptRemote:
+    request: Request | None  # None for a SIGINT, which expects no reply
+
+
+@dataclass(frozen=True)
+class ShutdownRemote:
+    request: Request
+    restart: bool
+
+
+@dataclass(frozen=True)
+class AnswerRemoteRequest:
+    """The remote kernel asked the *client* for something only the backend can give (Colab's
+    ``colab_request`` for Drive or user credentials). ``request`` is the frontend request the
+    cell belongs to, for notices in its output; None when the relay cannot tell."""
+
+    msg: Message
+    request: Request | None
+
+
+@dataclass(frozen=True)
+class SpoolOutput:
+    """Append held-back output to the spool file ``name`` (see ``limits``)."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class CloseRemote:
+    """The remote kernel is gone: close the socket to it (the next request starts anew)."""
+
+
+@dataclass(frozen=True)
+class ConnectRemote:
+    """Ask the remote shell for a (new) connection attempt."""
+
+
+@dataclass(frozen=True)
+class AwaitRestartedKernel:
+    """The server restarted a crashed kernel: prepare the new process (its journal), then call
+    :meth:`Relay.remote_connected` to send the requests held meanwhile."""
+
+
+Action = (
+    SendToRemote
+    | SendToFrontend
+    | Publish
+    | InterruptRemote
+    | ShutdownRemote
+    | ConnectRemote
+    | AnswerRemoteRequest
+    | CloseRemote
+    | SpoolOutput
+    | AwaitRestartedKernel
+)
