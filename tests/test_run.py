@@ -23,7 +23,8 @@ from typing import Any
 import psutil
 import pytest
 
-from cgpu_kernel.run import runner
+from cgpu_kernel import kernelspec
+from cgpu_kernel.run import outcomes, runner, syntax
 from tests.conftest import RemoteServer, free_port, install_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,7 @@ def run_json(*args: str, stdin: bytes | None = None) -> tuple[dict[str, Any], in
 
 
 def exit_status(code: int) -> int:
-    return next(e.exit_status for e in runner.ERROR_CODES if e.code == code)
+    return next(e.exit_status for e in outcomes.ERROR_CODES if e.code == code)
 
 
 # --- what round-trips exactly: the edge cases of kernel-mode-edge-cases.md -----------------------
@@ -306,14 +307,14 @@ def test_syntax_error_is_caught_locally_with_line_and_column(jupyter_spec: str) 
     ],
 )
 def test_syntax_check_understands_ipython(code: str) -> None:
-    assert runner.check_syntax(code) is None
+    assert syntax.check_syntax(code) is None
 
 
 def test_syntax_check_reports_where() -> None:
-    problem = runner.check_syntax("%time x = 1\ndef f(:\n    pass\n")
+    problem = syntax.check_syntax("%time x = 1\ndef f(:\n    pass\n")
     assert problem is not None
     assert (problem["name"], problem["line"], problem["column"]) == ("SyntaxError", 2, 7)
-    problem = runner.check_syntax("if True:\nprint(1)\n")
+    problem = syntax.check_syntax("if True:\nprint(1)\n")
     assert problem is not None
     assert (problem["name"], problem["line"]) == ("IndentationError", 2)
 
@@ -345,7 +346,7 @@ def test_error_categories(
     assert status == exit_status(error_code)
     error = result["error"]
     assert error["name"] == ename
-    assert error["category"] == runner.categorize(ename, error["message"])
+    assert error["category"] == outcomes.categorize(ename, error["message"])
     assert any(ename in line for line in error["traceback"])
     assert not any("\x1b[" in line for line in error["traceback"])  # no colour codes in JSON
     if hint:
@@ -474,24 +475,24 @@ def test_docs_table_matches_the_codes() -> None:
         r"^\| (\d+) \| `(\w+)` \| (\d+) \|", (ROOT / "docs" / "run.md").read_text(), re.M
     )
     documented = {(int(code), category, int(status)) for code, category, status in rows}
-    assert documented == {(e.code, e.category, e.exit_status) for e in runner.ERROR_CODES}
+    assert documented == {(e.code, e.category, e.exit_status) for e in outcomes.ERROR_CODES}
 
 
 def test_categories_and_suggestions(jupyter_spec: str) -> None:
-    assert runner.categorize("OutOfMemoryError", "CUDA out of memory") == "memory"
-    assert runner.categorize("RuntimeError", "CUDA error: out of memory") == "memory"
-    assert runner.categorize("RuntimeError", "something else") == "runtime"
-    assert runner.categorize("PermissionError") == "io"
-    assert runner.categorize("RemoteAuthenticationFailed") == "auth"
-    assert runner.categorize("RemoteStartupTimeout") == "kernel_timeout"
-    assert runner.categorize("") == "unknown"
-    assert runner.categorize("ColabQuotaExceeded") == "remote_start"
-    assert runner.categorize("ColabAuthenticationFailed") == "auth"
-    assert runner.pip_package("cv2") == "opencv-python"
-    assert runner.pip_package("sklearn.svm") == "scikit-learn"
-    assert runner.pip_package("PIL.Image") == "Pillow"
-    assert runner.pip_package("torch") == "torch"
-    assert runner.resolve_kernel(None)[0] == runner.kernelspec.list_specs()[0]["name"]
+    assert outcomes.categorize("OutOfMemoryError", "CUDA out of memory") == "memory"
+    assert outcomes.categorize("RuntimeError", "CUDA error: out of memory") == "memory"
+    assert outcomes.categorize("RuntimeError", "something else") == "runtime"
+    assert outcomes.categorize("PermissionError") == "io"
+    assert outcomes.categorize("RemoteAuthenticationFailed") == "auth"
+    assert outcomes.categorize("RemoteStartupTimeout") == "kernel_timeout"
+    assert outcomes.categorize("") == "unknown"
+    assert outcomes.categorize("ColabQuotaExceeded") == "remote_start"
+    assert outcomes.categorize("ColabAuthenticationFailed") == "auth"
+    assert outcomes.pip_package("cv2") == "opencv-python"
+    assert outcomes.pip_package("sklearn.svm") == "scikit-learn"
+    assert outcomes.pip_package("PIL.Image") == "Pillow"
+    assert outcomes.pip_package("torch") == "torch"
+    assert runner.resolve_kernel(None)[0] == kernelspec.list_specs()[0]["name"]
 
 
 def test_kernel_timeout_defaults_to_the_kernelspecs_own() -> None:

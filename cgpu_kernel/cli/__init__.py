@@ -16,8 +16,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cgpu_kernel import __version__, kernelspec
+from traitlets import TraitError
+
+from cgpu_kernel import __version__, kernelspec, paths
+from cgpu_kernel.backends import registry
+from cgpu_kernel.backends.jupyter import JupyterServerClient, safe_url
+from cgpu_kernel.config import trait_reference
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
+from cgpu_kernel.proxy import spool
+from cgpu_kernel.proxy.options import ProxyKernel, read_token
+
+# Two imports stay inside functions, for start-up time only (no cycle needs them): the proxy
+# process (`proxy.app`, ~0.1 s) is only for `python -m cgpu_kernel -f ...`, and `cli.demo`
+# (nbclient and nbformat, seconds cold) only for `cgpu-kernel demo`. The COMMAND_MODULES are
+# imported by `build_parser`, which the kernel launch path never calls.
 
 #: Modules that add subcommands: each has ``register(commands)``, taking the subparsers object
 #: and adding parsers whose ``func`` default runs the command (returns the exit code).
@@ -26,10 +38,6 @@ COMMAND_MODULES = ("cgpu_kernel.run.cli", "cgpu_kernel.cli.colab")
 
 def _checked_option(option: str) -> str:
     """``NAME=VALUE`` for ``install --option``, validated now rather than at kernel start."""
-    from traitlets import TraitError
-
-    from cgpu_kernel.proxy.options import ProxyKernel
-
     name, sep, value = option.strip().lstrip("-").partition("=")
     trait = ProxyKernel.class_traits(config=True).get(name.replace("-", "_"))
     if trait is None or not sep:
@@ -105,10 +113,6 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _reclaim(args: argparse.Namespace) -> int:
-    from cgpu_kernel.backends import registry
-    from cgpu_kernel.backends.jupyter import JupyterServerClient, safe_url
-    from cgpu_kernel.proxy.options import read_token
-
     async def reclaim() -> int:
         urls = sorted({r["url"] for r in registry.records() if not registry.owner_alive(r)})
         if not urls:
@@ -133,9 +137,6 @@ def _reclaim(args: argparse.Namespace) -> int:
 
 
 def _outputs(args: argparse.Namespace) -> int:
-    from cgpu_kernel import paths
-    from cgpu_kernel.proxy import spool
-
     configured = args.spool_dir or os.environ.get("CGPU_SPOOL_DIR")
     root = Path(configured) if configured else paths.default_spool_root()
     if args.action == "clean":
@@ -173,9 +174,6 @@ def _outputs(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
-    from cgpu_kernel.config import trait_reference
-    from cgpu_kernel.proxy.options import ProxyKernel
-
     rows = trait_reference(ProxyKernel)
     print("| Option | Type | Default | Environment | Description |")
     print("|---|---|---|---|---|")
@@ -186,7 +184,7 @@ def _config_reference(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cgpu_kernel.cli.demo import run_demo
+    from cgpu_kernel.cli.demo import run_demo  # lazy: start-up time (see the top)
 
     return run_demo(args.notebook, timeout=args.timeout)
 
@@ -299,7 +297,7 @@ def _is_kernel_launch(args: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> None:
     args_list = sys.argv[1:] if argv is None else argv
     if _is_kernel_launch(args_list):
-        from cgpu_kernel.proxy.app import launch_kernel
+        from cgpu_kernel.proxy.app import launch_kernel  # lazy: start-up time (see the top)
 
         launch_kernel(args_list)
         return

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cgpu_kernel.run import history, runner, sessions
+from cgpu_kernel.run import history, report, runner, sessions
+from cgpu_kernel.run.outcomes import BY_CATEGORY, ERROR_CODES, RunResult
 
 
 def register(commands: Any) -> None:
@@ -26,7 +27,7 @@ def register(commands: Any) -> None:
         epilog="error codes (JSON errorCode -> exit status):\n"
         + "\n".join(
             f"  {e.code:>4} {e.category:<15} exit {e.exit_status:>2}  {e.meaning}"
-            for e in runner.ERROR_CODES
+            for e in ERROR_CODES
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -93,16 +94,16 @@ def read_code(args: argparse.Namespace) -> str | None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    result: runner.RunResult | None = None
+    result: RunResult | None = None
     try:
         code = read_code(args)
     except (OSError, UnicodeDecodeError) as exc:
-        result = runner.RunResult(kernel=args.kernel, session=args.session).fail(
+        result = RunResult(kernel=args.kernel, session=args.session).fail(
             "configuration", "UsageError", f"Cannot read the code: {exc}."
         )
         code = None
     if result is None and code is None:
-        result = runner.RunResult(kernel=args.kernel, session=args.session).fail(
+        result = RunResult(kernel=args.kernel, session=args.session).fail(
             "configuration",
             "UsageError",
             "Give the code as an argument, with -f FILE, or '-' to read it from stdin (one of"
@@ -125,13 +126,9 @@ def run_command(args: argparse.Namespace) -> int:
             print("cgpu-kernel: interrupted; the kernel was shut down.", file=sys.stderr)
             return 130
     if args.json:
-        sys.stdout.buffer.write(
-            json.dumps(result.to_json(), ensure_ascii=False).encode("utf-8", "surrogatepass")
-            + b"\n"
-        )
-        sys.stdout.flush()
+        report.write_json(result, sys.stdout)
     else:
-        runner.print_summary(result, sys.stderr)
+        report.print_summary(result, sys.stderr)
     return result.exit_status
 
 
@@ -217,5 +214,5 @@ def print_stats(stats: dict[str, Any]) -> None:
     errors = stats["errors_by_category"]
     print("errors by category:" + ("" if errors else " none"))
     for category, count in errors.items():
-        code = runner.BY_CATEGORY[category].code if category in runner.BY_CATEGORY else "?"
+        code = BY_CATEGORY[category].code if category in BY_CATEGORY else "?"
         print(f"  {category:<15} {count:>5}  (code {code})")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cgpu_kernel import paths
+from cgpu_kernel.run.outcomes import categorize
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,15 @@ def max_bytes() -> int:
         return max(4096, int(raw)) if raw else DEFAULT_MAX_BYTES
     except ValueError:
         return DEFAULT_MAX_BYTES
+
+
+def suppressed_env() -> dict[str, str]:
+    """This process's environment, plus the flag that stops a kernel recording its cells.
+
+    For the kernels ``cgpu-kernel run`` launches (``runner``, and ``sessions`` for a session's
+    host): the run records itself once, so the kernel under it must not record the cell too.
+    """
+    return dict(os.environ, **{SUPPRESS_ENV: "1"})
 
 
 @contextlib.contextmanager
@@ -115,7 +125,7 @@ def record_execution(
     """Append one execution's metadata to the history. Never raises.
 
     ``kernel``: the kernelspec name (or a description). ``status``: ``"ok"`` or ``"error"``.
-    ``category``: None for ok, else one of :data:`cgpu_kernel.run.runner.CATEGORIES`
+    ``category``: None for ok, else one of :data:`cgpu_kernel.run.outcomes.CATEGORIES`
     (``categorize(ename, evalue)`` turns an error reply into one). ``reconnects``: how many
     times the proxy reconnected while this cell ran. ``startup_ms``: the kernel's startup time,
     given with the first execution after a start. ``session``: groups the records of one kernel
@@ -327,8 +337,6 @@ class ExecutionTracker:
     def _record(self, parent_id: str) -> None:
         execution = self._pending.pop(parent_id)
         content = execution.reply or {}
-        from cgpu_kernel.run.runner import categorize
-
         status = "ok" if content.get("status") == "ok" else "error"
         category = None
         if status == "error":

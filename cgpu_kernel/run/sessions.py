@@ -4,7 +4,9 @@ A run is a short-lived process, and the proxy kernel stops when the process that
 exits (it watches its parent, so no remote kernel is left running). A session therefore gets its
 own small *host* process (``python -m cgpu_kernel.run.sessions host ...``), detached from the
 terminal, which launches the proxy with ``jupyter_client``'s ``KernelManager`` and keeps it
-until ``cgpu-kernel sessions stop NAME``. Runs attach to the kernel through its connection file.
+until ``cgpu-kernel sessions stop NAME``. Runs attach to the kernel through its connection file
+(``runner`` calls :func:`kernel_for` and :func:`ensure`, then runs the code as on any kernel);
+this module only starts, finds and stops sessions, and knows nothing of how code is run.
 
 Everything lives in ``<state dir>/sessions/`` (beside
 ``cgpu_kernel.backends.registry.registry_dir()``), private to the user: ``NAME.json`` (host
@@ -26,17 +28,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
-from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 from cgpu_kernel.exceptions import ConfigurationError, RemoteError
 from cgpu_kernel.paths import sessions_dir
-
-if TYPE_CHECKING:
-    from cgpu_kernel.run.runner import Output, RunOptions, RunResult
+from cgpu_kernel.run import history
 
 try:
     import fcntl
@@ -154,7 +153,7 @@ def ensure(
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # not stopped by the terminal's Ctrl-C or hang-up
-                env=_kernel_env(),
+                env=history.suppressed_env(),  # the runs record themselves, not the kernel
             )
         deadline = time.monotonic() + start_timeout + 10
         while time.monotonic() < deadline:
@@ -195,40 +194,6 @@ def stop(name: str, timeout: float = STOP_TIMEOUT) -> bool:
         _forget(name)
         log_path(name).unlink(missing_ok=True)
         return alive
-
-
-def _kernel_env() -> dict[str, str]:
-    from cgpu_kernel.run.runner import kernel_env
-
-    return kernel_env()
-
-
-def run_in_session(
-    options: RunOptions,
-    kernel: str,
-    first_start: tuple[float, list[str]],
-    result: RunResult,
-    output: Output,
-) -> None:
-    """``cgpu-kernel run --session NAME``: attach to the session's kernel and run the code.
-
-    ``first_start``: the deadline for a new kernel and the proxy arguments that set it."""
-    from cgpu_kernel.run.runner import REUSE_TIMEOUT, Execution, wait_ready
-
-    assert options.session is not None
-    begun = time.monotonic()
-    state, fresh = ensure(options.session, kernel, *first_start)
-    timeout = first_start[0] if fresh else (options.kernel_timeout or REUSE_TIMEOUT)
-    kc = BlockingKernelClient(connection_file=str(state["connection_file"]))
-    kc.load_connection_file()
-    try:
-        kc.start_channels()
-        if not wait_ready(kc, timeout, lambda: host_alive(state), result):
-            return
-        result.startup_ms = (time.monotonic() - begun) * 1000
-        Execution(kc, result, output, options.timeout, lambda: host_alive(state)).run(options.code)
-    finally:
-        kc.stop_channels()
 
 
 def host(name: str, kernel: str, proxy_args: list[str]) -> int:
