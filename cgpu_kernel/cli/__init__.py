@@ -106,7 +106,8 @@ def _remove(args: argparse.Namespace) -> int:
 
 def _reclaim(args: argparse.Namespace) -> int:
     from cgpu_kernel.backends import registry
-    from cgpu_kernel.backends.jupyter import JupyterServerClient, safe_url
+    from cgpu_kernel.backends.http import safe_url
+    from cgpu_kernel.backends.jupyter import JupyterServerClient
     from cgpu_kernel.proxy.options import read_token
 
     async def reclaim() -> int:

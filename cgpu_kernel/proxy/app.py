@@ -31,6 +31,7 @@ from traitlets.config import Application
 
 from cgpu_kernel import __version__, kernelspec
 from cgpu_kernel.backends.base import Backend
+from cgpu_kernel.backends.unavailable import UnavailableBackend
 from cgpu_kernel.core.limits import Budgets, Coalescer, OutputLimiter
 from cgpu_kernel.core.relay import (
     Action,
@@ -60,7 +61,7 @@ from cgpu_kernel.exceptions import (
 from cgpu_kernel.paths import default_spool_root
 from cgpu_kernel.proxy.connection import MessageSink, RemoteChannels
 from cgpu_kernel.proxy.frontend import FrontendSockets
-from cgpu_kernel.proxy.options import ProxyKernel, UnavailableBackend
+from cgpu_kernel.proxy.options import ProxyKernel
 from cgpu_kernel.proxy.reconnect import Reconnector
 from cgpu_kernel.proxy.recovery import JournalKeeper
 from cgpu_kernel.proxy.spool import SpoolWriter
@@ -426,6 +427,7 @@ class ProxyKernelRun:
 
     def _on_remote_message(self, msg: Message) -> None:
         self.journal.last_seen.saw(msg)
+        self.backend.observe(msg)  # before the relay, whose intercept predicate changes nothing
         try:
             actions = self.relay.remote_message(msg)
         except MalformedMessageError as exc:  # valid framing, but content that is not JSON
