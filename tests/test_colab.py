@@ -28,25 +28,28 @@ from typing import Any
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
+from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from cgpu_kernel import kernelspec
 from cgpu_kernel.backends.base import KernelHealth
 from cgpu_kernel.backends.colab import auth
-from cgpu_kernel.backends.colab.backend import (
-    ColabAuthError,
-    ColabBackend,
-    ColabDeniedError,
-    ColabQuotaError,
-    ColabTooManyRuntimesError,
-    ColabUnavailableError,
+from cgpu_kernel.backends.colab.backend import ColabBackend
+from cgpu_kernel.backends.colab.models import (
     RuntimeProxy,
     check_service_url,
     notebook_hash,
     parse_json,
 )
 from cgpu_kernel.core.wire import Message, make_header
-from cgpu_kernel.exceptions import ConfigurationError
+from cgpu_kernel.exceptions import (
+    ColabAuthError,
+    ColabDeniedError,
+    ColabQuotaError,
+    ColabTooManyRuntimesError,
+    ColabUnavailableError,
+    ConfigurationError,
+)
 from cgpu_kernel.proxy.kernel import ProxyKernelRun
 from cgpu_kernel.proxy.options import ProxyKernel
 
@@ -265,8 +268,10 @@ def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
             await asyncio.sleep(0.5)
             assert colab.keep_alives[endpoint] == stopped_at, "keep-alive went on while idle"
 
-            # a running cell (busy, seen by intercepts) is activity: keep-alive resumes
+            # a running cell (busy, seen by observe) is activity: keep-alive resumes
             assert not backend.intercepts(_status("busy"))
+            assert backend.keep_alive_paused, "intercepts is a predicate: it changes nothing"
+            backend.observe(_status("busy"))
             await eventually(lambda: colab.keep_alives[endpoint] > stopped_at)
             assert backend.idle_for() == 0.0
             assert not backend.keep_alive_paused
@@ -275,9 +280,9 @@ def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
             await eventually(lambda: colab.keep_alives[endpoint] >= resumed_at + 15)
             assert not backend.keep_alive_paused
             # kernel_info traffic is not use; idle after the cell is
-            backend.intercepts(_status("idle", "kernel_info_request"))
+            backend.observe(_status("idle", "kernel_info_request"))
             assert backend.idle_for() == 0.0
-            backend.intercepts(_status("idle"))
+            backend.observe(_status("idle"))
             await eventually(lambda: backend.keep_alive_paused)
             backend.note_activity()  # the proxy saw an execute_request
             await eventually(lambda: not backend.keep_alive_paused)
@@ -431,7 +436,8 @@ async def _run_on_kernel(backend: ColabBackend, code: str) -> tuple[list[Message
     answering colab_requests the way the relay has the backend answer them."""
     await backend.start_kernel()
     session = "test-session"
-    ws = await websocket_connect(backend.websocket_request(session))
+    target = backend.websocket_request(session)
+    ws = await websocket_connect(HTTPRequest(target.url, headers=dict(target.headers)))
 
     def send(msg: Message) -> None:
         frame = {
@@ -458,6 +464,7 @@ async def _run_on_kernel(backend: ColabBackend, code: str) -> tuple[list[Message
             data = json.loads(frame)
             parts = [data[key] for key in ("header", "parent_header", "metadata", "content")]
             msg = Message.build(data["channel"], *parts)
+            backend.observe(msg)
             if backend.intercepts(msg):
                 content = await backend.answer_kernel_request(msg, notices.append)
                 send(

@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from tornado.httpclient import HTTPRequest
 
+from cgpu_kernel.backends.base import WebSocketTarget
 from cgpu_kernel.exceptions import RemoteUnreachableError
 from cgpu_kernel.proxy.connection import RemoteChannels
 
@@ -149,8 +149,8 @@ def test_the_websocket_verifies_the_certificate(tls_server: RemoteServer) -> Non
     headers = {"Authorization": f"token {tls_server.token}"}
 
     async def attempt(ca_certs: str | None) -> None:
-        request = HTTPRequest(ws_url, headers=headers, ca_certs=ca_certs)
-        await RemoteChannels.open(request, "the test kernel", max_message_size=1 << 20)
+        target = WebSocketTarget(ws_url, headers, ca_certs=ca_certs)
+        await RemoteChannels.open(target, "the test kernel", max_message_size=1 << 20)
 
     with pytest.raises(RemoteUnreachableError, match="certificate is not trusted"):
         asyncio.run(attempt(None))

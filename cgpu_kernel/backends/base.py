@@ -12,11 +12,10 @@ proxy-token refresh wrap the same Jupyter REST and WebSocket calls).
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
-
-from tornado.httpclient import HTTPRequest
+from typing import Any, Protocol
 
 from cgpu_kernel.core.wire import Message
 
@@ -30,11 +29,78 @@ class KernelHealth(Enum):
     UNREACHABLE = "unreachable"  # the server did not answer at all
 
 
+@dataclass(frozen=True)
+class WebSocketTarget:
+    """Where the kernel's channels WebSocket is and how to open it: plain data, no I/O.
+
+    Built by :meth:`Backend.websocket_request`, consumed by
+    :meth:`cgpu_kernel.proxy.connection.RemoteChannels.open`. ``headers`` carry the credentials
+    (never the URL); ``connect_timeout`` bounds the TCP/TLS connection, ``handshake_timeout``
+    the whole opening.
+    """
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    validate_cert: bool = True
+    ca_certs: str | None = None
+    connect_timeout: float = 20.0
+    handshake_timeout: float = 20.0
+
+
+class BackendOptions(Protocol):
+    """The options a backend reads in :meth:`Backend.from_options`.
+
+    :class:`cgpu_kernel.proxy.options.ProxyKernel` has them all (each is a trait there, with its
+    help text); the protocol keeps ``backends`` from importing the proxy.
+    """
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def remote_kernel(self) -> str: ...
+    @property
+    def validate_cert(self) -> bool: ...
+    @property
+    def ca_certs(self) -> str: ...
+    @property
+    def colab_url(self) -> str: ...
+    @property
+    def gpu(self) -> str: ...
+    @property
+    def high_memory(self) -> bool: ...
+    @property
+    def gpu_fallback(self) -> str: ...
+    @property
+    def keep_runtime(self) -> bool: ...
+    @property
+    def keep_alive_interval(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float: ...
+    @property
+    def colab_auth_wait(self) -> float: ...
+
+    def token_provider(self) -> Callable[[], str | None]:
+        """Reads the remote server's token anew on each call (token file, else CGPU_TOKEN)."""
+        ...
+
+    def notebook_key(self) -> str | None:
+        """Which Colab runtime is this notebook's (the option, else the connection file)."""
+        ...
+
+
 class Backend(abc.ABC):
     """How one proxy kernel finds, starts, and stops its remote kernel."""
 
     #: Shown to the user in notices and errors; never contains a secret.
     description: str = "the remote kernel"
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Backend:
+        """The backend the proxy kernel's options describe (called by ``make_backend``).
+
+        Raises :class:`~cgpu_kernel.exceptions.ConfigurationError` for options that cannot work.
+        """
+        raise NotImplementedError(f"{cls.__name__} is not built from options")
 
     @abc.abstractmethod
     async def start_kernel(self) -> str:
@@ -46,8 +112,8 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def websocket_request(self, session_id: str) -> HTTPRequest:
-        """The request that opens the kernel's channels WebSocket (URL, headers, TLS options)."""
+    def websocket_request(self, session_id: str) -> WebSocketTarget:
+        """Where and how to open the kernel's channels WebSocket (URL, headers, TLS options)."""
 
     @abc.abstractmethod
     async def interrupt_kernel(self) -> None:
@@ -61,10 +127,18 @@ class Backend(abc.ABC):
         """True for remote messages this backend answers itself instead of the frontend.
 
         The Colab backend claims ``colab_request`` (Drive and user-auth credentials), which no
-        generic frontend understands. Called by the relay for every remote message: keep it
-        cheap.
+        generic frontend understands. Called by the (sans-I/O) relay for every remote message:
+        a pure predicate, cheap, that changes no state; what the backend learns from a message
+        it learns in :meth:`observe`.
         """
         return False
+
+    def observe(self, msg: Message) -> None:  # noqa: B027 - optional hook, nothing by default
+        """See a message from the remote kernel (every one, before the relay routes it).
+
+        Called by the proxy's I/O shell; the Colab backend tells activity from idleness here
+        (keep-alive). Keep it cheap.
+        """
 
     async def answer_kernel_request(
         self, msg: Message, notify: Callable[[str], None]

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from cgpu_kernel.backends import registry
-from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.backends.base import Backend, BackendOptions, KernelHealth, WebSocketTarget
+from cgpu_kernel.backends.http import (
+    USER_AGENT,
+    Service,
+    TLSOptions,
+    build_request,
+    fetch,
+    safe_url,
+)
 from cgpu_kernel.exceptions import (
     ConfigurationError,
     RemoteAuthError,
@@ -30,7 +37,6 @@ from cgpu_kernel.exceptions import (
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "cgpu-kernel"
 #: Seconds a liveness check may take while reconnecting (a blackholed path must not stall it).
 HEALTH_TIMEOUT = 5.0
 
@@ -54,15 +60,6 @@ def normalize_base_url(url: str) -> str:
         )
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def safe_url(url: str) -> str:
-    """``url`` without user info, query or fragment: fit for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class JupyterServerClient:
@@ -100,13 +97,45 @@ class JupyterServerClient:
             headers["Authorization"] = f"token {token}"
         return headers
 
-    def http_request(self, url: str, **kwargs: Any) -> HTTPRequest:
-        return HTTPRequest(
+    @property
+    def tls(self) -> TLSOptions:
+        return TLSOptions(self.validate_cert, self.ca_certs)
+
+    def service(self) -> Service:
+        """This server as the HTTP seam names it in errors."""
+        return Service(
+            name=f"the Jupyter server at {safe_url(self.base_url)}",
+            no_answer_hint="Check that it is running and that the URL is right.",
+            network_hint=(
+                "Check that it is running, that the URL is right, and (for https) that its"
+                " certificate is valid."
+            ),
+            auth_error=self._refused,
+        )
+
+    def _refused(self, status: int, url: str) -> RemoteAuthError:
+        return RemoteAuthError(
+            f"The Jupyter server at {safe_url(self.base_url)} refused our credentials"
+            f" (HTTP {status}). Set CGPU_TOKEN (or --token-file) to the server's token.",
+            url=url,
+            status=status,
+        )
+
+    def http_request(self, url: str, *, request_timeout: float = 30.0) -> HTTPRequest:
+        """A GET of ``url`` with this server's headers and TLS options (``cgpu-kernel status``
+        reads the Colab runtime's resources with it)."""
+        return build_request(
+            url, headers=self.headers(), tls=self.tls, request_timeout=request_timeout
+        )
+
+    def websocket_target(self, url: str, *, connect_timeout: float = 15.0) -> WebSocketTarget:
+        """Where and how to open a WebSocket on this server (same headers and TLS as REST)."""
+        return WebSocketTarget(
             url,
-            headers=self.headers(),
+            self.headers(),
             validate_cert=self.validate_cert,
             ca_certs=self.ca_certs,
-            **kwargs,
+            connect_timeout=connect_timeout,
         )
 
     async def call(
@@ -115,58 +144,31 @@ class JupyterServerClient:
         """One REST call; returns the decoded JSON (None for an empty body)."""
         timeout = timeout or self.request_timeout
         url = self.base_url + path
-        where = safe_url(url)
-        request = self.http_request(
+        request = build_request(
             url,
             method=method,
+            headers=self.headers(),
             body=None if body is None else json.dumps(body),
-            allow_nonstandard_methods=True,
+            tls=self.tls,
             connect_timeout=min(10.0, timeout),
             request_timeout=timeout,
         )
-        try:
-            response = await self._http.fetch(request)
-        except HTTPClientError as exc:
-            if exc.code == 599 or exc.response is None:
-                raise RemoteUnreachableError(
-                    f"Could not reach the Jupyter server at {where}: {exc.message}. Check that it"
-                    " is running and that the URL is right."
-                ) from None
-            if exc.code in (401, 403):
-                raise RemoteAuthError(
-                    f"The Jupyter server at {safe_url(self.base_url)} refused our credentials"
-                    f" (HTTP {exc.code}). Set CGPU_TOKEN (or --token-file) to the server's token."
-                ) from None
-            raise RemoteProtocolError(
-                f"{method} {where} failed with HTTP {exc.code}: {_server_reason(exc)}"
-            ) from None
-        except (OSError, ssl.SSLError) as exc:
-            raise RemoteUnreachableError(
-                f"Could not reach the Jupyter server at {where}: {exc}. Check that it is running,"
-                " that the URL is right, and (for https) that its certificate is valid."
-            ) from None
+        response = await fetch(self._http, request, self.service())
         if not response.body:
             return None
         try:
             return json.loads(response.body)
         except ValueError:
+            where = safe_url(url)
             kind = response.headers.get("Content-Type", "unknown content")
             raise RemoteProtocolError(
                 f"{where} answered with {kind}, not the JSON of a Jupyter server API. Check that"
-                " the URL is the server's base URL (where /api/kernels lives)."
+                " the URL is the server's base URL (where /api/kernels lives).",
+                url=where,
             ) from None
 
     def close(self) -> None:
         self._http.close()
-
-
-def _server_reason(exc: HTTPClientError) -> str:
-    body = exc.response.body if exc.response is not None else b""
-    try:
-        message = json.loads(body).get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return str(message or exc.message)
 
 
 class JupyterBackend(Backend):
@@ -189,6 +191,22 @@ class JupyterBackend(Backend):
         self.kernel_id: str | None = None
         self.record_for_reclaim = record_for_reclaim
         self.description = f"the {kernel_name!r} kernel at {safe_url(self.client.base_url)}"
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> JupyterBackend:
+        """``--url``, ``--remote-kernel``, the token (file or CGPU_TOKEN) and the TLS options."""
+        if not options.url:
+            raise ConfigurationError(
+                "The jupyter backend needs the server's URL: reinstall the kernelspec with"
+                " --url, or set CGPU_URL."
+            )
+        return cls(
+            options.url,
+            options.token_provider(),
+            options.remote_kernel,
+            validate_cert=options.validate_cert,
+            ca_certs=options.ca_certs or None,
+        )
 
     @property
     def base_url(self) -> str:
@@ -235,7 +253,7 @@ class JupyterBackend(Backend):
             raise RemoteKernelGoneError("No remote kernel has been started yet.")
         return f"api/kernels/{quote(self.kernel_id)}"
 
-    def websocket_request(self, session_id: str) -> HTTPRequest:
+    def websocket_request(self, session_id: str) -> WebSocketTarget:
         scheme = "wss" if self.base_url.startswith("https") else "ws"
         url = (
             scheme
@@ -243,7 +261,7 @@ class JupyterBackend(Backend):
             + self._kernel_path()
             + f"/channels?session_id={quote(session_id)}"
         )
-        return self.client.http_request(url, connect_timeout=15.0)
+        return self.client.websocket_target(url)
 
     async def interrupt_kernel(self) -> None:
         if self.kernel_id is None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cgpu_kernel.backends.base import BackendOptions
 from cgpu_kernel.backends.jupyter import JupyterBackend
 from cgpu_kernel.exceptions import RemoteUnreachableError
 from cgpu_kernel.paths import registry_dir
@@ -101,6 +102,11 @@ class LocalBackend(JupyterBackend):
         self.description = f"the {kernel_name!r} kernel on a private local Jupyter server"
         self._server: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> LocalBackend:
+        """Only ``--remote-kernel``: the server, its port and its token are this backend's own."""
+        return cls(options.remote_kernel)
 
     def _server_running(self) -> bool:
         return self._server is not None and self._server.poll() is None

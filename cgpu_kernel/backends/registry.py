@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import psutil
@@ -20,10 +20,19 @@ import psutil
 from cgpu_kernel.exceptions import RemoteError, RemoteProtocolError
 from cgpu_kernel.paths import registry_dir
 
-if TYPE_CHECKING:
-    from cgpu_kernel.backends.jupyter import JupyterServerClient
-
 log = logging.getLogger(__name__)
+
+
+class RESTClient(Protocol):
+    """What reclaiming needs of a Jupyter REST client
+    (:class:`cgpu_kernel.backends.jupyter.JupyterServerClient`, which imports this module)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    async def call(
+        self, method: str, path: str, body: Any = None, *, timeout: float | None = None
+    ) -> Any: ...
 
 
 def _record_path(kernel_id: str) -> Path:
@@ -63,7 +72,7 @@ def owner_alive(data: dict[str, Any]) -> bool:
         return False
 
 
-async def reclaim_orphans(client: JupyterServerClient) -> list[str]:
+async def reclaim_orphans(client: RESTClient) -> list[str]:
     """Delete the remote kernels on ``client``'s server whose proxy died; their ids."""
     reclaimed = []
     for data in records():

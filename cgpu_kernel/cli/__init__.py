@@ -20,7 +20,8 @@ from traitlets import TraitError
 
 from cgpu_kernel import __version__, kernelspec, paths
 from cgpu_kernel.backends import registry
-from cgpu_kernel.backends.jupyter import JupyterServerClient, safe_url
+from cgpu_kernel.backends.http import safe_url
+from cgpu_kernel.backends.jupyter import JupyterServerClient
 from cgpu_kernel.config import trait_reference
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 from cgpu_kernel.proxy import spool

@@ -17,15 +17,13 @@ from typing import Any
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from cgpu_kernel.backends.colab import auth
-from cgpu_kernel.backends.colab.backend import (
+from cgpu_kernel.backends.colab.api import (
     CLIENT_AGENT,
     CLIENT_AGENT_HEADER,
-    DEFAULT_COLAB_URL,
     PROXY_TOKEN_HEADER,
     ColabAPI,
-    RuntimeProxy,
-    parse_json,
 )
+from cgpu_kernel.backends.colab.models import DEFAULT_COLAB_URL, RuntimeProxy, parse_json
 from cgpu_kernel.backends.jupyter import JupyterServerClient
 from cgpu_kernel.exceptions import CgpuError, RemoteError
 

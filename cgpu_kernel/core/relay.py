@@ -283,6 +283,7 @@ class Relay:
         if not self._seen.add(msg.msg_id):
             log.debug("dropping replayed duplicate %s", msg)
             return []
+        # a pure predicate (Backend.intercepts): answering is the I/O shell's, via the action
         if self.intercept is not None and self.intercept(msg):
             parent_id = msg.parent_id
             return [AnswerRemoteRequest(msg, self._inflight.get(parent_id) if parent_id else None)]

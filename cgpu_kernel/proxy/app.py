@@ -24,9 +24,10 @@ from traitlets.config import Application
 
 from cgpu_kernel import __version__, kernelspec
 from cgpu_kernel.backends.base import Backend
+from cgpu_kernel.backends.unavailable import UnavailableBackend
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 from cgpu_kernel.proxy.kernel import ProxyKernelRun
-from cgpu_kernel.proxy.options import ProxyKernel, UnavailableBackend
+from cgpu_kernel.proxy.options import ProxyKernel
 
 log = logging.getLogger("cgpu_kernel")
 

@@ -37,8 +37,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tornado.httpclient import HTTPRequest
-from tornado.httputil import HTTPHeaders
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
@@ -47,7 +45,8 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from cgpu_kernel import __version__
+from cgpu_kernel.backends.base import WebSocketTarget
+from cgpu_kernel.backends.http import USER_AGENT
 from cgpu_kernel.core.wire import (
     FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
@@ -124,13 +123,14 @@ class RemoteChannels(asyncio.Protocol):
 
     @classmethod
     async def open(
-        cls, request: HTTPRequest, where: str, *, max_message_size: int
+        cls, target: WebSocketTarget, where: str, *, max_message_size: int
     ) -> RemoteChannels:
-        """Connect; raises :class:`~cgpu_kernel.exceptions.RemoteError` subclasses."""
+        """Connect to the backend's ``target``; raises
+        :class:`~cgpu_kernel.exceptions.RemoteError` subclasses."""
         channels = cls(where, max_message_size)
-        timeout = request.request_timeout or 20.0
+        timeout = target.handshake_timeout
         try:
-            await asyncio.wait_for(channels._connect(request), timeout)
+            await asyncio.wait_for(channels._connect(target), timeout)
         except asyncio.TimeoutError:
             channels.abort()
             raise RemoteUnreachableError(
@@ -143,8 +143,8 @@ class RemoteChannels(asyncio.Protocol):
         log.info("connected to %s (protocol: %s)", where, channels.subprotocol or "legacy JSON")
         return channels
 
-    async def _connect(self, request: HTTPRequest) -> None:
-        url = request.url
+    async def _connect(self, target: WebSocketTarget) -> None:
+        url = target.url
         if url.startswith(("http://", "https://")):
             url = "ws" + url[4:]
         try:
@@ -159,13 +159,11 @@ class RemoteChannels(asyncio.Protocol):
         )
         context: ssl.SSLContext | None = None
         if uri.secure:
-            context = ssl.create_default_context(cafile=request.ca_certs)
-            if request.client_cert:
-                context.load_cert_chain(request.client_cert, request.client_key)
-            if request.validate_cert is False:
+            context = ssl.create_default_context(cafile=target.ca_certs)
+            if not target.validate_cert:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        connect_timeout = request.connect_timeout or 20.0
+        connect_timeout = target.connect_timeout
         try:
             await asyncio.wait_for(
                 self._loop.create_connection(
@@ -189,13 +187,11 @@ class RemoteChannels(asyncio.Protocol):
         except OSError as exc:
             raise RemoteUnreachableError(f"Could not reach {self.where}: {exc}.") from None
         handshake = self._ws.connect()
-        given = request.headers
-        items = given.get_all() if isinstance(given, HTTPHeaders) else dict(given or {}).items()
-        for name, value in items:
+        for name, value in target.headers.items():
             if name.lower() not in _HANDSHAKE_HEADERS:
                 handshake.headers[name] = value
         if "User-Agent" not in handshake.headers:
-            handshake.headers["User-Agent"] = f"cgpu-kernel/{__version__}"
+            handshake.headers["User-Agent"] = USER_AGENT
         self._ws.send_request(handshake)
         self._flush()
         response = await self._opened

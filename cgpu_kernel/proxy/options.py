@@ -9,14 +9,17 @@ option table is generated from them. The remote server's token is not an option:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from tornado.httpclient import HTTPRequest
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from cgpu_kernel.backends.base import Backend, KernelHealth
+from cgpu_kernel.backends.base import Backend
+from cgpu_kernel.backends.colab.backend import ColabBackend
+from cgpu_kernel.backends.jupyter import JupyterBackend
+from cgpu_kernel.backends.local import LocalBackend
 from cgpu_kernel.config import EnvConfigurable
-from cgpu_kernel.exceptions import CgpuError, ConfigurationError
+from cgpu_kernel.exceptions import ConfigurationError
 
 TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
@@ -222,67 +225,26 @@ class ProxyKernel(EnvConfigurable):
         Default: the connection file, so a restarted kernel finds its runtime again.""",
     ).tag(env="CGPU_COLAB_NOTEBOOK_KEY")
 
-    def make_backend(self) -> Backend:
-        if self.backend == "local":
-            from cgpu_kernel.backends.local import LocalBackend
+    def token_provider(self) -> Callable[[], str | None]:
+        """Reads the remote server's token anew on each call (see :func:`read_token`)."""
+        token_file = self.token_file
+        return lambda: read_token(token_file)
 
-            return LocalBackend(self.remote_kernel)
-        if self.backend == "jupyter":
-            from cgpu_kernel.backends.jupyter import JupyterBackend
-
-            if not self.url:
-                raise ConfigurationError(
-                    "The jupyter backend needs the server's URL: reinstall the kernelspec with"
-                    " --url, or set CGPU_URL."
-                )
-            token_file = self.token_file
-            return JupyterBackend(
-                self.url,
-                lambda: read_token(token_file),
-                self.remote_kernel,
-                validate_cert=self.validate_cert,
-                ca_certs=self.ca_certs or None,
-            )
-        from cgpu_kernel.backends.colab.auth import load_tokens
-        from cgpu_kernel.backends.colab.backend import ColabBackend
-
+    def notebook_key(self) -> str | None:
+        """Which Colab runtime is this notebook's: the option, else the connection file."""
+        if self.colab_notebook_key:
+            return str(self.colab_notebook_key)
         connection_file = str(getattr(self.parent, "connection_file", "") or "")
-        return ColabBackend(
-            load_tokens(),
-            colab_url=self.colab_url,
-            gpu=self.gpu,
-            high_memory=self.high_memory,
-            fallback=[name for name in self.gpu_fallback.split(",") if name.strip()],
-            notebook_key=self.colab_notebook_key
-            or (os.path.realpath(connection_file) if connection_file else None),
-            remote_kernel=self.remote_kernel,
-            keep_runtime=self.keep_runtime,
-            keep_alive_interval=self.keep_alive_interval,
-            idle_timeout=self.idle_timeout,
-            auth_wait=self.colab_auth_wait,
-            validate_cert=self.validate_cert,
-            ca_certs=self.ca_certs or None,
-        )
+        return os.path.realpath(connection_file) if connection_file else None
+
+    def make_backend(self) -> Backend:
+        """The backend ``--backend`` names, built from these options by its ``from_options``."""
+        return BACKENDS[self.backend].from_options(self)
 
 
-class UnavailableBackend(Backend):
-    """Stands in when the options cannot work: every attempt fails with the reason."""
-
-    def __init__(self, error: CgpuError) -> None:
-        self.error = error
-        self.description = "the remote kernel (misconfigured)"
-
-    async def start_kernel(self) -> str:
-        raise self.error
-
-    def websocket_request(self, session_id: str) -> HTTPRequest:
-        raise self.error
-
-    async def interrupt_kernel(self) -> None:
-        return None
-
-    async def kernel_health(self) -> KernelHealth:
-        return KernelHealth.GONE
-
-    async def shutdown_kernel(self, *, restart: bool = False) -> None:
-        return None
+#: ``--backend`` -> the backend class (each reads its own options in ``from_options``).
+BACKENDS: dict[str, type[Backend]] = {
+    "local": LocalBackend,
+    "jupyter": JupyterBackend,
+    "colab": ColabBackend,
+}

@@ -174,6 +174,7 @@ class RemoteSupervisor:
 
     def _on_remote_message(self, msg: Message) -> None:
         self.journal.last_seen.saw(msg)
+        self.backend.observe(msg)  # before the relay, whose intercept predicate changes nothing
         try:
             actions = self.relay.remote_message(msg)
         except MalformedMessageError as exc:  # valid framing, but content that is not JSON

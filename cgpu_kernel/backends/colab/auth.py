@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cgpu_kernel import paths
-from cgpu_kernel.backends.colab.backend import AccessTokens
+from cgpu_kernel.backends.colab.models import AccessTokens
 from cgpu_kernel.exceptions import ColabAuthError, ConfigurationError, RemoteUnreachableError
 
 ACCESS_TOKEN_ENV = "CGPU_GOOGLE_ACCESS_TOKEN"  # noqa: S105 - the variable's name

@@ -1,0 +1,92 @@
+"""Keep-alive for a Colab runtime: calls while the notebook is in use, silence once it idles.
+
+Colab reclaims a runtime nobody keeps alive. :class:`KeepAlive` calls ``tun/m/<endpoint>/
+keep-alive/`` every ``interval`` seconds while the kernel is in use; after ``idle_timeout``
+seconds without a running cell it stops, so an abandoned notebook stops burning compute units,
+and the next sign of use resumes it. Use is seen in the remote's messages (:meth:`observe`,
+which the backend's ``observe`` forwards from the proxy's I/O shell) and reported directly with
+:meth:`note_activity`. Owned and started by :class:`~cgpu_kernel.backends.colab.backend.
+ColabBackend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from cgpu_kernel.backends.colab.api import ColabAPI
+from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import ColabHTTPError, RemoteError
+
+log = logging.getLogger(__name__)
+
+
+class KeepAlive:
+    """The keep-alive rhythm of one runtime, and the activity that drives it."""
+
+    def __init__(self, api: ColabAPI, *, interval: float, idle_timeout: float) -> None:
+        self.api = api
+        self.interval = interval
+        self.idle_timeout = idle_timeout
+        #: Keep-alive calls that Colab accepted (for ``status`` and tests).
+        self.sent = 0
+        #: True while idleness has stopped the calls.
+        self.paused = False
+        self._last_activity = time.monotonic()
+        self._busy = False
+        self._activity: asyncio.Event | None = None
+
+    def note_activity(self) -> None:
+        """The user did something (sent a cell): keep the runtime alive, resuming keep-alive."""
+        self._last_activity = time.monotonic()
+        if self._activity is not None:
+            self._activity.set()
+
+    def observe(self, msg: Message) -> None:
+        """A message from the remote kernel: what a user's cell does is use, the rest is not."""
+        if msg.parent_header.get("msg_type") == "execute_request":
+            if msg.msg_type == "status":
+                self._busy = msg.content.get("execution_state") == "busy"
+            self.note_activity()
+
+    def idle_for(self) -> float:
+        """Seconds since the last sign of use; 0 while a cell runs."""
+        return 0.0 if self._busy else time.monotonic() - self._last_activity
+
+    async def run(self, endpoint: str) -> None:
+        """Keep ``endpoint`` alive until cancelled (or Colab no longer knows it)."""
+        self._last_activity = time.monotonic()
+        activity = self._activity = asyncio.Event()
+        while True:
+            if self.idle_for() >= self.idle_timeout:
+                if not self.paused:
+                    self.paused = True
+                    log.warning(
+                        "no cell has run for %.0f s: stopped keeping the Colab runtime alive so"
+                        " Colab can reclaim it; the next cell resumes (if it is still there)",
+                        self.idle_for(),
+                    )
+                activity.clear()
+                await activity.wait()
+                continue
+            self.paused = False
+            try:
+                await self.api.keep_alive(endpoint)
+                self.sent += 1
+            except ColabHTTPError as exc:
+                if exc.code == 404:
+                    log.warning("Colab no longer knows the runtime: stopped its keep-alive")
+                    return
+                log.warning("keep-alive for the Colab runtime failed: %s", exc)
+            except RemoteError as exc:
+                log.warning("keep-alive for the Colab runtime failed: %s", exc)
+            activity.clear()
+            try:
+                await asyncio.wait_for(activity.wait(), self.interval)
+                # activity during the wait: no extra call, just keep the rhythm
+                await asyncio.sleep(
+                    max(0.0, self.interval - (time.monotonic() - self._last_activity))
+                )
+            except asyncio.TimeoutError:
+                pass
