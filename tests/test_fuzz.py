@@ -149,12 +149,20 @@ def test_v1_near_valid_offsets(count: int, offsets: list[int], body: bytes) -> N
 
 
 @FUZZ
-@given(part=st.integers(0, 3), value=json_ish, cut=st.integers(0, 2000))
-def test_v1_one_part_replaced_or_truncated(part: int, value: bytes, cut: int) -> None:
-    """A valid frame with one JSON part swapped for noise or deep nesting, then maybe cut."""
+@given(
+    part=st.integers(0, 3),
+    value=json_ish,
+    cut=st.integers(0, 2000),
+    channel=st.one_of(st.sampled_from([b"shell", b"iopub", b""]), st.binary(max_size=8)),
+)
+def test_v1_one_part_replaced_or_truncated(
+    part: int, value: bytes, cut: int, channel: bytes
+) -> None:
+    """A valid frame with one JSON part swapped for noise or deep nesting, any channel bytes,
+    then maybe cut."""
     parts = list(valid_message().parts)
     parts[part] = value
-    frame = v1_from_parts(parts)
+    frame = v1_from_parts(parts, channel)
     for candidate in (bytes(frame), bytes(frame[: max(0, len(frame) - cut)])):
         msg = only_documented_error(lambda c=candidate: from_ws_v1(c))  # type: ignore[misc]
         if isinstance(msg, Message):
@@ -368,6 +376,16 @@ def test_journal_answer_nested_too_deeply() -> None:
     reply = Message("control", [HEADER, b"{}", b"{}", content])
     with pytest.raises(MalformedMessageError, match="too deeply"):
         journal.recovered_messages(reply)
+
+
+def test_encoding_a_value_nested_too_deeply() -> None:
+    """The proxy re-encodes what it decoded (legacy frames, journal entries): a value built
+    deeper than the encoder goes is the documented error too, not ``RecursionError``."""
+    value: list[Any] = []
+    for _ in range(DEEP):
+        value = [value]
+    with pytest.raises(MalformedMessageError, match="too deeply to encode"):
+        valid_message({"v": value})
 
 
 def test_legacy_text_with_a_lone_surrogate() -> None:
