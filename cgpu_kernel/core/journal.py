@@ -90,7 +90,10 @@ class LastSeen:
 def recovered_messages(reply: Message) -> tuple[list[Message], bool]:
     """The messages in a journal reply, in the order the kernel sent them, and whether that is
     everything after what the proxy had (False: the ring had forgotten some, or some were too
-    large to keep)."""
+    large to keep).
+
+    Raises :class:`MalformedMessageError` for an answer of any other shape, and only that:
+    JSON nested too deeply is caught where it is decoded (``wire``)."""
     content = reply.content
     if content.get("status") != "ok":
         raise MalformedMessageError(f"the journal answered {content.get('status')!r}")
@@ -107,7 +110,14 @@ def recovered_messages(reply: Message) -> tuple[list[Message], bool]:
         count = entry.get("buffers", 0)
         channel = entry.get("channel")
         header = entry.get("header")
-        if not isinstance(count, int) or channel not in CHANNELS or not isinstance(header, dict):
+        if (
+            not isinstance(count, int)
+            or isinstance(count, bool)
+            or count < 0
+            or channel not in CHANNELS
+            or not isinstance(header, dict)
+        ):
+            # A negative count would hand the next entries buffers that are not theirs.
             raise MalformedMessageError("a journal entry lacks its channel, header or buffers")
         if position + count > len(buffers):
             raise MalformedMessageError("a journal entry names buffers the answer does not carry")

@@ -47,13 +47,24 @@ def _loads_dict(raw: Buffer, what: str) -> JsonDict:
         value = json.loads(str(raw, "utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedMessageError(f"the {what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        # The C decoder recurses once per array or object level: a few thousand levels (a
+        # dozen kilobytes of ``[``) exhaust the stack. Such a message is malformed, not a crash.
+        raise MalformedMessageError(
+            f"the {what} nests JSON arrays or objects too deeply to decode"
+        ) from None
     if not isinstance(value, dict):
         raise MalformedMessageError(f"the {what} is a JSON {type(value).__name__}, not an object")
     return value
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, default=_json_default, ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(value, default=_json_default, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        # Decoding stops at the same depth, but a value decoded near the limit can fail to
+        # encode when the stack is deeper here (``from_ws_legacy`` re-encodes what it decoded).
+        raise MalformedMessageError("the message nests JSON too deeply to encode") from None
 
 
 def _json_default(value: Any) -> Any:
@@ -296,9 +307,13 @@ def to_ws_legacy(msg: Message) -> bytes | str:
 
 
 def from_ws_legacy(frame: bytes | bytearray | str) -> Message:
+    """Parse a legacy text (``str``) or binary frame; raises :class:`MalformedMessageError`."""
     buffers: list[Buffer] = []
     if isinstance(frame, str):
-        body: Buffer = frame.encode("utf-8")
+        try:
+            body: Buffer = frame.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no WebSocket text frame can carry it
+            raise MalformedMessageError("legacy text frame is not valid Unicode") from None
     else:
         view = memoryview(frame)
         if len(view) < 8:
