@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from tornado.httpclient import HTTPRequest
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from cgpu_kernel.backends.base import WebSocketTarget
 from cgpu_kernel.core.wire import (
     FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
@@ -159,8 +159,8 @@ async def opened(
         return transport, protocol
 
     monkeypatch.setattr(loop, "create_connection", create_connection)
-    request = HTTPRequest(URL, headers=headers, request_timeout=2.0, connect_timeout=2.0)
-    channels = await RemoteChannels.open(request, "remote kernel k1", max_message_size=1 << 26)
+    target = WebSocketTarget(URL, headers=headers or {}, connect_timeout=2.0, handshake_timeout=2.0)
+    channels = await RemoteChannels.open(target, "remote kernel k1", max_message_size=1 << 26)
     assert seen == {"host": "remote.example", "port": 8888, "ssl": None}
     return channels
 
