@@ -22,9 +22,7 @@ notebook cell. Each class names the ``ename`` a notebook cell shows and the ``ca
     * :exc:`RemoteProtocolError` -- the server answered something that is not Jupyter.
 
       * :exc:`RemoteHTTPError` -- an HTTP status with no more specific meaning (``status``).
-
-        * :exc:`ColabHTTPError` -- the same, from Colab's own API.
-
+      * :exc:`ColabHTTPError` -- the same, from Colab's own API (``code`` is ``status``).
       * :exc:`ColabAPIChangedError` -- Colab answered in a shape we do not know.
 
     * :exc:`RemoteKernelSpecError` -- the remote has no kernelspec by the requested name.

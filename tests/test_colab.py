@@ -6,7 +6,7 @@ Colab: the manual checklist for a real runtime is in docs/colab.md.
 Backend-level tests drive :class:`ColabBackend` directly with asyncio. Proxy-level tests run the
 real proxy (``proxy.kernel.ProxyKernelRun``) in a thread with a ``ColabBackend`` and talk to it
 with a real ``jupyter_client``. The kernelspec tests (``--backend colab``) run once the colab
-backend is wired into ``kernelapp`` and ``kernelspec``.
+backend is wired into ``proxy.kernel`` and ``kernelspec``.
 """
 
 from __future__ import annotations
@@ -366,7 +366,7 @@ class ThreadedProxy(ProxyKernelRun):
 
 @contextmanager
 def proxy_kernel(backend: ColabBackend, tmp_path: Path) -> Iterator[BlockingKernelClient]:
-    """The real proxy kernel (kernelapp) with ``backend``, in a thread; a real client."""
+    """The real proxy kernel (proxy.kernel) with ``backend``, in a thread; a real client."""
     path, _ = write_connection_file(
         str(tmp_path / "kernel.json"), ip="127.0.0.1", key=os.urandom(16).hex().encode()
     )
@@ -771,7 +771,7 @@ def test_cli_status_and_release(
         run(backend.close())
 
 
-# --- the kernelspec (`--backend colab`), once kernelapp and kernelspec offer it ------------------
+# --- the kernelspec (`--backend colab`), once proxy and kernelspec offer it ------------------
 
 needs_wiring = pytest.mark.skipif(
     "colab" not in kernelspec.BACKENDS,

@@ -6,7 +6,7 @@ channel. This module builds those requests (all with ``msg_id``\\ s starting ``c
 which the agent never records and the proxy never shows a frontend), tracks the last message
 seen per channel, and turns an answer back into :class:`~cgpu_kernel.core.wire.Message`\\ s.
 
-Sans-I/O: nothing here sends or waits; ``kernelapp`` does.
+Sans-I/O: nothing here sends or waits; ``proxy.recovery`` does.
 """
 
 from __future__ import annotations

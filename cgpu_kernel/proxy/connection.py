@@ -23,7 +23,7 @@ Messages are handed to a sink callback as they are parsed (no queue hop). A new 
 holds its messages until :meth:`RemoteChannels.deliver_to` is called, so the proxy can finish
 draining an old connection first and keep the order.
 
-Reconnection policy lives in ``kernelapp`` and ``reconnect``; this class is one socket's life.
+Reconnection policy lives in ``supervisor`` and ``reconnect``; this class is one socket's life.
 """
 
 from __future__ import annotations

@@ -246,7 +246,7 @@ class _Execution:
 class ExecutionTracker:
     """Turns one proxy kernel's traffic into history records: one per ``execute_request``.
 
-    For the proxy kernel (``kernelapp``), which calls, from its event loop:
+    For the proxy kernel (``proxy.kernel``), which calls, from its event loop:
 
     * :meth:`connected` each time the remote channels open (the first time is the startup);
     * :meth:`request` when a frontend's ``execute_request`` arrives;
