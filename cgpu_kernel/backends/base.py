@@ -1,8 +1,8 @@
 """The one small interface every backend implements.
 
 A backend answers: where is the remote Jupyter server, how do I authenticate to it, how is a
-remote kernel started, interrupted, checked and stopped. The proxy kernel (``proxy.kernel`` and ``proxy.supervisor``) calls
-these methods from its event loop; the relay never sees a backend.
+remote kernel started, interrupted, checked and stopped. The proxy kernel (``proxy.kernel`` and
+``proxy.supervisor``) calls these methods from its event loop; the relay never sees a backend.
 
 Backends: ``jupyter`` (any Jupyter server or gateway), ``local`` (a private jupyter-server on
 loopback, the embedded default), ``colab`` (a Colab runtime: assignment, keep-alive and
