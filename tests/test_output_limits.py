@@ -134,6 +134,7 @@ def test_single_huge_messages_arrive_bounded(limited_kernel: tuple, spool: Path)
     assert hashlib.sha256(png[0].read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.timeout(400)  # 100,000 redraws: CPU-bound, ~40 s idle, over 120 s on a loaded machine
 def test_progress_bar_and_live_plot_never_truncated(
     kernel_dir: Path, spool: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
