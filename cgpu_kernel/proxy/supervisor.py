@@ -275,14 +275,16 @@ class RemoteSupervisor:
             # Dropped again before the journal answered: the next reconnection asks again, for
             # everything after the same point, so the messages held here are not lost.
             return
+        complete = None if result is None else result.complete
+        if self._outages == outage_id:
+            # Told first, while the cells it concerns still wait (what follows may end them).
+            self.perform(self.relay.outage_over(outage, complete))
         self._deliver(result)
         if self._outages != outage_id:
             # Another outage began meanwhile: its recovery releases what is held (releasing it
             # now would move "the last message seen" past what that outage may have lost).
             return
         self._release()
-        complete = None if result is None else result.complete
-        self.perform(self.relay.outage_over(outage, complete))
         if not complete:
             self.spawn(self._check_lost_replies(channels))
 
