@@ -46,7 +46,7 @@ ASK_AGAIN = 5.0  # a kernel_info request unanswered this long is sent again (it 
 ANSWER_WAIT = 5.0  # the journal's first wait (then asked again, waits doubling)
 JOURNAL_PATIENCE = 30.0  # most seconds one outage waits for the journal's answer
 LATE_ANSWER_WAIT = 300.0  # an abandoned request's answer still counts this long
-IDLE_WAIT = 10.0  # the probe's idle on iopub, once its reply came on shell
+IDLE_WAIT = 60.0  # the probe's idle on iopub, once its reply came (a backlog may precede it)
 
 
 @dataclass

@@ -212,10 +212,12 @@ class RemoteSupervisor:
             self.spawn(self.journal.arm(channels, ready.set))
             await ready.wait()
         outage: float | None = None
+        hiccup = False
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
-            self.connected()
+            if not hiccup:  # the run's history counts reconnections; a hiccup is not one
+                self.connected()
             channels.deliver_to(self._sink())
             self.perform(self.relay.remote_connected())
             if outage is not None:
@@ -226,7 +228,8 @@ class RemoteSupervisor:
                 return
             lost_at = loop.time()
             self._outage_began()
-            if ended == "hiccup":
+            hiccup = ended == "hiccup"
+            if hiccup:
                 # It talked again before it was declared stalled: the same socket, but the
                 # server may have dropped output meanwhile.
                 log.info("%s was silent for a while; checking what it missed", channels.where)
