@@ -472,3 +472,21 @@ def test_a_large_message_lost_in_a_cut_is_told_to_the_running_cell_or_its_parent
     (notice,) = relay.lost_messages([later])
     assert isinstance(notice, Publish) and notice.msg.parent_header["msg_id"] == comm_msg.msg_id
     assert relay.lost_messages([LostMessage("iopub", "display_data", 1, {}, None)]) == []
+
+
+def test_output_recovered_late_is_said_to_be_late() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="train()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    line = reply_to(execute, "stream", channel="iopub", name="stdout", text="1\n")
+    assert not relay.has_seen(line.msg_id)
+    relay.remote_message(line)
+    assert relay.has_seen(line.msg_id)
+    (notice,) = relay.late_output(12, complete=True, parent={})
+    assert isinstance(notice, Publish)
+    assert "12 output messages" in notice.msg.content["text"]
+    assert "out of order" in notice.msg.content["text"]
+    relay.remote_message(reply_to(execute, "execute_reply", status="ok"))
+    (notice,) = relay.late_output(1, complete=False, parent=execute.header)
+    assert isinstance(notice, Publish) and "may still be missing" in notice.msg.content["text"]
+    assert notice.msg.parent_header["msg_id"] == execute.msg_id

@@ -80,6 +80,9 @@ class _RecentIds:
     limit: int
     _ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._ids
+
     def add(self, msg_id: str) -> bool:
         """Remember ``msg_id``; False when it was already known."""
         if msg_id in self._ids:
@@ -246,6 +249,29 @@ class Relay:
             else:
                 log.warning("%s", text)
         return actions
+
+    def has_seen(self, msg_id: str) -> bool:
+        """Whether a message with ``msg_id`` already reached the relay (recently)."""
+        return msg_id in self._seen
+
+    def late_output(self, count: int, *, complete: bool, parent: JsonDict) -> list[Action]:
+        """After an outage, the journal found ``count`` messages the server dropped later (it
+        fell behind while forwarding its backlog); they were just delivered, out of order.
+        Told to the running cells, else in the output of the first late message's request."""
+        text = (
+            f"cgpu-kernel: {count} output messages that the server dropped while it caught up"
+            " after the outage were recovered from the kernel's output journal and are shown"
+            " late, out of order."
+        )
+        if not complete:
+            text += " Some output may still be missing (the journal did not reach back far enough)."
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(r.msg, text) for r in running]
+        if parent.get("msg_id"):
+            return [Publish(stream_notice(self.session, parent, text))]
+        log.warning("%s", text)
+        return []
 
     def open_cells(self) -> list[Request]:
         """Cells sent to the remote whose ``idle`` has not come back (reply or not)."""

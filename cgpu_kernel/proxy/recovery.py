@@ -57,6 +57,8 @@ class JournalAnswer:
     messages: list[Message]
     complete: bool
     gaps: list[LostMessage] = field(default_factory=list)
+    #: the last message the answer covers on each channel (where a second look starts)
+    end: dict[str, str | None] = field(default_factory=dict)
 
 
 class JournalKeeper:
@@ -194,13 +196,17 @@ class JournalKeeper:
             for future in asked:
                 future.cancel()
 
-    async def recover(self, channels: RemoteChannels) -> JournalAnswer | None:
-        """Everything the kernel sent after what the proxy last received, whether that is all
-        of it, and what was too large to keep; None without an answer (no journal, the
-        connection dropped, or no answer within the patience: see the module's docstring)."""
+    async def recover(
+        self, channels: RemoteChannels, after: dict[str, str | None] | None = None
+    ) -> JournalAnswer | None:
+        """Everything the kernel sent after what the proxy last received (or after ``after``),
+        whether that is all of it, and what was too large to keep; None without an answer (no
+        journal, the connection dropped, or no answer within the patience: see the module's
+        docstring)."""
         if not self.active:
             return None
-        after = self.last_seen.snapshot()
+        if after is None:
+            after = self.last_seen.snapshot()
         loop = asyncio.get_running_loop()
         patience = JOURNAL_PATIENCE if self.answering else ANSWER_WAIT
         deadline = loop.time() + patience
@@ -239,7 +245,10 @@ class JournalKeeper:
             log.warning("the output journal's answer is unusable (%s); not asking it again", exc)
             self.active = False
             return None
-        return JournalAnswer(messages, complete, known_gaps(reply))
+        end = dict(after)
+        for msg in messages:
+            end[msg.channel] = msg.msg_id
+        return JournalAnswer(messages, complete, known_gaps(reply), end)
 
     def _answered(self, future: asyncio.Future[Message | None]) -> None:
         """A journal request was answered (in time or late): the journal is alive."""

@@ -53,6 +53,10 @@ AUTH_HINT = (
 )
 
 
+SECOND_LOOKS = 5  # most looks at the journal after an outage's recovery
+SECOND_LOOK_AFTER = 2.0  # seconds between them (the server's backlog drains meanwhile)
+
+
 class RemoteSupervisor:
     """One per proxy run: the connection to whichever remote kernel the relay talks to now."""
 
@@ -213,6 +217,7 @@ class RemoteSupervisor:
             await ready.wait()
         outage: float | None = None
         hiccup = False
+        quiet = False  # the outage was a silence (the server may have stopped reading)
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
@@ -221,7 +226,7 @@ class RemoteSupervisor:
             channels.deliver_to(self._sink())
             self.perform(self.relay.remote_connected())
             if outage is not None:
-                self.spawn(self._recover(channels, outage, self._outages))
+                self.spawn(self._recover(channels, outage, self._outages, look_again=quiet))
             ended = await self._watch(channels)
             self.channels = None
             if self.stopping():
@@ -229,6 +234,7 @@ class RemoteSupervisor:
             lost_at = loop.time()
             self._outage_began()
             hiccup = ended == "hiccup"
+            quiet = ended != "closed"
             if hiccup:
                 # It talked again before it was declared stalled: the same socket, but the
                 # server may have dropped output meanwhile.
@@ -268,11 +274,14 @@ class RemoteSupervisor:
         for msg in held or ():
             self._on_remote_message(msg)
 
-    async def _recover(self, channels: RemoteChannels, outage: float, outage_id: int) -> None:
+    async def _recover(
+        self, channels: RemoteChannels, outage: float, outage_id: int, *, look_again: bool
+    ) -> None:
         """After an outage (``outage_id``): what the proxy missed (from the remote kernel's
         journal), then what the connections brought meanwhile, in order, each message once (the
         relay drops what it has seen); then tell the user what is known, and find the cells
-        whose reply or idle the outage lost."""
+        whose reply or idle the outage lost. ``look_again`` after a silence: the server may
+        fall behind while it catches up (``_second_look``)."""
         result = await self.journal.recover(channels)
         if result is None and channels.closed.is_set() and self.journal.active:
             # Dropped again before the journal answered: the next reconnection asks again, for
@@ -288,8 +297,46 @@ class RemoteSupervisor:
             # now would move "the last message seen" past what that outage may have lost).
             return
         self._release()
+        if look_again and result is not None and result.messages:
+            self.spawn(self._second_look(channels, result.end, outage_id))
         if not complete:
             self.spawn(self._check_lost_replies(channels))
+
+    async def _second_look(
+        self, channels: RemoteChannels, after: dict[str, str | None], outage_id: int
+    ) -> None:
+        """A server that ran again after a stop has a backlog to forward, the journal's answer
+        among it, and can fall behind its kernel for a while: its IOPub then drops at ZMQ's
+        high-water mark with no silence the proxy could see. So look again, a moment later,
+        at what the kernel sent since the end of the last answer; what the proxy lacks is
+        delivered late (out of order, with a notice, rather than lost); repeat until a look
+        finds nothing new."""
+        late = 0
+        first_late: Message | None = None
+        incomplete = False
+        for _ in range(SECOND_LOOKS):
+            await asyncio.sleep(SECOND_LOOK_AFTER)
+            if self.channels is not channels or self._outages != outage_id:
+                break  # another outage: its own recovery asks
+            result = await self.journal.recover(channels, after)
+            if result is None or self._outages != outage_id:
+                break
+            new = [m for m in result.messages if not self.relay.has_seen(m.msg_id)]
+            for msg in new:
+                self._on_remote_message(msg)
+            if result.gaps:
+                self.perform(self.relay.lost_messages(result.gaps))
+            if new and first_late is None:
+                first_late = new[0]
+            late += len(new)
+            incomplete = incomplete or not result.complete
+            after = result.end
+            if not new:
+                break
+        if late or incomplete:
+            log.warning("%d messages the server dropped after the outage came late", late)
+            parent = first_late.parent_header if first_late is not None else {}
+            self.perform(self.relay.late_output(late, complete=not incomplete, parent=parent))
 
     def _deliver(self, result: JournalAnswer | None) -> None:
         """The journal's answer to the relay: its messages, and a notice for each message it
