@@ -143,6 +143,17 @@ def lost_and_duplicated(lines: list[int], expected: int) -> tuple[int, int]:
     return len(set(range(expected)) - set(lines)), len(lines) - len(set(lines))
 
 
+def missing_ranges(lines: list[int], expected: int) -> list[tuple[int, int]]:
+    """The numbered lines that never came, as (first, last) runs: for the failure message."""
+    runs: list[tuple[int, int]] = []
+    for n in sorted(set(range(expected)) - set(lines)):
+        if runs and runs[-1][1] == n - 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs
+
+
 def run_frozen(
     kc: BlockingKernelClient,
     server: RemoteServer,
@@ -158,6 +169,13 @@ def run_frozen(
     result = collect(kc, msg_id, time.monotonic() + deadline)
     freezer.join()
     return result
+
+
+def assert_in_order_unless_told(result: dict[str, Any]) -> None:
+    """In order, unless the proxy said that lines the server dropped while catching up after
+    the stop came late (out of order: recovered from the journal rather than lost)."""
+    if "shown late" not in result["notices"]:
+        assert result["lines"] == sorted(result["lines"]), result["notices"]
 
 
 def assert_told_the_truth(notices: str, lost: int) -> None:
@@ -178,7 +196,7 @@ def test_a_frozen_server_loses_no_line_and_says_so_truthfully(
         lost, duplicated = lost_and_duplicated(result["lines"], lines)
         assert result["idle"], result["notices"]
         assert (lost, duplicated) == (0, 0), result["notices"]
-        assert result["lines"] == sorted(result["lines"])
+        assert_in_order_unless_told(result)
         assert_told_the_truth(result["notices"], lost)
         assert "nothing was lost" in result["notices"]  # the journal said so, and it is true
         _, outputs = run_cell(kc, "print('after')")
@@ -221,6 +239,7 @@ def test_without_the_journal_a_frozen_server_is_reported_honestly(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_a_long_freeze_loses_no_line(kernel_dir: Path, own_server: RemoteServer) -> None:
     """As the issue reported it: 40 s stopped under 500 lines/s (default ping interval 10 s is
     not used here: the stall is seen after ~2 s, the revival at once)."""
@@ -232,10 +251,14 @@ def test_a_long_freeze_loses_no_line(kernel_dir: Path, own_server: RemoteServer)
         "--journal-max-bytes=400000000",
         "--journal-max-messages=50000",
     ) as (_, kc):
-        result = run_frozen(kc, own_server, lines, after=3, stop=40, deadline=150)
+        result = run_frozen(kc, own_server, lines, after=3, stop=40, deadline=300)
         lost, duplicated = lost_and_duplicated(result["lines"], lines)
         assert result["idle"]
-        assert (lost, duplicated) == (0, 0), result["notices"]
+        assert_in_order_unless_told(result)
+        assert (lost, duplicated) == (0, 0), (
+            result["notices"],
+            missing_ranges(result["lines"], lines),
+        )
         assert_told_the_truth(result["notices"], lost)
 
 
@@ -293,7 +316,7 @@ def test_one_slow_journal_answer_does_not_switch_the_journal_off(
             lost, duplicated = lost_and_duplicated(result["lines"], lines)
             assert result["idle"]
             assert (lost, duplicated) == (0, 0), result["notices"]
-            assert result["lines"] == sorted(result["lines"])
+            assert_in_order_unless_told(result)
         finally:
             path.restore()
             kc.stop_channels()
