@@ -98,6 +98,9 @@ class RemoteSupervisor:
         # drained or dropped before the next delivers), so one list keeps the order.
         self._held: list[Message] | None = None
         self._outages = 0  # outages seen so far; a recovery releases only if no newer began
+        # Where the journal has not yet been checked after a silence's recovery (a second look
+        # is due, or was cut short by a newer outage, whose recovery then starts here).
+        self._unverified: dict[str, str | None] | None = None
 
     @classmethod
     def from_options(
@@ -211,6 +214,7 @@ class RemoteSupervisor:
         """Relay until the remote is lost for good, reconnecting while it is not."""
         if channels is not None:  # a fresh remote kernel: install its journal before any cell
             self._held = None
+            self._unverified = None
             channels.deliver_to(self._sink())
             ready = asyncio.Event()
             self.spawn(self.journal.arm(channels, ready.set))
@@ -282,7 +286,7 @@ class RemoteSupervisor:
         relay drops what it has seen); then tell the user what is known, and find the cells
         whose reply or idle the outage lost. ``look_again`` after a silence: the server may
         fall behind while it catches up (``_second_look``)."""
-        result = await self.journal.recover(channels)
+        result = await self.journal.recover(channels, self._unverified)
         if result is None and channels.closed.is_set() and self.journal.active:
             # Dropped again before the journal answered: the next reconnection asks again, for
             # everything after the same point, so the messages held here are not lost.
@@ -297,7 +301,10 @@ class RemoteSupervisor:
             # now would move "the last message seen" past what that outage may have lost).
             return
         self._release()
+        if result is not None:
+            self._unverified = None
         if look_again and result is not None and result.messages:
+            self._unverified = result.end
             self.spawn(self._second_look(channels, result.end, outage_id))
         if not complete:
             self.spawn(self._check_lost_replies(channels))
@@ -330,8 +337,9 @@ class RemoteSupervisor:
                 first_late = new[0]
             late += len(new)
             incomplete = incomplete or not result.complete
-            after = result.end
+            after = self._unverified = result.end
             if not new:
+                self._unverified = None
                 break
         if late or incomplete:
             log.warning("%d messages the server dropped after the outage came late", late)
