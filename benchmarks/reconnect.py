@@ -11,15 +11,23 @@ the frontend (median and worst), lines lost, lines duplicated, lines out of orde
 off, side by side: a stock jupyter-server keeps no acknowledgements, so without the journal the
 lines it wrote into a socket at the instant of a cut or reset are lost; this shows how many,
 and that the journal brings them back.
+
+The stall scenarios (``stall``: the server SIGSTOPped for ``--stop`` s mid-cell, then SIGCONTed;
+``stall-end``: the same, the cell ending while the server is stopped) run on a server of their
+own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing ~500 lines/s of
+4 kB each, and report lines lost and duplicated, whether the cell hung (no ``idle`` within 60 s
+of the end), and whether a notice said "nothing was lost" while lines were missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import random
+import signal
 import statistics
 import tempfile
 import threading
@@ -31,6 +39,7 @@ from tests.conftest import install_spec, run_cell, start_jupyter_server, start_k
 from tests.faults import FaultyPath
 
 FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
+STALLS = ("stall", "stall-end")
 
 
 def measure(
@@ -110,10 +119,58 @@ def measure(
     }
 
 
+def measure_stall(
+    kind: str, journal: bool, stop: float, kernel_dir: Path, server: Any
+) -> dict[str, Any]:
+    """One cell under one SIGSTOP/SIGCONT of ``server`` (see the module's docstring)."""
+    from tests.test_stall import STALL_OPTIONS, collect, freeze, numbered_cell
+
+    # stall: 3 s of lines before the stop, 5 s after it; stall-end: the cell ends half-way in
+    lines = int(500 * (stop + 8)) if kind == "stall" else int(500 * (2 + stop / 2))
+    name = install_spec(
+        kernel_dir,
+        f"bench-{kind}-{'journal' if journal else 'nojournal'}",
+        "jupyter",
+        url=server.url,
+        token_file=server.token_file,
+        extra=[*STALL_OPTIONS, f"--output-journal={journal}"],
+    )
+    km, kc = start_kernel(name)
+    try:
+        run_cell(kc, "1")
+        msg_id = kc.execute(numbered_cell(lines))
+        started = time.monotonic()
+        freezer = freeze(server, 3.0 if kind == "stall" else 2.0, stop)
+        result = collect(kc, msg_id, started + lines / 500 + stop + 60)
+        freezer.join()
+        took = time.monotonic() - started
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    seen = result["lines"]
+    lost = len(set(range(lines)) - set(seen))
+    return {
+        "fault": f"{kind}-{stop:g}s",
+        "journal": journal,
+        "lines": lines,
+        "lost": lost,
+        "duplicated": len(seen) - len(set(seen)),
+        "out_of_order": sum(1 for a, b in itertools.pairwise(seen) if b < a),
+        "hung": not result["idle"],
+        "errors": [e.get("ename") for e in result["errors"]],
+        "false_all_clear": bool(lost) and "nothing was lost" in result["notices"],
+        "notices": result["notices"],
+        "cell_s": round(took, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--faults", nargs="*", default=list(FAULTS), choices=FAULTS)
+    parser.add_argument(
+        "--faults", nargs="*", default=[*FAULTS, *STALLS], choices=[*FAULTS, *STALLS]
+    )
+    parser.add_argument("--stop", type=float, default=10.0, help="seconds a stall lasts")
     parser.add_argument("--journal", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -126,15 +183,33 @@ def main() -> None:
             results = [
                 measure(kind, journal == "on", args.rounds, root / "jupyter", server, seed)
                 for seed, kind in enumerate(args.faults)
+                if kind in FAULTS
                 for journal in args.journal
             ]
         finally:
             server.stop()
+        stalls = [kind for kind in args.faults if kind in STALLS]
+        if stalls:
+            stalled = start_jupyter_server(
+                root / "stalled", "--ZMQChannelsWebsocketConnection.limit_rate=False"
+            )
+            try:
+                results += [
+                    measure_stall(kind, journal == "on", args.stop, root / "jupyter", stalled)
+                    for kind in stalls
+                    for journal in args.journal
+                ]
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stalled.process.pid, signal.SIGCONT)
+                stalled.stop()
     print(
         f"{'fault':<16}{'journal':>8}{'lines':>7}{'lost':>6}{'dup':>5}{'order':>7}"
         f"{'resume med':>12}{'max':>8}"
     )
     for r in results:
+        if "hung" in r:
+            continue
         med = f"{r['resume_median_s']:.3f}" if r["resume_median_s"] is not None else "-"
         worst = f"{r['resume_max_s']:.3f}" if r["resume_max_s"] is not None else "-"
         print(
@@ -142,6 +217,19 @@ def main() -> None:
             f"{r['duplicated']:>5}"
             f"{r['out_of_order']:>7}{med:>12}{worst:>8}"
         )
+    stall_rows = [r for r in results if "hung" in r]
+    if stall_rows:
+        print(
+            f"\n{'stall':<16}{'journal':>8}{'lines':>7}{'lost':>6}{'dup':>5}{'order':>7}"
+            f"{'hung':>6}{'false ok':>10}  errors"
+        )
+        for r in stall_rows:
+            print(
+                f"{r['fault']:<16}{'on' if r['journal'] else 'off':>8}{r['lines']:>7}"
+                f"{r['lost']:>6}{r['duplicated']:>5}{r['out_of_order']:>7}"
+                f"{'yes' if r['hung'] else 'no':>6}{'yes' if r['false_all_clear'] else 'no':>10}"
+                f"  {','.join(r['errors']) or '-'}"
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -22,9 +22,10 @@ from cgpu_kernel.core.journal import (
     can_hold_journal,
     install_request,
     journal_request,
+    known_gaps,
     recovered_messages,
 )
-from cgpu_kernel.core.wire import Message
+from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import MalformedMessageError
 
 
@@ -171,9 +172,20 @@ def test_a_message_too_large_to_keep_is_a_known_gap() -> None:
     seen = emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="seen\n")
     kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}}, buffers=[b"x" * 2000])
     emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="after\n")
-    messages, complete = recovered_messages(ask(kernel, {"iopub": seen["header"]["msg_id"]}))
+    answer = ask(kernel, {"iopub": seen["header"]["msg_id"]})
+    messages, complete = recovered_messages(answer)
     assert [m.msg_type for m in messages] == ["stream"]
     assert not complete
+    (gap,) = known_gaps(answer)  # what it was, to tell the user
+    assert (gap.channel, gap.msg_type, gap.size, gap.comm_id) == ("iopub", "comm_msg", 2000, None)
+
+
+def test_gap_summaries_of_the_wrong_shape_are_skipped() -> None:
+    header = make_header("cgpu_journal_reply", "k")
+    content = {"gaps": ["x", {"bytes": True, "comm_id": 5}], "messages": [], "complete": {}}
+    (gap,) = known_gaps(Message.build("control", header, {}, {}, content))
+    assert (gap.size, gap.comm_id, gap.msg_type) == (0, None, "message")
+    assert known_gaps(Message.build("control", header, {}, {}, {})) == []
 
 
 def test_the_ring_is_bounded_by_bytes() -> None:

@@ -15,6 +15,7 @@ from cgpu_kernel.core.actions import (
     SendToRemote,
     ShutdownRemote,
 )
+from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import RemoteKernelGoneError, RemoteUnreachableError
@@ -318,13 +319,16 @@ def test_outage_notices_once_then_reconnected() -> None:
     assert relay.remote_connected() == []
     back = relay.outage_over(14.2, complete=True)
     texts = [a.msg.content["text"] for a in back if isinstance(a, Publish)]
-    assert texts == ["cgpu-kernel: reconnected after 14 s; nothing was lost.\n"]
+    assert texts == [
+        "cgpu-kernel: reconnected after 14 s; nothing was lost (the kernel's output journal"
+        " confirmed it).\n"
+    ]
     assert relay.outage_over(1.0, complete=True) == []  # nobody was told about that one
 
 
 @pytest.mark.parametrize(
     ("complete", "says"),
-    [(False, "may be missing"), (None, "the output the server kept meanwhile follows")],
+    [(False, "may be missing"), (None, "could not check what the outage cost")],
 )
 def test_outage_over_says_what_may_be_missing(complete: bool | None, says: str) -> None:
     relay = connected_relay()
@@ -407,3 +411,82 @@ def test_comm_messages_are_not_held_waiting_for_a_reply() -> None:
     assert isinstance(send, SendToRemote)
     assert relay.inflight == []  # no reply will come: nothing kept, buffers included
     assert relay.remote_failed(RemoteUnreachableError("down")) == []  # and no bogus reply
+
+
+def test_something_known_missing_is_told_even_to_cells_not_told_of_the_outage() -> None:
+    """A short outage (no outage notice yet) that the journal says lost output: said anyway;
+    one it could not check: not said to a cell never told of it (no noise for a hiccup)."""
+    relay = connected_relay()
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="train()"))
+    relay.remote_disconnected()
+    relay.remote_connected()
+    assert relay.outage_over(0.0, None) == []
+    (notice,) = relay.outage_over(0.0, False)
+    assert isinstance(notice, Publish) and "may be missing" in notice.msg.content["text"]
+
+
+def test_a_cell_whose_idle_was_lost_is_ended_with_a_notice() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="x = 1")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    other = request("execute_request", code="y = 2")
+    relay.frontend_message("shell", NOTEBOOK, other)
+    assert [r.msg for r in relay.open_cells()] == [execute, other]
+    relay.remote_message(reply_to(execute, "execute_reply", status="ok"))
+    idle = reply_to(other, "status", channel="iopub", execution_state="idle")
+    relay.remote_message(reply_to(other, "execute_reply", status="ok"))
+    relay.remote_message(idle)
+    assert [r.msg for r in relay.open_cells()] == [execute]  # its idle never came
+    actions = relay.end_cells_without_idle(relay.open_cells())
+    assert kinds(actions) == ["publish:stream", "publish:status"]
+    assert "final status was lost" in actions[0].msg.content["text"]
+    assert actions[1].msg.parent_header["msg_id"] == execute.msg_id
+    assert relay.open_cells() == []
+    assert relay.end_cells_without_idle([]) == []
+
+
+def test_a_cell_still_without_its_reply_is_not_ended_as_idle() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="train()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    assert relay.end_cells_without_idle(relay.open_cells()) == []
+    failed = relay.fail_requests(relay.unanswered_cells(), RemoteUnreachableError("lost"))
+    assert "publish:status" in kinds(failed)
+    assert relay.open_cells() == []
+
+
+def test_a_large_message_lost_in_a_cut_is_told_to_the_running_cell_or_its_parent() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="upload()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    gone = LostMessage("iopub", "comm_msg", 24_000_000, execute.header, "c0ffee")
+    (notice,) = relay.lost_messages([gone])
+    assert isinstance(notice, Publish)
+    text = notice.msg.content["text"]
+    assert "24.0 MB comm_msg (comm c0ffee)" in text and "--journal-max-bytes" in text
+    assert notice.msg.parent_header["msg_id"] == execute.msg_id
+    relay.remote_message(reply_to(execute, "execute_reply", status="ok"))
+    # No cell runs now: the notice goes to the lost message's own parent.
+    comm_msg = request("comm_msg", comm_id="c0ffee", data={})
+    later = LostMessage("iopub", "comm_msg", 30_000_000, comm_msg.header, "c0ffee")
+    (notice,) = relay.lost_messages([later])
+    assert isinstance(notice, Publish) and notice.msg.parent_header["msg_id"] == comm_msg.msg_id
+    assert relay.lost_messages([LostMessage("iopub", "display_data", 1, {}, None)]) == []
+
+
+def test_output_recovered_late_is_said_to_be_late() -> None:
+    relay = connected_relay()
+    execute = request("execute_request", code="train()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    line = reply_to(execute, "stream", channel="iopub", name="stdout", text="1\n")
+    assert not relay.has_seen(line.msg_id)
+    relay.remote_message(line)
+    assert relay.has_seen(line.msg_id)
+    (notice,) = relay.late_output(12, complete=True, parent={})
+    assert isinstance(notice, Publish)
+    assert "12 output messages" in notice.msg.content["text"]
+    assert "out of order" in notice.msg.content["text"]
+    relay.remote_message(reply_to(execute, "execute_reply", status="ok"))
+    (notice,) = relay.late_output(1, complete=False, parent=execute.header)
+    assert isinstance(notice, Publish) and "may still be missing" in notice.msg.content["text"]
+    assert notice.msg.parent_header["msg_id"] == execute.msg_id

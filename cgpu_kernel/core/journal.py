@@ -11,6 +11,7 @@ Sans-I/O: nothing here sends or waits; ``proxy.recovery`` does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 
 from cgpu_kernel.core.journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE
@@ -137,3 +138,47 @@ def recovered_messages(reply: Message) -> tuple[list[Message], bool]:
 
 def _dict(value: object) -> JsonDict:
     return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class LostMessage:
+    """A message the kernel sent that the journal could not keep (too large) and a cut lost:
+    what the proxy tells the user instead of it."""
+
+    channel: str
+    msg_type: str
+    size: int  # bytes of its buffers
+    parent_header: JsonDict  # the request that caused it (a cell, a comm message): the msg_id
+    comm_id: str | None
+
+    def describe(self) -> str:
+        """``a 24.0 MB comm_msg (comm 1a2b...)``: for the user's notice."""
+        what = f"a {self.size / 1e6:.1f} MB {self.msg_type}"
+        if self.comm_id:
+            what += f" (comm {self.comm_id})"
+        return what
+
+
+def known_gaps(reply: Message) -> list[LostMessage]:
+    """The messages a journal reply names as too large to have been kept (``gaps``); an old
+    agent's reply has none. Entries of another shape are skipped: a summary is only for telling
+    the user, and the reply's ``complete`` already says that something is missing."""
+    gaps = reply.content.get("gaps")
+    found: list[LostMessage] = []
+    if not isinstance(gaps, list):
+        return found
+    for gap in gaps:
+        if not isinstance(gap, dict):
+            continue
+        size = gap.get("bytes")
+        comm_id = gap.get("comm_id")
+        found.append(
+            LostMessage(
+                channel=str(gap.get("channel") or "iopub"),
+                msg_type=str(gap.get("msg_type") or "message"),
+                size=size if isinstance(size, int) and not isinstance(size, bool) else 0,
+                parent_header=_dict(gap.get("parent_header")),
+                comm_id=comm_id if isinstance(comm_id, str) else None,
+            )
+        )
+    return found

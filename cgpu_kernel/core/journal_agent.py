@@ -33,20 +33,42 @@ ENTRY_OVERHEAD = 300  # bytes a message costs beyond its text and buffers (heade
 
 
 class Entry:
-    """One recorded message. ``msg`` is None for a message too large to keep (a known gap)."""
+    """One recorded message. ``msg`` is None for a message too large to keep (a known gap);
+    ``gap`` then says what it was (type, parent, comm, size), so the proxy can tell the user."""
 
-    __slots__ = ("buffers", "channel", "msg", "msg_id", "size")
+    __slots__ = ("buffers", "channel", "gap", "msg", "msg_id", "size")
 
     def __init__(
-        self, channel: str, msg_id: str, msg: dict[str, Any] | None, buffers: list[bytes]
+        self,
+        channel: str,
+        msg_id: str,
+        msg: dict[str, Any] | None,
+        buffers: list[bytes],
+        gap: dict[str, Any] | None = None,
     ) -> None:
         self.channel = channel
         self.msg_id = msg_id
         self.msg = msg
         self.buffers = buffers
+        self.gap = gap
         self.size = ENTRY_OVERHEAD + sum(len(b) for b in buffers)
         if msg is not None:
             self.size += _text_size(msg.get("content"))
+
+
+def _gap_summary(channel: str, msg: dict[str, Any], size: int) -> dict[str, Any]:
+    """What the proxy tells the user about a message too large to keep: a few small fields."""
+    header = msg.get("header") or {}
+    parent = msg.get("parent_header") or {}
+    content = msg.get("content") or {}
+    return {
+        "channel": channel,
+        "msg_id": header.get("msg_id"),
+        "msg_type": header.get("msg_type"),
+        "parent_header": {k: parent[k] for k in ("msg_id", "msg_type", "session") if k in parent},
+        "comm_id": content.get("comm_id") if isinstance(content, dict) else None,
+        "bytes": size,
+    }
 
 
 def _text_size(content: Any) -> int:
@@ -123,7 +145,7 @@ class Journal:
         channel = self._channel(stream)
         size = sum(memoryview(b).nbytes for b in buffers)
         if size > self.max_bytes // 4:
-            entry = Entry(channel, msg_id, None, [])
+            entry = Entry(channel, msg_id, None, [], _gap_summary(channel, msg, size))
         else:
             kept = {k: msg.get(k) for k in ("header", "parent_header", "metadata", "content")}
             entry = Entry(channel, msg_id, kept, [bytes(b) for b in buffers])
@@ -154,7 +176,8 @@ class Journal:
         return "shell"
 
     def select(self, after: dict[str, Any]) -> tuple[list[Entry], dict[str, bool]]:
-        """Entries sent after ``after[channel]`` on each channel, and whether that is all.
+        """Entries sent after ``after[channel]`` on each channel (gaps included), and whether
+        that is all.
 
         A channel whose last message is not in the ring (evicted, or never seen by the proxy)
         gets all its entries; that is complete only if nothing of it was ever evicted.
@@ -173,20 +196,24 @@ class Journal:
         for entry in chosen:
             if entry.msg is None:
                 complete[entry.channel] = False
-        return [e for e in chosen if e.msg is not None], complete
+        return chosen, complete
 
     def answer(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """The control handler for ``cgpu_journal_request``."""
+        """The control handler for ``cgpu_journal_request``: the messages, in order, and a
+        summary of each one too large to have been kept (``gaps``)."""
         content = parent.get("content") or {}
         after = content.get("after")
         chosen, complete = self.select(after if isinstance(after, dict) else {})
         messages = []
+        gaps = []
         buffers: list[bytes] = []
         for entry in chosen:
-            assert entry.msg is not None
+            if entry.msg is None:
+                gaps.append(entry.gap or {"channel": entry.channel, "msg_id": entry.msg_id})
+                continue
             messages.append(dict(entry.msg, channel=entry.channel, buffers=len(entry.buffers)))
             buffers.extend(entry.buffers)
-        reply = {"status": "ok", "messages": messages, "complete": complete}
+        reply = {"status": "ok", "messages": messages, "complete": complete, "gaps": gaps}
         try:
             self.session.send(stream, REPLY_TYPE, reply, parent, ident, buffers)
         except Exception as exc:

@@ -45,6 +45,7 @@ from cgpu_kernel.core.actions import (
     ShutdownRemote,
     SpoolOutput,
 )
+from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError
@@ -78,6 +79,9 @@ class _RecentIds:
 
     limit: int
     _ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._ids
 
     def add(self, msg_id: str) -> bool:
         """Remember ``msg_id``; False when it was already known."""
@@ -116,6 +120,8 @@ class Relay:
         self._execution_count = 0
         self._announced_busy: set[str] = set()  # queued requests already shown as busy
         self._told_outage: set[str] = set()  # cells told the connection is down
+        # cells sent to the remote whose ``idle`` has not come yet (an outage can lose it)
+        self._open_cells: dict[str, Request] = {}
         self._state_lost = False  # the remote kernel died: tell the next cell it starts afresh
 
     # --- introspection (tests, status notices) ------------------------------------------------
@@ -189,28 +195,107 @@ class Relay:
         return actions
 
     def outage_over(self, seconds: float, complete: bool | None) -> list[Action]:
-        """A reconnection finished bringing back what it could; cells told about the outage are
-        told it is over, and whether anything is missing.
+        """A reconnection finished bringing back what it could; say only what is known.
 
         ``complete`` is True when the remote kernel's journal returned everything after the last
-        message received, False when its record did not reach back far enough, and None when
-        there is no journal (the server's replay is all there is).
+        message received, False when it says something is missing (its record did not reach
+        back far enough, or a message was too large to keep), and None when nothing could be
+        checked (no journal, or it did not answer): then what the server relayed is all there
+        is, and a server that stopped reading (frozen, swapping) may have dropped output.
+
+        Cells told about the outage are told it is over. Something known missing is told to
+        every waiting cell, told of the outage or not: a short outage can lose output too.
         """
         if complete is True:
-            outcome = "nothing was lost."
+            outcome = "nothing was lost (the kernel's output journal confirmed it)."
         elif complete is False:
             outcome = (
-                "the kernel's record of its output did not reach back far enough, so some"
-                " output from the outage may be missing."
+                "the kernel's record of its output does not cover all of the outage, so some"
+                " output from it may be missing."
             )
         else:
-            outcome = "the output the server kept meanwhile follows."
+            outcome = (
+                "the proxy could not check what the outage cost (no answer from an output"
+                " journal): output the kernel sent meanwhile may be missing."
+            )
         actions: list[Action] = []
         for request in self._waiting_cells():
-            if request.msg.msg_id in self._told_outage:
+            if request.msg.msg_id in self._told_outage or complete is False:
                 text = f"cgpu-kernel: reconnected after {seconds:.0f} s; {outcome}"
                 actions.append(self._notice(request.msg, text))
         self._told_outage.clear()
+        return actions
+
+    def lost_messages(self, lost: list[LostMessage]) -> list[Action]:
+        """Messages an outage lost that the journal could not keep (too large): each is told to
+        a running cell, or else in the output of the request that caused it (for a comm
+        message, the cell or comm message it answered), so a widget that never updated has
+        a reason the user can read. Nothing is re-sent: the message no longer exists."""
+        actions: list[Action] = []
+        running = self._waiting_cells()
+        for gone in lost:
+            text = (
+                f"cgpu-kernel: {gone.describe()} from {self.remote_description} was lost when"
+                " the connection dropped (too large for the kernel's output journal, raise"
+                " --journal-max-bytes to keep messages up to a quarter of it); a widget or"
+                " display that needed it may be stale. Run the cell again if needed."
+            )
+            parent_id = gone.parent_header.get("msg_id")
+            mine = [r for r in running if r.msg.msg_id == parent_id]
+            if mine or running:
+                actions.append(self._notice((mine or running)[-1].msg, text))
+            elif isinstance(parent_id, str):
+                actions.append(Publish(stream_notice(self.session, gone.parent_header, text)))
+            else:
+                log.warning("%s", text)
+        return actions
+
+    def has_seen(self, msg_id: str) -> bool:
+        """Whether a message with ``msg_id`` already reached the relay (recently)."""
+        return msg_id in self._seen
+
+    def late_output(self, count: int, *, complete: bool, parent: JsonDict) -> list[Action]:
+        """After an outage, the journal found ``count`` messages the server dropped later (it
+        fell behind while forwarding its backlog); they were just delivered, out of order.
+        Told to the running cells, else in the output of the first late message's request."""
+        text = (
+            f"cgpu-kernel: {count} output messages that the server dropped while it caught up"
+            " after the outage were recovered from the kernel's output journal and are shown"
+            " late, out of order."
+        )
+        if not complete:
+            text += " Some output may still be missing (the journal did not reach back far enough)."
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(r.msg, text) for r in running]
+        if parent.get("msg_id"):
+            return [Publish(stream_notice(self.session, parent, text))]
+        log.warning("%s", text)
+        return []
+
+    def open_cells(self) -> list[Request]:
+        """Cells sent to the remote whose ``idle`` has not come back (reply or not)."""
+        return list(self._open_cells.values())
+
+    def end_cells_without_idle(self, requests: list[Request]) -> list[Action]:
+        """End the given cells whose reply came but whose final ``idle`` an outage lost (the
+        kernel answered a later request, so they are over): a notice, then the ``idle``, so
+        no frontend keeps them busy forever. Cells still without a reply are not touched
+        (``fail_requests`` answers those)."""
+        actions: list[Action] = []
+        for request in requests:
+            msg_id = request.msg.msg_id
+            if msg_id in self._inflight or self._open_cells.pop(msg_id, None) is None:
+                continue
+            actions.append(
+                self._notice(
+                    request.msg,
+                    "cgpu-kernel: this cell finished, but its final status was lost when the"
+                    " connection dropped; it is marked done here. Its output may be incomplete.",
+                )
+            )
+            idle = self._make("iopub", "status", {"execution_state": "idle"}, request.msg)
+            actions.extend(self._limited(idle))
         return actions
 
     def remote_disconnected(self) -> list[Action]:
@@ -294,6 +379,8 @@ class Relay:
                     self._execution_count = count
             elif msg.msg_type == "status" and not msg.parent_header:
                 return [Publish(msg), *self._remote_status(msg.content.get("execution_state"))]
+            elif msg.msg_type == "status" and msg.content.get("execution_state") == "idle":
+                self._open_cells.pop(msg.parent_id or "", None)
             elif msg.msg_type == "shutdown_reply" and msg.parent_id not in self._inflight:
                 return [Publish(msg), *self._shut_down_by_others(msg)]
             return self._limited(msg)
@@ -377,6 +464,8 @@ class Relay:
         # holding them (buffers and all) would leak.
         if request.channel != "stdin" and request.msg.msg_type.endswith("_request"):
             self._inflight[request.msg.msg_id] = request
+            if request.msg.msg_type == "execute_request":
+                self._open_cells[request.msg.msg_id] = request
         return [SendToRemote(request)]
 
     def _enqueue(self, request: Request) -> list[Action]:
@@ -467,6 +556,7 @@ class Relay:
         actions.append(self._reply(request, reply_type, content))
         actions.append(self._status("idle", msg))
         self._announced_busy.discard(msg.msg_id)
+        self._open_cells.pop(msg.msg_id, None)
         return actions
 
     def _local_kernel_info(self, request: Request) -> list[Action]:

@@ -1,10 +1,14 @@
 """The I/O side of the output journal: installing it, and asking it after a reconnection.
 
 ``journal`` builds the messages and reads the answers; this module sends them on a
-:class:`~cgpu_kernel.proxy.connection.RemoteChannels` and waits, with bounds, for the answers. A
-journal that does not answer in time is given up for this remote kernel, so a remote that
-cannot hold one (not an ipykernel, a gateway that filters unknown message types) costs one
-timeout, not one per reconnection.
+:class:`~cgpu_kernel.proxy.connection.RemoteChannels` and waits, with bounds, for the answers.
+
+A journal that is slow to answer (a kernel holding the GIL in a long C call, a loaded host)
+gets a fair chance: it is asked again with waits doubling, for up to ``JOURNAL_PATIENCE`` s per
+outage, and any of the answers is taken. One that never answers costs that outage its check
+(the user is told so) but is asked again after the next one, for ``ANSWER_WAIT`` s, until it
+answers again (late answers count): one slow answer never switches it off for the kernel's
+life. Only an answer of the wrong shape (a broken agent) does.
 """
 
 from __future__ import annotations
@@ -13,15 +17,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cgpu_kernel.core.journal import (
     LastSeen,
+    LostMessage,
     can_hold_journal,
     install_request,
     is_internal,
     journal_request,
     kernel_info_request,
+    known_gaps,
     recovered_messages,
 )
 from cgpu_kernel.core.wire import Message
@@ -36,7 +43,22 @@ log = logging.getLogger(__name__)
 FIRST_REPLY_WAIT = 10.0  # how long cells wait for the journal before going ahead anyway
 KERNEL_INFO_WAIT = 120.0  # how long a starting (or restarting) kernel may take to answer at all
 ASK_AGAIN = 5.0  # a kernel_info request unanswered this long is sent again (it may have been lost)
-ANSWER_WAIT = 5.0  # the journal answering on the control channel
+ANSWER_WAIT = 5.0  # the journal's first wait (then asked again, waits doubling)
+JOURNAL_PATIENCE = 30.0  # most seconds one outage waits for the journal's answer
+LATE_ANSWER_WAIT = 300.0  # an abandoned request's answer still counts this long
+IDLE_WAIT = 60.0  # the probe's idle on iopub, once its reply came (a backlog may precede it)
+
+
+@dataclass
+class JournalAnswer:
+    """What the journal returned after an outage: the messages (in the order the kernel sent
+    them), whether that is all of them, and what it could not keep (too large)."""
+
+    messages: list[Message]
+    complete: bool
+    gaps: list[LostMessage] = field(default_factory=list)
+    #: the last message the answer covers on each channel (where a second look starts)
+    end: dict[str, str | None] = field(default_factory=dict)
 
 
 class JournalKeeper:
@@ -48,9 +70,13 @@ class JournalKeeper:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.active = False
+        # False once an outage's requests all went unanswered: the next outage waits only
+        # ANSWER_WAIT; any answer (a late one too) makes it True again.
+        self.answering = True
         self.last_seen = LastSeen()
         self.iopub_heard = asyncio.Event()  # an iopub message about one of our requests came
         self._waiting: dict[str, asyncio.Future[Message]] = {}
+        self._idle: dict[str, asyncio.Event] = {}  # probes whose iopub idle is awaited
 
     @classmethod
     def from_options(cls, options: ProxyKernel, session: str) -> JournalKeeper:
@@ -70,6 +96,10 @@ class JournalKeeper:
             return False
         if msg.channel == "iopub":
             self.iopub_heard.set()
+            if msg.msg_type == "status" and msg.content.get("execution_state") == "idle":
+                idle = self._idle.get(msg.parent_id or "")
+                if idle is not None:
+                    idle.set()
         else:
             future = self._waiting.pop(msg.parent_id or "", None)
             if future is not None and not future.done():
@@ -79,6 +109,7 @@ class JournalKeeper:
     def kernel_changed(self) -> None:
         """A different kernel process answers now (fresh, or restarted): no journal yet."""
         self.active = False
+        self.answering = True
         self.last_seen = LastSeen()
 
     async def arm(self, channels: RemoteChannels, ready: Callable[[], None]) -> None:
@@ -165,28 +196,86 @@ class JournalKeeper:
             for future in asked:
                 future.cancel()
 
-    async def recover(self, channels: RemoteChannels) -> tuple[list[Message], bool] | None:
-        """Everything the kernel sent after what the proxy last received, and whether that is
-        all of it; None without an answer (no journal, the connection dropped, or a timeout)."""
+    async def recover(
+        self, channels: RemoteChannels, after: dict[str, str | None] | None = None
+    ) -> JournalAnswer | None:
+        """Everything the kernel sent after what the proxy last received (or after ``after``),
+        whether that is all of it, and what was too large to keep; None without an answer (no
+        journal, the connection dropped, or no answer within the patience: see the module's
+        docstring)."""
         if not self.active:
             return None
-        request = journal_request(self.session, self.last_seen.snapshot())
-        reply = await self.ask(channels, request, ANSWER_WAIT)
+        if after is None:
+            after = self.last_seen.snapshot()
+        loop = asyncio.get_running_loop()
+        patience = JOURNAL_PATIENCE if self.answering else ANSWER_WAIT
+        deadline = loop.time() + patience
+        wait = ANSWER_WAIT
+        asked: list[asyncio.Future[Message | None]] = []
+        reply: Message | None = None
+        while reply is None and not channels.closed.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if asked:
+                log.info("the output journal has not answered yet; asking again")
+            future = self.ask(channels, journal_request(self.session, after), LATE_ANSWER_WAIT)
+            future.add_done_callback(self._answered)
+            asked.append(future)
+            done, _ = await asyncio.wait(
+                asked, timeout=min(wait, remaining), return_when="FIRST_COMPLETED"
+            )
+            for finished in done:
+                asked.remove(finished)
+                if not finished.cancelled() and finished.result() is not None:
+                    reply = finished.result()
+            wait *= 2
         if reply is None:
             if not channels.closed.is_set():
                 log.warning(
-                    "the remote kernel's output journal did not answer within %g s; relying on"
-                    " the server's replay from now on",
-                    ANSWER_WAIT,
+                    "the remote kernel's output journal did not answer within %.0f s; this"
+                    " outage's output is not checked (it is asked again after the next one)",
+                    patience,
                 )
-                self.active = False
+                self.answering = False
             return None
         try:
-            return recovered_messages(reply)
+            messages, complete = recovered_messages(reply)
         except MalformedMessageError as exc:
             log.warning("the output journal's answer is unusable (%s); not asking it again", exc)
             self.active = False
             return None
+        end = dict(after)
+        for msg in messages:
+            end[msg.channel] = msg.msg_id
+        return JournalAnswer(messages, complete, known_gaps(reply), end)
+
+    def _answered(self, future: asyncio.Future[Message | None]) -> None:
+        """A journal request was answered (in time or late): the journal is alive."""
+        if not future.cancelled() and future.result() is not None:
+            self.answering = True
+
+    async def settled(self, channels: RemoteChannels) -> bool:
+        """Whether every cell sent before now has ended, on shell and on iopub: a
+        ``kernel_info_request`` (answered on shell only after every earlier cell) whose reply
+        came, and then its ``idle`` on iopub (published after every earlier cell's), or
+        ``IDLE_WAIT`` s passed without it. False if the connection dropped first. No time limit
+        on the reply: the cells before it may run for hours; asked again as ``kernel_info``
+        is."""
+        interval = ASK_AGAIN
+        while not channels.closed.is_set():
+            request = kernel_info_request(self.session)
+            idle = self._idle[request.msg_id] = asyncio.Event()
+            try:
+                reply = await self.ask(channels, request, interval)
+                if reply is not None:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(idle.wait(), IDLE_WAIT)
+                    return not channels.closed.is_set()
+            finally:
+                self._idle.pop(request.msg_id, None)
+            interval = min(2 * interval, 300.0)
+        return False
 
     def ask(
         self, channels: RemoteChannels, msg: Message, timeout: float | None

@@ -8,10 +8,18 @@ that loop:
 
 * a silent connection is pinged and, past twice the ping interval, declared stalled;
 * a lost one is reconnected (``reconnect.Reconnector``), preferring the old socket if it revives;
-* after an outage the output journal (``recovery.JournalKeeper``) returns what the cut lost,
-  before what the new connection brought meanwhile;
-* a cell whose reply the cut (or a kernel restart) lost is answered with an error, found by a
-  ``kernel_info_request`` that the shell channel answers only after every cell sent before it.
+* an outage is any of these: a close, a stall (revived or replaced), or a *hiccup* (a ping left
+  unanswered for 1.2 intervals, then the socket talks again). A server that stops reading (a
+  frozen process, a swapping host) lets the kernel's IOPub socket drop output at ZMQ's
+  high-water mark; the socket reviving says nothing about what was dropped;
+* from the moment an outage is seen, what any connection brings is *held*; after it the output
+  journal (``recovery.JournalKeeper``) returns what the proxy missed, then the held messages
+  follow, in order, each once (the relay drops what it has seen). Only then is the user told,
+  and only what the journal said;
+* after an outage the journal did not cover, a ``kernel_info_request`` (answered on shell only
+  after every cell sent before it, its ``idle`` on iopub after theirs) finds the cells whose
+  reply was lost (answered with an error) and those whose final ``idle`` was lost (ended with a
+  notice): no cell stays busy forever.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from cgpu_kernel.exceptions import (
 from cgpu_kernel.proxy.connection import MessageSink, RemoteChannels
 from cgpu_kernel.proxy.options import TOKEN_ENV, ProxyKernel
 from cgpu_kernel.proxy.reconnect import Reconnector
-from cgpu_kernel.proxy.recovery import JournalKeeper
+from cgpu_kernel.proxy.recovery import JournalAnswer, JournalKeeper
 
 log = logging.getLogger("cgpu_kernel")
 
@@ -43,6 +51,10 @@ AUTH_HINT = (
     f"Renew the token (update the token file; {TOKEN_ENV} cannot change under a running kernel,"
     " so restart it after changing that) and run the cell again."
 )
+
+
+SECOND_LOOKS = 5  # most looks at the journal after an outage's recovery
+SECOND_LOOK_AFTER = 2.0  # seconds between them (the server's backlog drains meanwhile)
 
 
 class RemoteSupervisor:
@@ -81,6 +93,14 @@ class RemoteSupervisor:
         #: the working connection, None while there is none
         self.channels: RemoteChannels | None = None
         self._want_remote = asyncio.Event()
+        # While an outage is being recovered from: every remote message, in arrival order
+        # (None: delivered at once). Connections come one after another (a replaced one is
+        # drained or dropped before the next delivers), so one list keeps the order.
+        self._held: list[Message] | None = None
+        self._outages = 0  # outages seen so far; a recovery releases only if no newer began
+        # Where the journal has not yet been checked after a silence's recovery (a second look
+        # is due, or was cut short by a newer outage, whose recovery then starts here).
+        self._unverified: dict[str, str | None] | None = None
 
     @classmethod
     def from_options(
@@ -158,19 +178,27 @@ class RemoteSupervisor:
             max_message_size=self.max_message_size,
         )
 
-    def _sink(self, held: list[Message] | None = None) -> MessageSink:
+    def _sink(self) -> MessageSink:
         """Where a connection's messages go: answers to the proxy's own requests to the
-        journal keeper, the rest to the relay, or into ``held`` while a recovery runs."""
+        journal keeper, the rest to the relay, or into the held list while an outage is
+        recovered from."""
 
         def sink(msg: Message) -> None:
             if self.journal.route(msg):
                 return
-            if held is not None:
-                held.append(msg)
+            if self._held is not None:
+                self._held.append(msg)
             else:
                 self._on_remote_message(msg)
 
         return sink
+
+    def _outage_began(self) -> int:
+        """Hold what the remote sends from now on, until a recovery asked the journal."""
+        self._outages += 1
+        if self._held is None:
+            self._held = []
+        return self._outages
 
     def _on_remote_message(self, msg: Message) -> None:
         self.journal.last_seen.saw(msg)
@@ -185,31 +213,39 @@ class RemoteSupervisor:
     async def _serve(self, channels: RemoteChannels | None) -> None:
         """Relay until the remote is lost for good, reconnecting while it is not."""
         if channels is not None:  # a fresh remote kernel: install its journal before any cell
+            self._held = None
+            self._unverified = None
             channels.deliver_to(self._sink())
             ready = asyncio.Event()
             self.spawn(self.journal.arm(channels, ready.set))
             await ready.wait()
         outage: float | None = None
-        revived = False
+        hiccup = False
+        quiet = False  # the outage was a silence (the server may have stopped reading)
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
-            self.connected()
-            if outage is not None and not revived:
-                held: list[Message] = []
-                channels.deliver_to(self._sink(held))
-                self.perform(self.relay.remote_connected())
-                self.spawn(self._recover(channels, held, outage))
-            else:
-                channels.deliver_to(self._sink())
-                self.perform(self.relay.remote_connected())
-                if outage is not None:  # TCP carried the old socket through: nothing lost
-                    self.perform(self.relay.outage_over(outage, complete=True))
-            stalled = await self._watch(channels)
+            if not hiccup:  # the run's history counts reconnections; a hiccup is not one
+                self.connected()
+            channels.deliver_to(self._sink())
+            self.perform(self.relay.remote_connected())
+            if outage is not None:
+                self.spawn(self._recover(channels, outage, self._outages, look_again=quiet))
+            ended = await self._watch(channels)
             self.channels = None
             if self.stopping():
                 return
             lost_at = loop.time()
+            self._outage_began()
+            hiccup = ended == "hiccup"
+            quiet = ended != "closed"
+            if hiccup:
+                # It talked again before it was declared stalled: the same socket, but the
+                # server may have dropped output meanwhile.
+                log.info("%s was silent for a while; checking what it missed", channels.where)
+                outage = 0.0
+                continue
+            stalled = ended == "stalled"
             if stalled:
                 log.warning(
                     "no sign of life from %s for %.0f s; reconnecting",
@@ -222,40 +258,104 @@ class RemoteSupervisor:
             old = channels
             channels = await self._reconnect(old if stalled else None)
             outage = loop.time() - lost_at
-            revived = channels is old
-            if revived:
+            if channels is old:
                 log.warning("the connection came back by itself after %.1f s", outage)
                 continue
             if stalled:
                 # The server closes the stale socket once the new one registers; let the old one
-                # deliver its backlog first (it keeps feeding the relay), then drop it.
+                # deliver its backlog first (into the held list), then drop it.
                 try:
                     await asyncio.wait_for(old.closed.wait(), self._drain_timeout())
                 except asyncio.TimeoutError:
                     log.info("the stale connection did not drain; dropping it")
             old.abort()
+            if channels is None:  # given up: nothing to recover into; the relay failed cells
+                self._release()
 
-    async def _recover(self, channels: RemoteChannels, held: list[Message], outage: float) -> None:
-        """After a reconnection: what the cut lost (from the remote kernel's journal), then what
-        the new connection brought meanwhile, in order, each message once (the relay drops
-        what it has seen)."""
-        result = await self.journal.recover(channels)
+    def _release(self) -> None:
+        """Hand the held messages to the relay, in order, and stop holding."""
+        held, self._held = self._held, None
+        for msg in held or ():
+            self._on_remote_message(msg)
+
+    async def _recover(
+        self, channels: RemoteChannels, outage: float, outage_id: int, *, look_again: bool
+    ) -> None:
+        """After an outage (``outage_id``): what the proxy missed (from the remote kernel's
+        journal), then what the connections brought meanwhile, in order, each message once (the
+        relay drops what it has seen); then tell the user what is known, and find the cells
+        whose reply or idle the outage lost. ``look_again`` after a silence: the server may
+        fall behind while it catches up (``_second_look``)."""
+        result = await self.journal.recover(channels, self._unverified)
         if result is None and channels.closed.is_set() and self.journal.active:
             # Dropped again before the journal answered: the next reconnection asks again, for
             # everything after the same point, so the messages held here are not lost.
             return
-        complete: bool | None = None
+        complete = None if result is None else result.complete
+        if self._outages == outage_id:
+            # Told first, while the cells it concerns still wait (what follows may end them).
+            self.perform(self.relay.outage_over(outage, complete))
+        self._deliver(result)
+        if self._outages != outage_id:
+            # Another outage began meanwhile: its recovery releases what is held (releasing it
+            # now would move "the last message seen" past what that outage may have lost).
+            return
+        self._release()
         if result is not None:
-            recovered, complete = result
-            log.info("the output journal returned %d messages", len(recovered))
-            for msg in recovered:
-                self._on_remote_message(msg)
-        for msg in held:
-            self._on_remote_message(msg)
-        channels.deliver_to(self._sink())
-        self.perform(self.relay.outage_over(outage, complete))
+            self._unverified = None
+        if look_again and result is not None and result.messages:
+            self._unverified = result.end
+            self.spawn(self._second_look(channels, result.end, outage_id))
         if not complete:
             self.spawn(self._check_lost_replies(channels))
+
+    async def _second_look(
+        self, channels: RemoteChannels, after: dict[str, str | None], outage_id: int
+    ) -> None:
+        """A server that ran again after a stop has a backlog to forward, the journal's answer
+        among it, and can fall behind its kernel for a while: its IOPub then drops at ZMQ's
+        high-water mark with no silence the proxy could see. So look again, a moment later,
+        at what the kernel sent since the end of the last answer; what the proxy lacks is
+        delivered late (out of order, with a notice, rather than lost); repeat until a look
+        finds nothing new."""
+        late = 0
+        first_late: Message | None = None
+        incomplete = False
+        for _ in range(SECOND_LOOKS):
+            await asyncio.sleep(SECOND_LOOK_AFTER)
+            if self.channels is not channels or self._outages != outage_id:
+                break  # another outage: its own recovery asks
+            result = await self.journal.recover(channels, after)
+            if result is None or self._outages != outage_id:
+                break
+            new = [m for m in result.messages if not self.relay.has_seen(m.msg_id)]
+            for msg in new:
+                self._on_remote_message(msg)
+            if result.gaps:
+                self.perform(self.relay.lost_messages(result.gaps))
+            if new and first_late is None:
+                first_late = new[0]
+            late += len(new)
+            incomplete = incomplete or not result.complete
+            after = self._unverified = result.end
+            if not new:
+                self._unverified = None
+                break
+        if late or incomplete:
+            log.warning("%d messages the server dropped after the outage came late", late)
+            parent = first_late.parent_header if first_late is not None else {}
+            self.perform(self.relay.late_output(late, complete=not incomplete, parent=parent))
+
+    def _deliver(self, result: JournalAnswer | None) -> None:
+        """The journal's answer to the relay: its messages, and a notice for each message it
+        could not keep."""
+        if result is None:
+            return
+        log.info("the output journal returned %d messages", len(result.messages))
+        for msg in result.messages:
+            self._on_remote_message(msg)
+        if result.gaps:
+            self.perform(self.relay.lost_messages(result.gaps))
 
     def _still_reconnecting(self) -> bool:
         """Whether the reconnector should go on (not once stopping, or the remote was lost)."""
@@ -264,20 +364,29 @@ class RemoteSupervisor:
     def _drain_timeout(self) -> float:
         return max(2.0, 2 * self.ping_interval)
 
-    async def _watch(self, channels: RemoteChannels) -> bool:
-        """Wait until ``channels`` closes (False) or stays silent too long (True)."""
+    async def _watch(self, channels: RemoteChannels) -> str:
+        """Wait until ``channels`` closes ("closed"), stays silent too long ("stalled"), or
+        leaves a ping unanswered for 1.2 intervals and then talks again ("hiccup": the server
+        was not reading, and may have dropped output meanwhile)."""
         interval = self.ping_interval
         if interval <= 0:
             await channels.closed.wait()
-            return False
+            return "closed"
+        quiet = False  # a ping went unanswered: watch closely for it coming back
         while not channels.closed.is_set():
             try:
-                await asyncio.wait_for(channels.closed.wait(), interval)
+                await asyncio.wait_for(channels.closed.wait(), interval / 4 if quiet else interval)
             except asyncio.TimeoutError:
-                if channels.silent_for() > 2 * interval:
-                    return True
-                channels.ping()
-        return False
+                silent = channels.silent_for()
+                if silent > 2 * interval:
+                    return "stalled"
+                if quiet and silent < interval:
+                    return "hiccup"
+                if silent > 1.2 * interval:
+                    quiet = True
+                if not quiet or silent > interval:
+                    channels.ping()
+        return "closed"
 
     async def after_restart(self, channels: RemoteChannels) -> None:
         """The server restarted a crashed kernel. The relay holds new requests meanwhile; they
@@ -301,34 +410,37 @@ class RemoteSupervisor:
     async def _check_lost_replies(
         self, channels: RemoteChannels, error: CgpuError | None = None
     ) -> None:
-        """After a reconnection (or a kernel restart), a cell whose reply never comes would
-        stay busy forever.
+        """After a reconnection (or a kernel restart), a cell whose reply or final ``idle``
+        never comes would stay busy forever.
 
         The shell channel answers in order, so a ``kernel_info_request`` sent now is answered
-        only after every cell sent before it. A cell still without a reply then has lost it:
-        answer it with ``error``, by default one that says the connection lost it. (The
-        server's REST ``execution_state`` cannot tell: its own kernel_info on a new connection
-        makes a busy kernel look idle.)
+        only after every cell sent before it, and its ``idle`` on iopub follows theirs
+        (``JournalKeeper.settled``). A cell still without a reply then has lost it: answered
+        with ``error``, by default one that says the connection lost it. A cell with its reply
+        but no ``idle`` is ended with a notice. (The server's REST ``execution_state`` cannot
+        tell: its own kernel_info on a new connection makes a busy kernel look idle.)
         """
         waiting = self.relay.unanswered_cells()
-        if not waiting:
+        open_cells = self.relay.open_cells()
+        if not waiting and not open_cells:
             return
-        # No time limit: the cells before the probe may run for hours.
-        answered = await self.journal.kernel_info(channels, within=None)
-        if answered is None or self.channels is not channels:
+        if not await self.journal.settled(channels) or self.channels is not channels:
             return
+        if self._held is not None:
+            return  # another outage began: its own check follows its recovery
         still = [r for r in self.relay.unanswered_cells() if r in waiting]
         self.perform(
             self.relay.fail_requests(
                 still,
                 error
                 or ReplyLostError(
-                    "The connection dropped and the server kept nothing to replay: this cell's"
-                    " result (and possibly part of its output) was lost, though the remote"
-                    " kernel and its variables are fine. Run the cell again if needed."
+                    "The connection dropped and nothing kept this cell's result: it (and"
+                    " possibly part of its output) was lost, though the remote kernel and its"
+                    " variables are fine. Run the cell again if needed."
                 ),
             )
         )
+        self.perform(self.relay.end_cells_without_idle(open_cells))
 
     async def _reconnect(self, stalled: RemoteChannels | None) -> RemoteChannels | None:
         """A working connection again: a new one, or ``stalled`` if it came back to life.
