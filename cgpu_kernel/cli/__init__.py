@@ -302,10 +302,35 @@ def main(argv: list[str] | None = None) -> None:
 
         launch_kernel(args_list)
         return
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    if not args_list:  # a bare `cgpu-kernel`: what it can do, not a usage error
+        parser.print_help()
+        raise SystemExit(0)
+    args = parser.parse_args(args_list)
     try:
         code: Any = args.func(args)
     except CgpuError as exc:
         print(f"cgpu-kernel: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:
+        code = _closed_pipe()
+    except KeyboardInterrupt:
+        print("\ncgpu-kernel: interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
     raise SystemExit(code)
+
+
+def _closed_pipe() -> int:
+    """Our stdout's reader went away (``| head``): a normal end, as for any command-line tool.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush cannot fail too (it
+    would print "Exception ignored ... BrokenPipeError"). Exit status 0: the reader had all
+    it wanted."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+    return 0
