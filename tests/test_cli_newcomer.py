@@ -1,0 +1,254 @@
+"""Issue 15: the ``cgpu-kernel`` command as a newcomer meets it, driven as the installed command.
+
+Every test runs the installed ``cgpu-kernel`` script as a subprocess: through pipes (what a
+shell redirect, ``| head`` or a CI log is), or through a terminal with ``pexpect`` where the
+point is about terminals (colours, Ctrl-C at a prompt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from tests.conftest import free_port, install_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The console script pip installed next to this interpreter (what a user types).
+COMMAND = str(Path(sys.executable).parent / "cgpu-kernel")
+#: 20 MiB of stdout in 20 writes: each line numbered, so a cut or a reorder shows.
+BIG_CELL = (
+    "import sys\n"
+    "for i in range(20):\n"
+    "    sys.stdout.write(''.join(f'{i:03d}-{j:04d}' + 'x' * 1015 + '\\n' for j in range(1024)))\n"
+    "_ = sys.stderr.write('done on stderr\\n')\n"
+)
+BIG_STDOUT = "".join(
+    f"{i:03d}-{j:04d}" + "x" * 1015 + "\n" for i in range(20) for j in range(1024)
+).encode()
+
+
+@pytest.fixture(autouse=True)
+def _remove_test_kernelspecs(kernel_dir: Path) -> Iterator[None]:
+    """Kernelspecs a test installs go when it ends (others run the default kernelspec)."""
+    folder = kernel_dir / "kernels"
+    before = set(folder.iterdir()) if folder.is_dir() else set()
+    yield
+    for path in (set(folder.iterdir()) if folder.is_dir() else set()) - before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def local(kernel_dir: Path) -> str:
+    """``cgpu-local``: the documented default of ``run`` (the embedded local backend)."""
+    return install_spec(kernel_dir, "cgpu-local", "local")
+
+
+def cgpu(
+    *args: str, stdin: bytes | None = None, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [COMMAND, *args],
+        capture_output=True,
+        input=stdin if stdin is not None else b"",
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def shell(line: str, timeout: float = 180) -> subprocess.CompletedProcess[bytes]:
+    """``line`` in bash with pipefail off: ``$COMMAND`` is the installed command."""
+    return subprocess.run(
+        ["bash", "-c", line],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, "COMMAND": COMMAND},
+    )
+
+
+def announced(kernel: str, backend: str = "local") -> bytes:
+    return f"cgpu-kernel: running on kernelspec {kernel!r} ({backend} backend".encode()
+
+
+# --- 1. complete output, notices apart -----------------------------------------------------------
+
+
+def test_a_20_mb_cell_arrives_complete_in_text_mode(local: str) -> None:
+    done = cgpu("run", BIG_CELL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout) == len(BIG_STDOUT) == 20 * 1024 * 1024
+    assert done.stdout == BIG_STDOUT
+    # stderr: which kernelspec ran, then the program's own stderr; no proxy notice
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith(announced(local)), done.stderr
+    assert lines[1:] == [b"done on stderr"]
+
+
+def test_a_20_mb_cell_arrives_complete_in_json(local: str) -> None:
+    done = cgpu("run", "--json", BIG_CELL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    document = json.loads(done.stdout)
+    assert document["status"] == "ok"
+    assert document["stdout"].encode() == BIG_STDOUT
+    assert document["stderr"] == "done on stderr\n"
+    assert document["notices"] == []
+    assert document["truncated"] is False
+    assert document["spool"] == []
+    assert document["kernel"] == local
+
+
+def test_max_output_holds_back_and_says_so(local: str, tmp_path: Path) -> None:
+    code = "for i in range(50): print(f'{i:04d}' + 'y' * 95)"  # 50 lines of 100 characters
+    done = cgpu("run", "--json", "--max-output", "1000", code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    document = json.loads(done.stdout)
+    expected = "".join(f"{i:04d}" + "y" * 95 + "\n" for i in range(50))
+    assert document["stdout"] == expected[:1000]  # the head, nothing of the notices
+    assert "cgpu-kernel" not in document["stdout"] + document["stderr"]
+    assert document["truncated"] is True
+    [spooled] = document["spool"]
+    assert Path(spooled).read_text() == expected[1000:]  # the rest, saved in full
+    kinds = [notice["kind"] for notice in document["notices"]]
+    assert kinds[-1] == "held_back" and all(n["text"] for n in document["notices"])
+    # text mode: the notices go to stderr, marked; stdout is the program's alone
+    text = cgpu("run", "--max-output", "1000", code)
+    assert text.stdout.decode() == expected[:1000]
+    assert b"[cgpu-kernel: this cell's output passed 1000 B" in text.stderr
+
+
+# --- 2. a file argument --------------------------------------------------------------------------
+
+
+def test_a_single_argument_naming_a_file_runs_the_file(local: str, tmp_path: Path) -> None:
+    script = tmp_path / "t.py"
+    script.write_text("print('from the file', 6 * 7)\n")
+    done = cgpu("run", str(script))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"from the file 42\n"
+    code = cgpu("run", "print('t.py')")  # code that is not a file path is still code
+    assert code.stdout == b"t.py\n"
+
+
+# --- 3. which kernelspec -------------------------------------------------------------------------
+
+
+def test_the_default_kernelspec_is_the_local_one_and_errors_name_theirs(
+    local: str, kernel_dir: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    install_spec(kernel_dir, "a-cgpu-unreachable", "jupyter", url=dead)  # first alphabetically
+    done = cgpu("run", "print(1)")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(announced(local))
+    failed = cgpu("run", "--json", "--kernel", "a-cgpu-unreachable", "--kernel-timeout", "5", "1")
+    document = json.loads(failed.stdout)
+    assert document["kernel"] == "a-cgpu-unreachable"
+    assert document["error"]["kernelspec"] == "a-cgpu-unreachable"
+    assert failed.stderr.startswith(announced("a-cgpu-unreachable", "jupyter"))
+    text = cgpu("run", "--kernel", "a-cgpu-unreachable", "--kernel-timeout", "5", "1")
+    assert b"error (code 20" in text.stderr
+    assert b"on kernelspec 'a-cgpu-unreachable'" in text.stderr
+
+
+# --- 4. input() ----------------------------------------------------------------------------------
+
+
+def test_input_is_answered_from_piped_stdin(local: str) -> None:
+    code = "a = input('first? ')\nb = input()\nprint('got', a, b)"
+    done = cgpu("run", code, stdin=b"one\ntwo\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"first? got one two\n"
+    ended = cgpu("run", "--json", "input('more? ')", stdin=b"")
+    document = json.loads(ended.stdout)
+    assert document["error"]["name"] == "EOFError"  # what input() raises at the end of stdin
+    assert ended.returncode == 12
+
+
+# --- 5. a closed pipe, Ctrl-C --------------------------------------------------------------------
+
+
+def test_a_closed_pipe_is_a_normal_end(local: str) -> None:
+    code = "[print(i) for i in range(10**6)];"
+    done = shell(f'"$COMMAND" run "{code}" | head -3; exit ${{PIPESTATUS[0]}}')
+    assert done.stdout == b"0\n1\n2\n"
+    assert done.returncode == 0, done.stderr
+    assert b"Traceback" not in done.stderr and b"BrokenPipe" not in done.stderr
+    assert b"error" not in done.stderr
+    reference = shell('"$COMMAND" config-reference | head -1; exit ${PIPESTATUS[0]}')
+    assert reference.stdout.startswith(b"| Option |")
+    assert reference.returncode == 0 and reference.stderr == b""
+
+
+def test_a_closed_pipe_ends_outputs_show_quietly(tmp_path: Path) -> None:
+    spool = tmp_path / "spool" / "run-1"
+    spool.mkdir(parents=True)
+    (spool / "cell-stdout.txt").write_text("line\n" * 500_000)
+    done = shell(
+        f'"$COMMAND" outputs show --spool-dir {tmp_path / "spool"} | head -1;'
+        " exit ${PIPESTATUS[0]}"
+    )
+    assert done.stdout == b"line\n"
+    assert done.returncode == 0 and done.stderr == b""
+
+
+def test_ctrl_c_at_the_token_prompt_prints_no_traceback(tmp_path: Path) -> None:
+    child = pexpect.spawn(
+        COMMAND,
+        ["install", "--backend", "jupyter", "--url", "http://127.0.0.1:1", "--token-stdin",
+         "--name", "cgpu-never", "--prefix", str(tmp_path)],
+        cwd=str(ROOT),
+        timeout=30,
+    )  # fmt: skip
+    child.expect("Token: ")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    output = child.before.decode()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "cgpu-kernel: interrupted." in output
+    assert child.exitstatus == 130
+    assert not (tmp_path / "share" / "jupyter" / "kernels" / "cgpu-never").exists()
+
+
+# --- 6. colours ----------------------------------------------------------------------------------
+
+
+def _terminal_run(env: dict[str, str]) -> str:
+    child = pexpect.spawn(
+        COMMAND, ["run", "1/0"], cwd=str(ROOT), timeout=120, env={**os.environ, **env}
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    return str(child.before.decode())
+
+
+def test_no_colour_escapes_off_a_terminal_or_with_no_color(local: str) -> None:
+    piped = cgpu("run", "1/0")
+    assert piped.returncode == 12
+    assert b"ZeroDivisionError" in piped.stderr
+    assert b"\x1b[" not in piped.stderr + piped.stdout
+    terminal = _terminal_run({})
+    assert "ZeroDivisionError" in terminal and "\x1b[" in terminal  # a terminal keeps colours
+    plain = _terminal_run({"NO_COLOR": "1"})
+    assert "ZeroDivisionError" in plain and "\x1b[" not in plain
+
+
+# --- 16. help ------------------------------------------------------------------------------------
+
+
+def test_a_bare_command_prints_the_help() -> None:
+    done = cgpu()
+    assert done.returncode == 0
+    assert done.stdout.startswith(b"usage: cgpu-kernel")
+    assert b"run" in done.stdout and done.stderr == b""
