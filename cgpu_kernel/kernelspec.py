@@ -207,7 +207,25 @@ def remove(name: str) -> str:
         ) from None
     if not is_cgpu_spec(spec.to_dict()):
         raise ConfigurationError(f"{name!r} is not a cgpu kernelspec; not removing it.")
-    return str(manager.remove_kernel_spec(name))
+    token_file = saved_token_file(spec.argv)
+    removed = str(manager.remove_kernel_spec(name))
+    if token_file is not None:
+        token_file.unlink(missing_ok=True)
+    return removed
+
+
+def saved_token_file(argv: list[str]) -> Path | None:
+    """The token file ``install --token-stdin`` saved for a kernelspec (``save_token``), or
+    None when its argv names none, or one the user keeps elsewhere (never deleted)."""
+    value = argv_option(argv, "--token-file", "--ProxyKernel.token_file")
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        inside = path.resolve().parent == paths.tokens_dir().resolve()
+    except OSError:
+        return None
+    return path if inside else None
 
 
 def save_token(name: str, token: str) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import getpass
 import importlib
 import json
@@ -203,9 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--user", action="store_true", help="install for the current user")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
     where.add_argument("--prefix", help="install into PREFIX/share/jupyter/kernels")
-    install.add_argument("--name", help="kernelspec name (default: cgpu-<backend>)")
+    install.add_argument(
+        "--name",
+        help="kernelspec name (default: cgpu-local, cgpu-jupyter, or colab-gpu for colab)",
+    )
     install.add_argument("--display-name", help="name shown in kernel pickers")
-    install.add_argument("--backend", choices=kernelspec.BACKENDS, default="local")
+    install.add_argument(
+        "--backend",
+        choices=kernelspec.BACKENDS,
+        default="local",
+        help="local: a private Jupyter server on this machine; jupyter: any Jupyter server or"
+        " gateway (--url); colab: a Google Colab runtime (default: %(default)s)",
+    )
     install.add_argument("--url", help="remote Jupyter server base URL (jupyter backend)")
     install.add_argument("--remote-kernel", help="kernelspec on the remote (default python3)")
     install.add_argument("--token-file", help="file holding the remote server's token")
@@ -214,8 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the token from stdin into a private 0600 file and use that",
     )
-    install.add_argument("--interrupt-mode", choices=("message", "signal"), default="message")
-    install.add_argument("--startup-timeout", type=float, help="seconds (default 60)")
+    install.add_argument(
+        "--interrupt-mode",
+        choices=("message", "signal"),
+        default="message",
+        help="how frontends interrupt the kernel: message (interrupt_request, relayed to the"
+        " remote) or signal (SIGINT to the proxy) (default: %(default)s)",
+    )
+    install.add_argument(
+        "--startup-timeout",
+        type=float,
+        help="seconds the remote kernel may take to be ready (default 60; 300 for colab)",
+    )
     install.add_argument(
         "--provisioner",
         nargs="?",
@@ -238,11 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     install.set_defaults(func=_install)
 
     listing = commands.add_parser("list", help="list installed cgpu kernelspecs")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print a JSON list instead")
     listing.set_defaults(func=_list)
 
     remove = commands.add_parser("remove", help="remove cgpu kernelspecs")
-    remove.add_argument("names", nargs="+", metavar="NAME")
+    remove.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        help="kernelspec to remove (`cgpu-kernel list` shows them); a token file that"
+        " `install --token-stdin` saved for it is deleted too",
+    )
     remove.set_defaults(func=_remove)
 
     demo = commands.add_parser(
@@ -306,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args_list:  # a bare `cgpu-kernel`: what it can do, not a usage error
         parser.print_help()
         raise SystemExit(0)
+    _refuse_unknown_command(parser, args_list[0])
     args = parser.parse_args(args_list)
     try:
         code: Any = args.func(args)
@@ -318,6 +345,25 @@ def main(argv: list[str] | None = None) -> None:
         print("\ncgpu-kernel: interrupted.", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(code)
+
+
+def _refuse_unknown_command(parser: argparse.ArgumentParser, first: str) -> None:
+    """A mistyped subcommand gets "did you mean" (argparse only lists the choices)."""
+    if first.startswith("-"):
+        return
+    commands = next(
+        (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+        None,
+    )
+    if commands is None or first in commands.choices:
+        return
+    close = difflib.get_close_matches(first, list(commands.choices), n=1)
+    hint = f" Did you mean `cgpu-kernel {close[0]}`?" if close else ""
+    print(
+        f"cgpu-kernel: unknown command {first!r}.{hint} `cgpu-kernel --help` lists them.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
 
 
 def _closed_pipe() -> int:

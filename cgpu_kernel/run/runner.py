@@ -10,6 +10,7 @@ codes, categories and exit statuses are documented in ``docs/run.md``.
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import sys
@@ -162,8 +163,11 @@ def resolve_kernel(name: str | None) -> tuple[str, dict[str, Any]]:
     try:
         spec = KernelSpecManager().get_kernel_spec(name).to_dict()
     except NoSuchKernel:
+        installed = [str(spec["name"]) for spec in kernelspec.list_specs()]
+        close = difflib.get_close_matches(name, installed, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigurationError(
-            f"No kernelspec named {name!r}. `cgpu-kernel list` shows the installed cgpu ones."
+            f"No kernelspec named {name!r}.{hint} `cgpu-kernel list` shows the installed cgpu ones."
         ) from None
     if not kernelspec.is_cgpu_spec(spec):
         raise ConfigurationError(
