@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.conftest import free_port, install_spec
+from tests.conftest import RemoteServer, free_port, install_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The console script pip installed next to this interpreter (what a user types).
@@ -252,3 +253,101 @@ def test_a_bare_command_prints_the_help() -> None:
     assert done.returncode == 0
     assert done.stdout.startswith(b"usage: cgpu-kernel")
     assert b"run" in done.stdout and done.stderr == b""
+
+
+# --- 8. a refused token names its source ----------------------------------------------------------
+
+
+def test_a_refused_token_names_the_file_that_holds_it(
+    kernel_dir: Path, jupyter_server: RemoteServer, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token\n")
+    install_spec(
+        kernel_dir, "cgpu-wrong-token", "jupyter", url=jupyter_server.url, token_file=wrong
+    )
+    done = cgpu(
+        "run", "--json", "--kernel", "cgpu-wrong-token", "1", env={"CGPU_TOKEN": "also-wrong"}
+    )
+    document = json.loads(done.stdout)
+    assert document["error"]["category"] == "auth", document
+    assert done.returncode == 22
+    suggestion = document["error"]["suggestion"]
+    assert str(wrong) in suggestion and "wins over CGPU_TOKEN" in suggestion
+    assert "cgpu-kernel install --token-stdin --name cgpu-wrong-token" in suggestion
+
+
+# --- 10. remove deletes the saved token -----------------------------------------------------------
+
+
+def test_remove_deletes_the_token_file_install_saved(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    env = {"JUPYTER_PATH": str(prefix / "share" / "jupyter")}
+    url = "http://127.0.0.1:1"
+    installed = cgpu(
+        "install", "--backend", "jupyter", "--url", url, "--token-stdin",
+        "--name", "cgpu-tokened", "--prefix", str(prefix), stdin=b"secret\n", env=env,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    spec = json.loads((prefix / "share/jupyter/kernels/cgpu-tokened/kernel.json").read_text())
+    token_file = Path(spec["argv"][spec["argv"].index("--token-file") + 1])
+    assert token_file.read_text() == "secret\n"
+    removed = cgpu("remove", "cgpu-tokened", env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert not token_file.exists()
+    assert not (prefix / "share/jupyter/kernels/cgpu-tokened").exists()
+
+
+# --- 15. demo errors ----------------------------------------------------------------------------
+
+
+def test_demo_with_a_missing_or_broken_notebook_is_one_clear_error(tmp_path: Path) -> None:
+    missing = cgpu("demo", "--notebook", str(tmp_path / "nope.ipynb"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(b"cgpu-kernel: Cannot read the notebook")
+    assert b"Traceback" not in missing.stderr
+    broken = tmp_path / "broken.ipynb"
+    broken.write_text("this is not JSON")
+    done = cgpu("demo", "--notebook", str(broken))
+    assert done.returncode == 2
+    assert b"is not a Jupyter notebook" in done.stderr and b"Traceback" not in done.stderr
+
+
+# --- 16. help, did you mean -----------------------------------------------------------------------
+
+
+def test_a_typo_gets_did_you_mean(local: str) -> None:
+    command = cgpu("rnu", "print(1)")
+    assert command.returncode == 2
+    assert b"unknown command 'rnu'. Did you mean `cgpu-kernel run`?" in command.stderr
+    kernel = cgpu("run", "--json", "--kernel", "cgpu-locl", "1")
+    document = json.loads(kernel.stdout)
+    assert "Did you mean 'cgpu-local'?" in document["error"]["message"]
+    assert kernel.returncode == 26
+
+
+def options_without_help(text: str) -> list[str]:
+    """The option lines of argparse's help that have no help text: nothing after the
+    invocation (two spaces or more separate them) and no help on the next line."""
+    lines = text.splitlines()
+    bare = []
+    for index, line in enumerate(lines):
+        if not re.match(r"  (-|[A-Za-z])", line) or line.startswith("  {"):
+            continue
+        if re.search(r"\S {2,}\S", line.strip()):
+            continue  # the help follows on the same line
+        following = lines[index + 1] if index + 1 < len(lines) else ""
+        if not re.match(r" {6,}\S", following):
+            bare.append(line)
+    return bare
+
+
+def test_every_option_has_help() -> None:
+    for command in (["install"], ["list"], ["remove"], ["run"]):
+        done = cgpu(*command, "--help")
+        assert done.returncode == 0
+        text = done.stdout.decode()
+        assert not options_without_help(text), command
+    install = cgpu("install", "--help").stdout.decode()
+    assert "colab-gpu for colab" in install and "(default: local)" in install
+    assert "deleted too" in cgpu("remove", "--help").stdout.decode()

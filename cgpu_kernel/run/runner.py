@@ -83,8 +83,9 @@ def run(options: RunOptions, output: Output | None = None) -> RunResult:
     own_output = output is None
     if output is None:
         output = Output(options.stream)
+    resolved: dict[str, Any] = {}
     try:
-        _run(options, result, output)
+        _run(options, result, output, resolved)
     except BrokenPipeError:
         raise
     except CgpuError as exc:
@@ -115,6 +116,8 @@ def run(options: RunOptions, output: Output | None = None) -> RunResult:
             timeout=options.timeout,
             session=options.session is not None,
         )
+        if result.category == "auth" and "spec" in resolved:
+            result.error["suggestion"] = token_advice(str(result.kernel), resolved["spec"])
         if result.category == "syntax" and "line" in result.error:
             result.error["suggestion"] += (
                 " It was checked here and nothing was sent to the kernel; --no-syntax-check"
@@ -202,12 +205,36 @@ def first_start_timeout(spec: dict[str, Any], requested: float | None) -> tuple[
         return FIRST_START_TIMEOUT, []
 
 
-def _run(options: RunOptions, result: RunResult, output: Output) -> None:
+def token_advice(name: str, spec: dict[str, Any]) -> str:
+    """What to do about a refused token: name the source the kernelspec really reads (its token
+    file wins over CGPU_TOKEN) and how to replace it."""
+    argv = [str(a) for a in spec.get("argv", [])]
+    token_file = kernelspec.argv_option(argv, "--token-file", "--ProxyKernel.token_file")
+    if token_file:
+        return (
+            f"The kernelspec {name!r} reads its token from the file {token_file} (it wins over"
+            f" CGPU_TOKEN). Replace it: `cgpu-kernel install --token-stdin --name {name} ...`"
+            " again with the same options, or write the new token into that file."
+        )
+    if os.environ.get("CGPU_TOKEN_FILE"):
+        return (
+            f"The token comes from CGPU_TOKEN_FILE ({os.environ['CGPU_TOKEN_FILE']}), which wins"
+            " over CGPU_TOKEN: put the server's token in that file."
+        )
+    where = "CGPU_TOKEN is set" if os.environ.get("CGPU_TOKEN") else "CGPU_TOKEN is not set"
+    return (
+        f"The kernelspec {name!r} reads its token from CGPU_TOKEN ({where}): set it to the"
+        f" server's token, or save one with `cgpu-kernel install --token-stdin --name {name}`."
+    )
+
+
+def _run(options: RunOptions, result: RunResult, output: Output, resolved: dict[str, Any]) -> None:
     kernel_name = options.kernel
     if options.session:
         kernel_name = sessions.kernel_for(options.session, options.kernel)
     name, spec = resolve_kernel(kernel_name)
     result.kernel = name
+    resolved["spec"] = spec
     if options.announce:
         where = f" (session {options.session})" if options.session else ""
         print(f"cgpu-kernel: running on kernelspec {describe(name, spec)}{where}", file=sys.stderr)
