@@ -196,6 +196,31 @@ def list_specs() -> list[dict[str, Any]]:
     return found
 
 
+def token_file_for_url(url: str) -> str | None:
+    """The token file of an installed cgpu kernelspec whose server is ``url`` (the first, by
+    name), or None. ``cgpu-kernel reclaim`` calls it: it knows a dead kernel's server URL, and the
+    kernelspec that started that kernel knows the credentials."""
+    try:
+        wanted = normalize_base_url(url)
+    except ConfigurationError:
+        return None
+    for _name, info in sorted(KernelSpecManager().get_all_specs().items()):
+        spec = info.get("spec", {})
+        if not is_cgpu_spec(spec):
+            continue
+        argv = [str(a) for a in spec.get("argv", [])]
+        spec_url = argv_option(argv, "--url", "--ProxyKernel.url")
+        token_file = argv_option(argv, "--token-file", "--ProxyKernel.token_file")
+        if not spec_url or not token_file:
+            continue
+        try:
+            if normalize_base_url(spec_url) == wanted:
+                return token_file
+        except ConfigurationError:
+            continue
+    return None
+
+
 def remove(name: str) -> str:
     """Remove the cgpu kernelspec ``name``; refuses to touch other kernels."""
     manager = KernelSpecManager()

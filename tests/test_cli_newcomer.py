@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.conftest import RemoteServer, free_port, install_spec
+from tests.conftest import RemoteServer, free_port, install_spec, start_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The console script pip installed next to this interpreter (what a user types).
@@ -351,3 +351,26 @@ def test_every_option_has_help() -> None:
     install = cgpu("install", "--help").stdout.decode()
     assert "colab-gpu for colab" in install and "(default: local)" in install
     assert "deleted too" in cgpu("remove", "--help").stdout.decode()
+
+
+# --- 9. reclaim finds the kernelspec's token ------------------------------------------------------
+
+
+def test_reclaim_uses_the_token_file_of_the_matching_kernelspec(
+    jupyter_spec: str, jupyter_server: RemoteServer
+) -> None:
+    before = jupyter_server.kernel_ids()
+    km, kc = start_kernel(jupyter_spec)
+    orphan = next(iter(jupyter_server.kernel_ids() - before))
+    kc.stop_channels()
+    km.provisioner.process.kill()  # type: ignore[union-attr]
+    km.provisioner.process.wait()  # type: ignore[union-attr]
+    assert orphan in jupyter_server.kernel_ids()
+    env = {key: value for key, value in os.environ.items() if key != "CGPU_TOKEN_FILE"}
+    done = subprocess.run(
+        [COMMAND, "reclaim"], capture_output=True, timeout=60, check=False, env=env, cwd=ROOT
+    )  # no --token-file, no CGPU_TOKEN: the kernelspec for that server knows its token file
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert b"deleted 1 kernel(s), 0 left" in done.stdout
+    assert orphan not in jupyter_server.kernel_ids()
+    km.cleanup_resources()

@@ -122,7 +122,14 @@ def _reclaim(args: argparse.Namespace) -> int:
             return 0
         failures = 0
         for url in urls:
-            token_file = args.token_file or os.environ.get("CGPU_TOKEN_FILE", "")
+            # --token-file, CGPU_TOKEN_FILE, the token file of the kernelspec for this server,
+            # else CGPU_TOKEN (read_token's fallback)
+            token_file = (
+                args.token_file
+                or os.environ.get("CGPU_TOKEN_FILE", "")
+                or kernelspec.token_file_for_url(url)
+                or ""
+            )
             client = JupyterServerClient(url, read_token(token_file))
             try:
                 done = await registry.reclaim_orphans(client)
@@ -281,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     reclaim = commands.add_parser(
         "reclaim", help="delete remote kernels left running by cgpu kernels that were killed"
     )
-    reclaim.add_argument("--token-file", help="token file (else CGPU_TOKEN)")
+    reclaim.add_argument(
+        "--token-file",
+        help="token file (default: CGPU_TOKEN_FILE, else the token file of the installed"
+        " kernelspec for that server, else CGPU_TOKEN)",
+    )
     reclaim.set_defaults(func=_reclaim)
 
     outputs = commands.add_parser(
