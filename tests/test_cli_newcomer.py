@@ -374,3 +374,27 @@ def test_reclaim_uses_the_token_file_of_the_matching_kernelspec(
     assert b"deleted 1 kernel(s), 0 left" in done.stdout
     assert orphan not in jupyter_server.kernel_ids()
     km.cleanup_resources()
+
+
+# --- 11. install --check, no empty token ----------------------------------------------------------
+
+
+def test_install_check_finds_a_wrong_token_and_refuses_an_empty_one(
+    jupyter_server: RemoteServer, tmp_path: Path
+) -> None:
+    prefix = tmp_path / "prefix"
+    kernels = prefix / "share/jupyter/kernels"
+    base = ["install", "--backend", "jupyter", "--url", jupyter_server.url, "--prefix", str(prefix)]
+    wrong = cgpu(*base, "--name", "cgpu-wrong", "--token-stdin", "--check", stdin=b"nope\n")
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith(b"cgpu-kernel: ") and b"refused our credentials" in wrong.stderr
+    assert not (kernels / "cgpu-wrong").exists()
+    empty = cgpu(*base, "--name", "cgpu-empty", "--token-stdin", stdin=b"\n")
+    assert empty.returncode == 2 and b"read an empty token" in empty.stderr
+    assert not (kernels / "cgpu-empty").exists()
+    token = jupyter_server.token_file.read_bytes()
+    right = cgpu(*base, "--name", "cgpu-right", "--token-stdin", "--check", stdin=token)
+    assert right.returncode == 0, right.stderr
+    assert b"the token works and it has the kernelspec 'python3'" in right.stdout
+    assert (kernels / "cgpu-right" / "kernel.json").is_file()
+    cgpu("remove", "cgpu-right", env={"JUPYTER_PATH": str(prefix / "share/jupyter")})

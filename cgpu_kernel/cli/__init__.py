@@ -58,8 +58,21 @@ def _install(args: argparse.Namespace) -> int:
     backend = args.backend
     name = args.name or kernelspec.default_name(backend)
     token_file = args.token_file
+    token: str | None = None
     if args.token_stdin:
         token = sys.stdin.readline() if not sys.stdin.isatty() else getpass.getpass("Token: ")
+        if not token.strip():
+            raise ConfigurationError(
+                "--token-stdin read an empty token: give the server's token on stdin (or at the"
+                " Token: prompt). Nothing was installed."
+            )
+    if args.check:
+        if backend != "jupyter":
+            raise ConfigurationError("--check is for the jupyter backend (it asks the server).")
+        _check_server(
+            args.url, token.strip() if token else read_token(token_file or ""), args.remote_kernel
+        )
+    if token is not None:
         token_file = str(kernelspec.save_token(name, token))
     extra = [_checked_option(option) for option in args.option]
     if args.startup_timeout is not None:
@@ -93,6 +106,33 @@ def _install(args: argparse.Namespace) -> int:
     if backend == "jupyter" and not token_file:
         print("The kernel reads the server's token from CGPU_TOKEN in the frontend's environment.")
     return 0
+
+
+def _check_server(url: str | None, token: str | None, remote_kernel: str | None) -> None:
+    """``install --check``: ask the server for its kernelspecs with the token now, so a wrong URL
+    or token shows at install rather than at the first cell (raises the backend's own error)."""
+    if not url:
+        raise ConfigurationError(
+            "The jupyter backend needs --url, the remote Jupyter server's base URL."
+        )
+
+    async def check() -> None:
+        client = JupyterServerClient(url, token, request_timeout=15.0)
+        try:
+            specs = await client.call("GET", "api/kernelspecs")
+        finally:
+            client.close()
+        names = sorted(specs.get("kernelspecs", {})) if isinstance(specs, dict) else []
+        wanted = remote_kernel or "python3"
+        if wanted not in names:
+            raise ConfigurationError(
+                f"The server at {safe_url(url)} has no kernelspec named {wanted!r} (it has"
+                f" {', '.join(names) or 'none'}): give one with --remote-kernel. Nothing was"
+                " installed."
+            )
+        print(f"Checked {safe_url(url)}: the token works and it has the kernelspec {wanted!r}.")
+
+    asyncio.run(check())
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -254,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu", help="colab: accelerator (T4, L4, A100, H100, a TPU such as V28, or none)"
     )
     install.add_argument("--high-memory", action="store_true", help="colab: high-memory machine")
+    install.add_argument(
+        "--check",
+        action="store_true",
+        help="jupyter backend: ask the server now (URL, token, remote kernelspec) and install"
+        " nothing if it fails; off by default, so an offline install still works",
+    )
     install.add_argument(
         "--option",
         action="append",
