@@ -196,6 +196,31 @@ def list_specs() -> list[dict[str, Any]]:
     return found
 
 
+def token_file_for_url(url: str) -> str | None:
+    """The token file of an installed cgpu kernelspec whose server is ``url`` (the first, by
+    name), or None. ``cgpu-kernel reclaim`` calls it: it knows a dead kernel's server URL, and the
+    kernelspec that started that kernel knows the credentials."""
+    try:
+        wanted = normalize_base_url(url)
+    except ConfigurationError:
+        return None
+    for _name, info in sorted(KernelSpecManager().get_all_specs().items()):
+        spec = info.get("spec", {})
+        if not is_cgpu_spec(spec):
+            continue
+        argv = [str(a) for a in spec.get("argv", [])]
+        spec_url = argv_option(argv, "--url", "--ProxyKernel.url")
+        token_file = argv_option(argv, "--token-file", "--ProxyKernel.token_file")
+        if not spec_url or not token_file:
+            continue
+        try:
+            if normalize_base_url(spec_url) == wanted:
+                return token_file
+        except ConfigurationError:
+            continue
+    return None
+
+
 def remove(name: str) -> str:
     """Remove the cgpu kernelspec ``name``; refuses to touch other kernels."""
     manager = KernelSpecManager()
@@ -207,7 +232,25 @@ def remove(name: str) -> str:
         ) from None
     if not is_cgpu_spec(spec.to_dict()):
         raise ConfigurationError(f"{name!r} is not a cgpu kernelspec; not removing it.")
-    return str(manager.remove_kernel_spec(name))
+    token_file = saved_token_file(spec.argv)
+    removed = str(manager.remove_kernel_spec(name))
+    if token_file is not None:
+        token_file.unlink(missing_ok=True)
+    return removed
+
+
+def saved_token_file(argv: list[str]) -> Path | None:
+    """The token file ``install --token-stdin`` saved for a kernelspec (``save_token``), or
+    None when its argv names none, or one the user keeps elsewhere (never deleted)."""
+    value = argv_option(argv, "--token-file", "--ProxyKernel.token_file")
+    if not value:
+        return None
+    path = Path(value)
+    try:
+        inside = path.resolve().parent == paths.tokens_dir().resolve()
+    except OSError:
+        return None
+    return path if inside else None
 
 
 def save_token(name: str, token: str) -> Path:

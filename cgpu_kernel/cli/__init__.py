@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import getpass
 import importlib
 import json
@@ -57,8 +58,21 @@ def _install(args: argparse.Namespace) -> int:
     backend = args.backend
     name = args.name or kernelspec.default_name(backend)
     token_file = args.token_file
+    token: str | None = None
     if args.token_stdin:
         token = sys.stdin.readline() if not sys.stdin.isatty() else getpass.getpass("Token: ")
+        if not token.strip():
+            raise ConfigurationError(
+                "--token-stdin read an empty token: give the server's token on stdin (or at the"
+                " Token: prompt). Nothing was installed."
+            )
+    if args.check:
+        if backend != "jupyter":
+            raise ConfigurationError("--check is for the jupyter backend (it asks the server).")
+        _check_server(
+            args.url, token.strip() if token else read_token(token_file or ""), args.remote_kernel
+        )
+    if token is not None:
         token_file = str(kernelspec.save_token(name, token))
     extra = [_checked_option(option) for option in args.option]
     if args.startup_timeout is not None:
@@ -94,6 +108,33 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_server(url: str | None, token: str | None, remote_kernel: str | None) -> None:
+    """``install --check``: ask the server for its kernelspecs with the token now, so a wrong URL
+    or token shows at install rather than at the first cell (raises the backend's own error)."""
+    if not url:
+        raise ConfigurationError(
+            "The jupyter backend needs --url, the remote Jupyter server's base URL."
+        )
+
+    async def check() -> None:
+        client = JupyterServerClient(url, token, request_timeout=15.0)
+        try:
+            specs = await client.call("GET", "api/kernelspecs")
+        finally:
+            client.close()
+        names = sorted(specs.get("kernelspecs", {})) if isinstance(specs, dict) else []
+        wanted = remote_kernel or "python3"
+        if wanted not in names:
+            raise ConfigurationError(
+                f"The server at {safe_url(url)} has no kernelspec named {wanted!r} (it has"
+                f" {', '.join(names) or 'none'}): give one with --remote-kernel. Nothing was"
+                " installed."
+            )
+        print(f"Checked {safe_url(url)}: the token works and it has the kernelspec {wanted!r}.")
+
+    asyncio.run(check())
+
+
 def _list(args: argparse.Namespace) -> int:
     specs = kernelspec.list_specs()
     if args.json:
@@ -121,7 +162,14 @@ def _reclaim(args: argparse.Namespace) -> int:
             return 0
         failures = 0
         for url in urls:
-            token_file = args.token_file or os.environ.get("CGPU_TOKEN_FILE", "")
+            # --token-file, CGPU_TOKEN_FILE, the token file of the kernelspec for this server,
+            # else CGPU_TOKEN (read_token's fallback)
+            token_file = (
+                args.token_file
+                or os.environ.get("CGPU_TOKEN_FILE", "")
+                or kernelspec.token_file_for_url(url)
+                or ""
+            )
             client = JupyterServerClient(url, read_token(token_file))
             try:
                 done = await registry.reclaim_orphans(client)
@@ -203,9 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--user", action="store_true", help="install for the current user")
     where.add_argument("--sys-prefix", action="store_true", help="install into sys.prefix")
     where.add_argument("--prefix", help="install into PREFIX/share/jupyter/kernels")
-    install.add_argument("--name", help="kernelspec name (default: cgpu-<backend>)")
+    install.add_argument(
+        "--name",
+        help="kernelspec name (default: cgpu-local, cgpu-jupyter, or colab-gpu for colab)",
+    )
     install.add_argument("--display-name", help="name shown in kernel pickers")
-    install.add_argument("--backend", choices=kernelspec.BACKENDS, default="local")
+    install.add_argument(
+        "--backend",
+        choices=kernelspec.BACKENDS,
+        default="local",
+        help="local: a private Jupyter server on this machine; jupyter: any Jupyter server or"
+        " gateway (--url); colab: a Google Colab runtime (default: %(default)s)",
+    )
     install.add_argument("--url", help="remote Jupyter server base URL (jupyter backend)")
     install.add_argument("--remote-kernel", help="kernelspec on the remote (default python3)")
     install.add_argument("--token-file", help="file holding the remote server's token")
@@ -214,8 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the token from stdin into a private 0600 file and use that",
     )
-    install.add_argument("--interrupt-mode", choices=("message", "signal"), default="message")
-    install.add_argument("--startup-timeout", type=float, help="seconds (default 60)")
+    install.add_argument(
+        "--interrupt-mode",
+        choices=("message", "signal"),
+        default="message",
+        help="how frontends interrupt the kernel: message (interrupt_request, relayed to the"
+        " remote) or signal (SIGINT to the proxy) (default: %(default)s)",
+    )
+    install.add_argument(
+        "--startup-timeout",
+        type=float,
+        help="seconds the remote kernel may take to be ready (default 60; 300 for colab)",
+    )
     install.add_argument(
         "--provisioner",
         nargs="?",
@@ -228,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--high-memory", action="store_true", help="colab: high-memory machine")
     install.add_argument(
+        "--check",
+        action="store_true",
+        help="jupyter backend: ask the server now (URL, token, remote kernelspec) and install"
+        " nothing if it fails; off by default, so an offline install still works",
+    )
+    install.add_argument(
         "--option",
         action="append",
         default=[],
@@ -238,11 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     install.set_defaults(func=_install)
 
     listing = commands.add_parser("list", help="list installed cgpu kernelspecs")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print a JSON list instead")
     listing.set_defaults(func=_list)
 
     remove = commands.add_parser("remove", help="remove cgpu kernelspecs")
-    remove.add_argument("names", nargs="+", metavar="NAME")
+    remove.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        help="kernelspec to remove (`cgpu-kernel list` shows them); a token file that"
+        " `install --token-stdin` saved for it is deleted too",
+    )
     remove.set_defaults(func=_remove)
 
     demo = commands.add_parser(
@@ -255,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     reclaim = commands.add_parser(
         "reclaim", help="delete remote kernels left running by cgpu kernels that were killed"
     )
-    reclaim.add_argument("--token-file", help="token file (else CGPU_TOKEN)")
+    reclaim.add_argument(
+        "--token-file",
+        help="token file (default: CGPU_TOKEN_FILE, else the token file of the installed"
+        " kernelspec for that server, else CGPU_TOKEN)",
+    )
     reclaim.set_defaults(func=_reclaim)
 
     outputs = commands.add_parser(
@@ -302,10 +385,55 @@ def main(argv: list[str] | None = None) -> None:
 
         launch_kernel(args_list)
         return
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    if not args_list:  # a bare `cgpu-kernel`: what it can do, not a usage error
+        parser.print_help()
+        raise SystemExit(0)
+    _refuse_unknown_command(parser, args_list[0])
+    args = parser.parse_args(args_list)
     try:
         code: Any = args.func(args)
     except CgpuError as exc:
         print(f"cgpu-kernel: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BrokenPipeError:
+        code = _closed_pipe()
+    except KeyboardInterrupt:
+        print("\ncgpu-kernel: interrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
     raise SystemExit(code)
+
+
+def _refuse_unknown_command(parser: argparse.ArgumentParser, first: str) -> None:
+    """A mistyped subcommand gets "did you mean" (argparse only lists the choices)."""
+    if first.startswith("-"):
+        return
+    commands = next(
+        (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+        None,
+    )
+    if commands is None or first in commands.choices:
+        return
+    close = difflib.get_close_matches(first, list(commands.choices), n=1)
+    hint = f" Did you mean `cgpu-kernel {close[0]}`?" if close else ""
+    print(
+        f"cgpu-kernel: unknown command {first!r}.{hint} `cgpu-kernel --help` lists them.",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
+def _closed_pipe() -> int:
+    """Our stdout's reader went away (``| head``): a normal end, as for any command-line tool.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush cannot fail too (it
+    would print "Exception ignored ... BrokenPipeError"). Exit status 0: the reader had all
+    it wanted."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+    return 0

@@ -17,6 +17,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from cgpu_kernel import kernelspec
+from cgpu_kernel.exceptions import ConfigurationError
 
 DEMO_KERNEL = "cgpu-demo"
 
@@ -43,7 +44,16 @@ def _describe_output(output: nbformat.NotebookNode) -> str:
 
 def run_demo(notebook: str | None = None, *, timeout: float = 120.0) -> int:
     path = Path(notebook) if notebook else kernelspec.resource_dir("examples") / "quickstart.ipynb"
-    nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+    try:
+        nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+    except OSError as exc:
+        raise ConfigurationError(
+            f"Cannot read the notebook {str(path)!r}: {exc.strerror}."
+        ) from None
+    except Exception as exc:  # nbformat raises JSON, validation and version errors alike
+        raise ConfigurationError(
+            f"{str(path)!r} is not a Jupyter notebook (.ipynb JSON): {exc}"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="cgpu-demo-") as scratch:
         install_demo_kernelspec(scratch)
         previous = os.environ.get("JUPYTER_PATH")
@@ -81,4 +91,6 @@ def run_demo(notebook: str | None = None, *, timeout: float = 120.0) -> int:
                 os.environ["JUPYTER_PATH"] = previous
     print("\nEvery output above came from the remote kernel (its pid is printed by the first")
     print("cell), relayed through the proxy process. Done.")
+    print("\nNext: `cgpu-kernel install` (a kernelspec for Jupyter, VS Code, papermill), then")
+    print("`cgpu-kernel run 'print(1)'` from the shell; docs/getting-started.md has the rest.")
     return 0

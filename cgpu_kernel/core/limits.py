@@ -104,15 +104,28 @@ class Budgets:
         )
 
 
+#: Message metadata key on every notice: ``cgpu-kernel run`` reads it to keep the proxy's own
+#: lines out of the program's stdout/stderr (its value says what kind of notice it is).
+NOTICE_METADATA = "cgpu_kernel_notice"
+_NOTICE_KEY = NOTICE_METADATA.encode()
+
+
 def stream_notice(
-    session: str, parent_header: JsonDict, text: str, name: str = "stderr", newline: bool = True
+    session: str,
+    parent_header: JsonDict,
+    text: str,
+    name: str = "stderr",
+    newline: bool = True,
+    detail: JsonDict | None = None,
 ) -> Message:
     """A line from the proxy itself in a cell's output: an iopub ``stream`` message whose parent
     is ``parent_header`` (the cell's request). The one builder for every notice: the relay's
-    (waiting, reconnecting, lost) and the output limits' (held back, spooled, the tail)."""
+    (waiting, reconnecting, lost) and the output limits' (held back, spooled, the tail).
+    ``detail`` goes into the metadata under :data:`NOTICE_METADATA` (default: kind "notice")."""
     header = make_header("stream", session)
     content = {"name": name, "text": text + ("\n" if newline else "")}
-    return Message.build("iopub", header, parent_header, {}, content)
+    metadata = {NOTICE_METADATA: detail or {"kind": "notice"}}
+    return Message.build("iopub", header, parent_header, metadata, content)
 
 
 def visible_size(committed: int, line: int, text: str) -> tuple[int, int]:
@@ -325,7 +338,13 @@ class OutputLimiter:
             parts.append(f" The last {count} line(s):]\n")
         else:
             parts.append("]\n")
-        return [Show(self._notice(idle, "".join(parts) + tail, name="stdout", newline=False))]
+        detail = {
+            "kind": "held_back",
+            "held_bytes": cell.held_bytes,
+            "files": [self._where(name) for name in cell.files],
+        }
+        notice = self._notice(idle, "".join(parts) + tail, "stdout", newline=False, detail=detail)
+        return [Show(notice)]
 
     def _spool_name(self, cell: _Cell, stream: str) -> str:
         name = f"{cell.key}-{stream}.txt"
@@ -337,10 +356,15 @@ class OutputLimiter:
         return f"{self.spool_location}/{name}"
 
     def _notice(
-        self, output: Message, text: str, name: str = "stderr", newline: bool = True
+        self,
+        output: Message,
+        text: str,
+        name: str = "stderr",
+        newline: bool = True,
+        detail: JsonDict | None = None,
     ) -> Message:
         """A notice in the cell that ``output`` belongs to (its parent is the cell's request)."""
-        return stream_notice(self.session, output.parent_header, text, name, newline)
+        return stream_notice(self.session, output.parent_header, text, name, newline, detail)
 
 
 def _text_bound(raw: bytes) -> int | None:
@@ -398,7 +422,12 @@ class Coalescer:
 
     def add(self, msg: Message) -> list[Message]:
         """Messages to publish now (in order); a stream message may wait for its neighbours."""
-        if msg.channel != "iopub" or msg.msg_type != "stream" or len(msg.parts[3]) >= UNMERGED:
+        if (
+            msg.channel != "iopub"
+            or msg.msg_type != "stream"
+            or len(msg.parts[3]) >= UNMERGED
+            or _NOTICE_KEY in msg.parts[2]  # a notice is never merged into output
+        ):
             return [*self.flush(), msg]  # big ones go as they are, without parsing them
         out: list[Message] = []
         first = self._pending

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cgpu_kernel.run import history, report, runner, sessions
+from cgpu_kernel.run.execution import Output
 from cgpu_kernel.run.outcomes import BY_CATEGORY, ERROR_CODES, RunResult
 
 
@@ -31,12 +33,27 @@ def register(commands: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("code", nargs="?", help="the code to run; '-' reads it from stdin")
-    run.add_argument("-f", "--file", help="read the code from FILE")
     run.add_argument(
-        "--kernel", metavar="NAME", help="cgpu kernelspec (default: the first one installed)"
+        "code",
+        nargs="?",
+        help="the code to run; '-' reads it from stdin; the path of an existing file runs that"
+        " file (like -f)",
+    )
+    run.add_argument("-f", "--file", help="read the code from FILE ('-': stdin)")
+    run.add_argument(
+        "--kernel",
+        metavar="NAME",
+        help="cgpu kernelspec (default: cgpu-local when installed, else the first local-backend"
+        " one, else the first installed; the one used is printed on stderr)",
     )
     run.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    run.add_argument(
+        "--max-output",
+        type=int,
+        metavar="CHARS",
+        help="hold back stream output past CHARS characters per run (saved to the spool; the"
+        " JSON says truncated and where). Default: no limit, every byte is delivered",
+    )
     run.add_argument(
         "--timeout",
         type=float,
@@ -82,6 +99,10 @@ def register(commands: Any) -> None:
 
 
 def read_code(args: argparse.Namespace) -> str | None:
+    """The code to run, or None when it was given in two ways (or none).
+
+    A single argument naming an existing file (one line, no newline) runs that file, as
+    ``-f`` would: ``cgpu-kernel run train.py`` means the script, not the expression."""
     if args.file and args.code is not None:
         return None
     if args.file:
@@ -90,7 +111,28 @@ def read_code(args: argparse.Namespace) -> str | None:
         return Path(args.file).read_text(encoding="utf-8")
     if args.code == "-":
         return sys.stdin.buffer.read().decode("utf-8")
+    if names_file(args.code):
+        args.file = args.code
+        return Path(args.code).read_text(encoding="utf-8")
     return args.code  # type: ignore[no-any-return]
+
+
+def names_file(code: str | None) -> bool:
+    """Whether the code argument is really the path of an existing file."""
+    if not code or "\n" in code or len(code) > 4096:
+        return False
+    try:
+        return Path(code).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def color_allowed(stream: IO[str]) -> bool:
+    """ANSI colours only for a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -109,26 +151,36 @@ def run_command(args: argparse.Namespace) -> int:
             "Give the code as an argument, with -f FILE, or '-' to read it from stdin (one of"
             " them).",
         )
-    if result is None:
-        assert code is not None
-        options = runner.RunOptions(
-            code=code,
-            kernel=args.kernel,
-            timeout=args.timeout or None,
-            kernel_timeout=args.kernel_timeout,
-            session=args.session,
-            stream=not args.json,
-            syntax_check=args.syntax_check,
+    if args.max_output is not None and args.max_output < 0:
+        result = RunResult(kernel=args.kernel, session=args.session).fail(
+            "configuration", "UsageError", "--max-output is a number of characters, 0 or more."
         )
-        try:
-            result = runner.run(options)
-        except KeyboardInterrupt:
-            print("cgpu-kernel: interrupted; the kernel was shut down.", file=sys.stderr)
-            return 130
-    if args.json:
-        report.write_json(result, sys.stdout)
-    else:
-        report.print_summary(result, sys.stderr)
+    output = Output(stream=not args.json, color=color_allowed(sys.stderr))
+    try:
+        if result is None:
+            assert code is not None
+            options = runner.RunOptions(
+                code=code,
+                kernel=args.kernel,
+                timeout=args.timeout or None,
+                kernel_timeout=args.kernel_timeout,
+                session=args.session,
+                stream=not args.json,
+                syntax_check=args.syntax_check,
+                max_output=args.max_output,
+                announce=True,
+            )
+            try:
+                result = runner.run(options, output)
+            except KeyboardInterrupt:
+                print("cgpu-kernel: interrupted; the kernel was shut down.", file=sys.stderr)
+                return 130
+        if args.json:
+            report.write_json(result, sys.stdout, output)
+        else:
+            report.print_summary(result, sys.stderr)
+    finally:
+        output.close()
     return result.exit_status
 
 

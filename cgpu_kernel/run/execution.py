@@ -8,9 +8,11 @@ or the session's host), not the heartbeat: see :func:`wait_ready`.
 
 from __future__ import annotations
 
+import getpass
 import queue
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import IO, Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
 
+from cgpu_kernel.core.limits import NOTICE_METADATA
 from cgpu_kernel.run.outcomes import RunResult, categorize
 
 #: Seconds an interrupted cell gets to finish before the run gives up on it.
@@ -26,22 +29,79 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class Output:
-    """Where streamed output goes: our stdout/stderr as UTF-8, written as it arrives."""
+    """Where a run's output goes, as it arrives, without holding it in memory.
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    Text mode (``stream=True``): the program's stdout/stderr go to ours as UTF-8, written as
+    they arrive. ``--json`` mode: they go to two temporary files, which ``report.write_json``
+    copies into the document at the end. The proxy's own notices (marked in the message metadata,
+    see ``core.limits.NOTICE_METADATA``) never join the program's streams: they are kept in
+    :attr:`notices` and, in text mode, written to stderr at once, marked ``cgpu-kernel:``.
+    """
 
-    def write(self, stream: IO[str], text: str) -> None:
-        if not self.enabled or not text:
+    def __init__(self, stream: bool, color: bool = False) -> None:
+        self.stream = stream
+        self.color = color  # may tracebacks keep their ANSI colours (a terminal, no NO_COLOR)
+        self.bytes_written = 0
+        self.notices: list[dict[str, Any]] = []
+        self.files: dict[str, IO[str]] = {}
+        if not stream:
+            for name in ("stdout", "stderr"):
+                self.files[name] = tempfile.TemporaryFile(  # noqa: SIM115 - closed by close()
+                    "w+", encoding="utf-8", errors="surrogatepass", newline=""
+                )
+
+    def program(self, name: str, text: str) -> None:
+        """Text the program wrote to its stream ``name`` ("stdout" or "stderr")."""
+        if not text:
             return
-        stream.flush()
-        buffer = getattr(stream, "buffer", None)
-        if buffer is None:
-            stream.write(text)
+        self.bytes_written += len(text.encode("utf-8", "surrogatepass"))
+        if self.stream:
+            write(sys.stderr if name == "stderr" else sys.stdout, text)
         else:
-            buffer.write(text.encode("utf-8", "backslashreplace"))
-            buffer.flush()
-        stream.flush()
+            self.files[name].write(text)
+
+    def display(self, text: str) -> None:
+        """The text/plain of a result or display, shown in text mode only (JSON has outputs)."""
+        if self.stream and text:
+            write(sys.stdout, text)
+
+    def traceback(self, lines: list[str]) -> None:
+        """An error's traceback, shown in text mode (colours only on a terminal)."""
+        if not self.stream:
+            return
+        text = "\n".join(lines) + "\n"
+        write(sys.stderr, text if self.color else ANSI.sub("", text))
+
+    def notice(self, text: str, detail: dict[str, Any]) -> None:
+        """A line from the proxy itself (waiting, reconnecting, output held back...)."""
+        self.notices.append({"text": text, **detail})
+        if self.stream:
+            shown = text if text.lstrip().startswith("[cgpu-kernel") else f"cgpu-kernel: {text}"
+            write(sys.stderr, shown if shown.endswith("\n") else shown + "\n")
+
+    def read(self, name: str) -> IO[str] | None:
+        """The captured stream ``name`` (JSON mode), rewound; None in text mode."""
+        handle = self.files.get(name)
+        if handle is not None:
+            handle.flush()
+            handle.seek(0)
+        return handle
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+
+def write(stream: IO[str], text: str) -> None:
+    """Write ``text`` to ``stream`` as UTF-8 at once (a BrokenPipeError goes to the caller)."""
+    stream.flush()
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        stream.write(text)
+    else:
+        buffer.write(text.encode("utf-8", "backslashreplace"))
+        buffer.flush()
+    stream.flush()
 
 
 def wait_ready(
@@ -104,7 +164,7 @@ class Execution:
 
     def run(self, code: str) -> None:
         """Send ``code`` and wait for both its reply and its ``idle``, interrupting on timeout."""
-        msg_id = self.kc.execute(code, store_history=True, allow_stdin=False, stop_on_error=True)
+        msg_id = self.kc.execute(code, store_history=True, allow_stdin=True, stop_on_error=True)
         sent = time.monotonic()
         reply: dict[str, Any] | None = None
         interrupted_at: float | None = None
@@ -128,8 +188,14 @@ class Execution:
                         )
                         break
                 self.drain_iopub(msg_id, sent)
+                self.answer_input(msg_id, sent)
                 if reply is None:
                     reply = self.poll_reply(msg_id)
+            except BrokenPipeError:
+                # The reader of our stdout went away (`| head`): stop the code, as a local
+                # program would stop on SIGPIPE; the CLI ends quietly (run.cli).
+                self.interrupt()
+                raise
             except KeyboardInterrupt:
                 if interrupted_at is not None:
                     raise  # a second Ctrl-C: give up at once
@@ -146,6 +212,24 @@ class Execution:
                 return None
             if msg["parent_header"].get("msg_id") == msg_id:
                 return msg
+
+    def answer_input(self, msg_id: str, sent: float) -> None:
+        """Answer the code's ``input()`` from our stdin (a terminal or a pipe).
+
+        The prompt goes where ``input()`` would put it: stdout in text mode, stderr under
+        ``--json`` (stdout is the document). At the end of stdin the answer is ``"\\x04"``, which
+        ipykernel turns into ``EOFError`` -- what ``input()`` raises on an exhausted stdin.
+        """
+        try:
+            msg = self.kc.get_stdin_msg(timeout=0)
+        except queue.Empty:
+            return
+        if msg["msg_type"] != "input_request":
+            return
+        self.drain_iopub(msg_id, sent)  # what the code printed before asking comes first
+        content = msg["content"]
+        prompt, password = str(content.get("prompt", "")), bool(content.get("password"))
+        self.kc.input(read_answer(prompt, password, self.output.stream))
 
     def interrupt(self) -> None:
         """``interrupt_request`` on control: the proxy interrupts the remote over REST."""
@@ -167,12 +251,15 @@ class Execution:
         result, content, kind = self.result, msg["content"], msg["msg_type"]
         if kind == "stream":
             text = str(content.get("text", ""))
-            if content.get("name") == "stderr":
-                result.stderr += text
-                self.output.write(sys.stderr, text)
+            notice = msg.get("metadata", {}).get(NOTICE_METADATA)
+            if isinstance(notice, dict):
+                self.output.notice(text, notice)
+                if notice.get("kind") == "held_back":
+                    result.truncated = True
+                    result.spool.extend(str(f) for f in notice.get("files", []))
             else:
-                result.stdout += text
-                self.output.write(sys.stdout, text)
+                name = "stderr" if content.get("name") == "stderr" else "stdout"
+                self.output.program(name, text)
         elif kind in ("execute_result", "display_data"):
             output = {"output_type": kind, "data": content.get("data", {})}
             output["metadata"] = content.get("metadata", {})
@@ -181,10 +268,10 @@ class Execution:
             result.outputs.append(output)
             text = output["data"].get("text/plain")
             if text:
-                self.output.write(sys.stdout, str(text) + "\n")
+                self.output.display(str(text) + "\n")
         elif kind == "error":
             self.result.shown = True
-            self.output.write(sys.stderr, "\n".join(content.get("traceback", [])) + "\n")
+            self.output.traceback([str(line) for line in content.get("traceback", [])])
         elif kind == "execute_input":
             result.execution_count = content.get("execution_count", result.execution_count)
             if result.queue_ms is None:
@@ -222,3 +309,22 @@ class Execution:
         if stuck:
             message += f" It did not stop within {INTERRUPT_GRACE:g} s of the interrupt."
         return message
+
+
+def read_answer(prompt: str, password: bool, prompt_on_stdout: bool) -> str:
+    """One line from our stdin for an ``input_request`` (without its newline); ``"\\x04"`` at
+    the end of stdin (or with no stdin at all)."""
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:
+        return "\x04"
+    if password and stdin.isatty():
+        try:
+            return getpass.getpass(prompt)
+        except EOFError:
+            return "\x04"
+    if prompt:
+        write(sys.stdout if prompt_on_stdout else sys.stderr, prompt)
+    line = stdin.readline()
+    if not line:
+        return "\x04"
+    return line[:-1] if line.endswith("\n") else line

@@ -211,6 +211,11 @@ class RunResult:
     queue_ms: float | None = None
     total_ms: float = 0.0
     shown: bool = False  # the error's traceback was already streamed
+    #: the proxy's own notices (never in stdout/stderr): {"text", "kind", ...} each
+    notices: list[dict[str, Any]] = field(default_factory=list)
+    truncated: bool = False  # a --max-output limit held output back (saved in ``spool``)
+    spool: list[str] = field(default_factory=list)
+    streamed_bytes: int = 0  # stdout + stderr bytes the program wrote (not kept in memory)
 
     @property
     def error_code(self) -> int:
@@ -235,7 +240,11 @@ class RunResult:
 
     def output_bytes(self) -> int:
         text = (self.stdout + self.stderr).encode("utf-8", "surrogatepass")
-        return len(text) + sum(len(json.dumps(output)) for output in self.outputs)
+        return (
+            self.streamed_bytes
+            + len(text)
+            + sum(len(json.dumps(output)) for output in self.outputs)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -254,4 +263,7 @@ class RunResult:
             "executionCount": self.execution_count,
             "kernel": self.kernel,
             "session": self.session,
+            "notices": self.notices,
+            "truncated": self.truncated,
+            "spool": self.spool,
         }

@@ -10,7 +10,10 @@ codes, categories and exit statuses are documented in ``docs/run.md``.
 
 from __future__ import annotations
 
+import difflib
+import io
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -22,6 +25,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import KernelManager
 
 from cgpu_kernel import kernelspec
+from cgpu_kernel.backends.http import safe_url
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 from cgpu_kernel.run import history, sessions
 from cgpu_kernel.run.execution import Execution, Output, wait_ready
@@ -44,14 +48,46 @@ class RunOptions:
     session: str | None = None
     stream: bool = True
     syntax_check: bool = True
+    #: --max-output: stream characters a cell may write before the proxy holds the rest back
+    #: (saved in its spool, said in the JSON); None: no limit, every byte is delivered.
+    max_output: int | None = None
+    #: say on stderr which kernelspec runs the code (the CLI does; tests of the API need not)
+    announce: bool = False
 
 
-def run(options: RunOptions) -> RunResult:
-    """One run, start to end; records itself in the history. Never raises a CgpuError."""
+#: What "no limit" is for the proxy's output limits under ``run``: they protect notebook
+#: frontends; a shell redirect or a CI log wants every byte.
+NO_LIMIT = 1 << 62
+
+
+def output_limit_args(max_output: int | None) -> list[str]:
+    """Proxy arguments for ``run``'s output limits: off unless ``--max-output`` asked for one
+    (then for stream output only; rich outputs are never held back under ``run``)."""
+    stream_limit = NO_LIMIT if max_output is None else max_output
+    return [
+        f"--max-output-bytes={stream_limit}",
+        f"--max-rich-output-bytes={NO_LIMIT}",
+        f"--max-rich-item-bytes={NO_LIMIT}",
+    ]
+
+
+def run(options: RunOptions, output: Output | None = None) -> RunResult:
+    """One run, start to end; records itself in the history. Never raises a CgpuError.
+
+    ``output`` receives what the code writes as it arrives (the CLI passes one so that
+    ``report.write_json`` can copy the captured streams); by default one is made here.
+    A BrokenPipeError (our stdout's reader went away) is raised after the kernel is shut down.
+    """
     started = time.monotonic()
     result = RunResult(kernel=options.kernel, session=options.session)
+    own_output = output is None
+    if output is None:
+        output = Output(options.stream)
+    resolved: dict[str, Any] = {}
     try:
-        _run(options, result)
+        _run(options, result, output, resolved)
+    except BrokenPipeError:
+        raise
     except CgpuError as exc:
         result.fail(exc.category, exc.ename, str(exc))
     except Exception as exc:  # a bug or an unforeseen failure: still one well-formed result
@@ -62,7 +98,17 @@ def run(options: RunOptions) -> RunResult:
             traceback_lines=traceback.format_exception(type(exc), exc, exc.__traceback__),
         )
     result.total_ms = (time.monotonic() - started) * 1000
+    result.notices = output.notices
+    result.streamed_bytes = output.bytes_written
+    if own_output and not options.stream:  # nobody will read the capture: keep it in the result
+        result.stdout = (output.read("stdout") or io.StringIO()).read()
+        result.stderr = (output.read("stderr") or io.StringIO()).read()
+        result.streamed_bytes = 0
+    if own_output:
+        output.close()
     if result.error is not None:
+        if result.kernel and result.category in KERNELSPEC_CATEGORIES:
+            result.error["kernelspec"] = result.kernel
         result.error["suggestion"] = suggest(
             result.category,
             str(result.error["name"]),
@@ -70,6 +116,8 @@ def run(options: RunOptions) -> RunResult:
             timeout=options.timeout,
             session=options.session is not None,
         )
+        if result.category == "auth" and "spec" in resolved:
+            result.error["suggestion"] = token_advice(str(result.kernel), resolved["spec"])
         if result.category == "syntax" and "line" in result.error:
             result.error["suggestion"] += (
                 " It was checked here and nothing was sent to the kernel; --no-syntax-check"
@@ -90,8 +138,23 @@ def run(options: RunOptions) -> RunResult:
     return result
 
 
+#: Errors whose cause is the kernelspec's target: the message names the kernelspec.
+KERNELSPEC_CATEGORIES = ("connection", "auth", "remote_start", "kernel_timeout", "kernel_lost")
+
+
+def default_kernel(specs: list[dict[str, Any]]) -> str:
+    """The kernelspec ``run`` uses without --kernel (docs/run.md, "Which kernel runs"):
+    ``cgpu-local`` when installed, else the first with the local backend, else the first
+    installed (alphabetically)."""
+    names = [str(spec["name"]) for spec in specs]
+    if "cgpu-local" in names:
+        return "cgpu-local"
+    local = [str(spec["name"]) for spec in specs if spec.get("backend") == "local"]
+    return local[0] if local else names[0]
+
+
 def resolve_kernel(name: str | None) -> tuple[str, dict[str, Any]]:
-    """The kernelspec to run on: ``name``, or the first installed cgpu kernelspec."""
+    """The kernelspec to run on: ``name``, or :func:`default_kernel` of the installed ones."""
     if name is None:
         specs = kernelspec.list_specs()
         if not specs:
@@ -99,18 +162,31 @@ def resolve_kernel(name: str | None) -> tuple[str, dict[str, Any]]:
                 "No cgpu kernelspec is installed. Install one with `cgpu-kernel install`, or name"
                 " one with --kernel NAME."
             )
-        name = str(specs[0]["name"])
+        name = default_kernel(specs)
     try:
         spec = KernelSpecManager().get_kernel_spec(name).to_dict()
     except NoSuchKernel:
+        installed = [str(spec["name"]) for spec in kernelspec.list_specs()]
+        close = difflib.get_close_matches(name, installed, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigurationError(
-            f"No kernelspec named {name!r}. `cgpu-kernel list` shows the installed cgpu ones."
+            f"No kernelspec named {name!r}.{hint} `cgpu-kernel list` shows the installed cgpu ones."
         ) from None
     if not kernelspec.is_cgpu_spec(spec):
         raise ConfigurationError(
             f"{name!r} is not a cgpu kernelspec. `cgpu-kernel list` shows the cgpu ones."
         )
     return name, spec
+
+
+def describe(name: str, spec: dict[str, Any]) -> str:
+    """``'cgpu-x' (jupyter backend, http://host:8888/)``: the kernelspec line on stderr."""
+    argv = [str(a) for a in spec.get("argv", [])]
+    backend = spec.get("metadata", {}).get("cgpu_kernel", {}).get("backend") or (
+        kernelspec.argv_option(argv, *kernelspec.BACKEND_OPTIONS) or "?"
+    )
+    url = kernelspec.argv_option(argv, "--url", "--ProxyKernel.url")
+    return f"{name!r} ({backend} backend{', ' + safe_url(url) if url else ''})"
 
 
 def first_start_timeout(spec: dict[str, Any], requested: float | None) -> tuple[float, list[str]]:
@@ -129,12 +205,39 @@ def first_start_timeout(spec: dict[str, Any], requested: float | None) -> tuple[
         return FIRST_START_TIMEOUT, []
 
 
-def _run(options: RunOptions, result: RunResult) -> None:
+def token_advice(name: str, spec: dict[str, Any]) -> str:
+    """What to do about a refused token: name the source the kernelspec really reads (its token
+    file wins over CGPU_TOKEN) and how to replace it."""
+    argv = [str(a) for a in spec.get("argv", [])]
+    token_file = kernelspec.argv_option(argv, "--token-file", "--ProxyKernel.token_file")
+    if token_file:
+        return (
+            f"The kernelspec {name!r} reads its token from the file {token_file} (it wins over"
+            f" CGPU_TOKEN). Replace it: `cgpu-kernel install --token-stdin --name {name} ...`"
+            " again with the same options, or write the new token into that file."
+        )
+    if os.environ.get("CGPU_TOKEN_FILE"):
+        return (
+            f"The token comes from CGPU_TOKEN_FILE ({os.environ['CGPU_TOKEN_FILE']}), which wins"
+            " over CGPU_TOKEN: put the server's token in that file."
+        )
+    where = "CGPU_TOKEN is set" if os.environ.get("CGPU_TOKEN") else "CGPU_TOKEN is not set"
+    return (
+        f"The kernelspec {name!r} reads its token from CGPU_TOKEN ({where}): set it to the"
+        f" server's token, or save one with `cgpu-kernel install --token-stdin --name {name}`."
+    )
+
+
+def _run(options: RunOptions, result: RunResult, output: Output, resolved: dict[str, Any]) -> None:
     kernel_name = options.kernel
     if options.session:
         kernel_name = sessions.kernel_for(options.session, options.kernel)
     name, spec = resolve_kernel(kernel_name)
     result.kernel = name
+    resolved["spec"] = spec
+    if options.announce:
+        where = f" (session {options.session})" if options.session else ""
+        print(f"cgpu-kernel: running on kernelspec {describe(name, spec)}{where}", file=sys.stderr)
     if options.syntax_check and is_python(spec):
         problem = check_syntax(options.code)
         if problem is not None:
@@ -148,8 +251,8 @@ def _run(options: RunOptions, result: RunResult) -> None:
             assert result.error is not None
             result.error.update(line=problem["line"], column=problem["column"])
             return
-    output = Output(options.stream)
-    first_start = first_start_timeout(spec, options.kernel_timeout)
+    timeout, startup_args = first_start_timeout(spec, options.kernel_timeout)
+    first_start = (timeout, startup_args + output_limit_args(options.max_output))
     if options.session:
         _run_in_session(options, name, first_start, result, output)
     else:
