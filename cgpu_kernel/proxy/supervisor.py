@@ -23,6 +23,7 @@ from typing import Any
 
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.core.actions import Action
+from cgpu_kernel.core.backoff import FailureStreak
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message
 from cgpu_kernel.exceptions import (
@@ -81,6 +82,8 @@ class RemoteSupervisor:
         #: the working connection, None while there is none
         self.channels: RemoteChannels | None = None
         self._want_remote = asyncio.Event()
+        #: the reconnection schedule across outages (connections that die young keep it going)
+        self.reconnect_streak = FailureStreak()
 
     @classmethod
     def from_options(
@@ -218,9 +221,11 @@ class RemoteSupervisor:
                 )
             else:
                 log.warning("lost the connection to %s (%s)", channels.where, channels.close_reason)
+            if not stalled:  # a 1009, or a large message cut short again: refused, not re-sent
+                self.perform(self.relay.remote_closed(channels.close_code))
             self.perform(self.relay.remote_disconnected())
             old = channels
-            channels = await self._reconnect(old if stalled else None)
+            channels = await self._reconnect(old if stalled else None, lost=old)
             outage = loop.time() - lost_at
             revived = channels is old
             if revived:
@@ -330,7 +335,9 @@ class RemoteSupervisor:
             )
         )
 
-    async def _reconnect(self, stalled: RemoteChannels | None) -> RemoteChannels | None:
+    async def _reconnect(
+        self, stalled: RemoteChannels | None, lost: RemoteChannels | None = None
+    ) -> RemoteChannels | None:
         """A working connection again: a new one, or ``stalled`` if it came back to life.
 
         TCP rides out short outages by itself; keeping a connection that revives avoids the
@@ -357,9 +364,10 @@ class RemoteSupervisor:
             ping_interval=self.ping_interval,
             budget=self.reconnect_budget,
             auth_hint=AUTH_HINT,
+            streak=self.reconnect_streak,
         )
         try:
-            outcome = await attempts.run(deadline, stalled)
+            outcome = await attempts.run(deadline, stalled, lost)
         finally:
             if notice is not None:
                 notice.cancel()
