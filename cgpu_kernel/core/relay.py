@@ -480,8 +480,8 @@ class Relay:
         self._queue = deque(r for r in self._queue if r is not request)
         suggested = -(-2 * size // (100 * MIB)) * 100  # twice the size, in 100s of MiB
         error = RemoteMessageTooBigError(
-            f"The server of {self.remote_description} {why}: this {msg.msg_type} of"
-            f" {_megabytes(size)} is over its limit for one WebSocket message (a stock Jupyter"
+            f"The server of {self.remote_description} {why}: this {_megabytes(size)}"
+            f" {msg.msg_type} is over its limit for one WebSocket message (a stock Jupyter"
             " server takes at most 10 MiB). It was not delivered and will not be sent again."
             " Send less at once, or raise the server's limit, e.g. start it with"
             f" --ServerApp.tornado_settings=\"{{'websocket_max_message_size': {suggested * MIB}}}\""
