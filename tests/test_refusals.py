@@ -34,7 +34,13 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 from cgpu_kernel.backends import registry
+from cgpu_kernel.backends.http import is_transient, means_gone
 from cgpu_kernel.backends.jupyter import JupyterServerClient
+from cgpu_kernel.core.actions import Publish, SendToFrontend, SendToRemote
+from cgpu_kernel.core.backoff import Backoff, FailureStreak
+from cgpu_kernel.core.relay import Relay
+from cgpu_kernel.core.wire import Message, make_header
+from cgpu_kernel.exceptions import RemoteHTTPError, RemoteUnreachableError
 from cgpu_kernel.paths import registry_dir
 
 from .conftest import (
@@ -203,6 +209,110 @@ def notices(outputs: list[dict[str, Any]]) -> str:
         for m in outputs
         if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
     )
+
+
+# --- the decisions, without servers (core.relay, core.backoff, backends.http) -------------------
+
+NOTEBOOK = (b"notebook",)
+
+
+def frontend_msg(msg_type: str, buffers: list[bytes] | None = None, **content: Any) -> Message:
+    return Message.build(
+        "shell", make_header(msg_type, "frontend"), {}, {}, content, buffers=list(buffers or [])
+    )
+
+
+def errors_and_notices(actions: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    replies = [a.msg.content for a in actions if isinstance(a, SendToFrontend)]
+    texts = [
+        a.msg.content["text"]
+        for a in actions
+        if isinstance(a, Publish) and a.msg.msg_type == "stream"
+    ]
+    return replies, texts
+
+
+def test_a_1009_refuses_the_largest_message_sent_and_re_sends_the_rest() -> None:
+    relay = Relay("proxy")
+    relay.remote_connected()
+    small = frontend_msg("execute_request", code="1")
+    big = frontend_msg("execute_request", code="x" * 3_000_000)
+    bigger = frontend_msg("execute_request", code="y" * 5_000_000)
+    for msg in (small, big, bigger):
+        assert [type(a) for a in relay.frontend_message("shell", NOTEBOOK, msg)] == [SendToRemote]
+    # the writes of big and bigger failed with the connection; small was written
+    relay.send_failed(relay.inflight[1], connection_alive=False)
+    relay.send_failed(relay.inflight[1], connection_alive=False)
+    replies, _ = errors_and_notices(relay.remote_closed(1009))
+    assert [r["ename"] for r in replies] == ["RemoteMessageTooBig"]
+    assert "5.0 MB execute_request" in replies[0]["evalue"]
+    assert "websocket_max_message_size" in replies[0]["evalue"]
+    assert relay.refused_size == bigger.size
+    # on the next connection the 3 MB one goes again (it may be under the limit), once
+    sent = [a for a in relay.remote_connected() if isinstance(a, SendToRemote)]
+    assert [a.msg.msg_id for a in sent] == [big.msg_id]
+    assert {r.msg.msg_id for r in relay.inflight} == {small.msg_id, big.msg_id}
+    # one as big as the refused one is refused before it is sent
+    again = frontend_msg("execute_request", code="z" * 5_000_000)
+    replies, _ = errors_and_notices(relay.frontend_message("shell", NOTEBOOK, again))
+    assert "was not sent" in replies[0]["evalue"]
+
+
+def test_a_large_comm_message_cut_twice_is_refused_with_notices_in_the_cells() -> None:
+    relay = Relay("proxy")
+    relay.remote_connected()
+    cell = frontend_msg("execute_request", code="w = Upload()")
+    relay.frontend_message("shell", NOTEBOOK, cell)
+    comm_open = Message.build(
+        "iopub", make_header("comm_open", "kernel"), cell.header, {}, {"comm_id": "c1"}
+    )
+    relay.remote_message(comm_open)
+    relay.remote_message(
+        Message.build("shell", make_header("execute_reply", "k"), cell.header, {}, {"status": "ok"})
+    )
+    running = frontend_msg("execute_request", code="sleep()")
+    relay.frontend_message("shell", NOTEBOOK, running)
+    upload = frontend_msg("comm_msg", [b"\0" * 2_000_000], comm_id="c1", data={})
+    assert [type(a) for a in relay.frontend_message("shell", NOTEBOOK, upload)] == [SendToRemote]
+    assert relay.remote_closed(None) == []  # the first cut: maybe the network, sent again
+    relay.remote_disconnected()
+    relay.send_failed(relay.inflight[0], connection_alive=False)  # (the running cell's write)
+    relay.remote_connected()
+    relay.frontend_message("shell", NOTEBOOK, upload)  # the comm message, written again
+    refused = relay.remote_closed(None)
+    replies, texts = errors_and_notices(refused)
+    assert replies == []  # a comm message has no reply: notices instead
+    parents = [a.msg.parent_header["msg_id"] for a in refused if isinstance(a, Publish)]
+    assert parents == [cell.msg_id, running.msg_id]  # the comm's opener, the running cell
+    assert all("2.0 MB comm_msg" in t and "dropped the connection" in t for t in texts)
+    relay.remote_connected()
+    assert relay.remote_closed(None) == []  # refused once: nothing is sent again
+
+
+def test_the_failure_streak_carries_across_outages() -> None:
+    streak = FailureStreak(Backoff(first=1.0, cap=8.0), uniform=lambda a, b: 0.0)
+    assert streak.lost(opened_at=0.0, now=100.0, how="cut") == 0.0  # lived: a blip, at once
+    assert streak.next_delay() == 1.0
+    assert streak.lost(opened_at=100.5, now=100.6, how="code 1011") == 2.0  # died young
+    assert streak.lost(opened_at=103.0, now=103.1, how="code 1011") == 4.0
+    assert streak.deadline(10.0, now=104.0) == 110.0  # the budget counts from the first failure
+    assert (streak.short_lived, streak.last_close) == (2, "code 1011")
+    streak.gave_up()
+    assert streak.deadline(10.0, now=200.0) == 210.0  # the user's retry: a fresh budget
+    assert streak.lost(opened_at=200.0, now=200.1, how="code 1011") == 8.0  # delays went on
+    assert streak.lost(opened_at=201.0, now=300.0, how="cut") == 0.0  # a healthy one resets
+    assert streak.next_delay() == 1.0
+
+
+def test_only_a_404_means_gone() -> None:
+    def http(status: int) -> RemoteHTTPError:
+        return RemoteHTTPError("GET", "http://h/api/kernels/k", status, "reason")
+
+    assert means_gone(http(404))
+    assert not any(means_gone(http(s)) for s in (500, 502, 503, 504, 400, 410, 429))
+    assert all(is_transient(http(s)) for s in (500, 502, 503, 504, 408, 429))
+    assert not any(is_transient(http(s)) for s in (400, 404, 409))
+    assert is_transient(RemoteUnreachableError("no answer"))
 
 
 # --- messages over the server's limit -----------------------------------------------------------
