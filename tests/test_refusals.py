@@ -55,7 +55,12 @@ from .conftest import (
 )
 
 SETTING = "websocket_max_message_size"
-CLOSE_1011 = b"\x88\x02\x03\xf3"  # a server's close frame (unmasked), code 1011
+#: what the relay sends right after the server's 101, per failure it plays
+AFTER_UPGRADE = {
+    "close": b"\x88\x02\x03\xf3",  # a server's close frame (unmasked), code 1011
+    # a binary frame that claims 2**63 - 1 bytes: the client refuses it and closes
+    "absurd": b"\x82\x7f\x7f\xff\xff\xff\xff\xff\xff\xff",
+}
 BAD_GATEWAY = (
     b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: 20\r\n"
     b"Connection: close\r\n\r\n<h1>Bad Gateway</h1>"
@@ -68,6 +73,7 @@ class FrontDoor:
     * ``"pass"``: every byte both ways;
     * ``"close"``: a WebSocket upgrade is let through, and once the server's 101 is passed on
       the relay sends a close frame with code 1011 and drops both sides (REST passes);
+    * ``"absurd"``: the same, with a frame header claiming 2**63 - 1 bytes instead;
     * ``"502"``: every request, REST and WebSocket, is answered ``502 Bad Gateway``.
 
     ``websockets`` counts the upgrades it saw; :meth:`cut` closes every open connection.
@@ -127,9 +133,9 @@ class FrontDoor:
             up_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
             self._writers.add(upstream)
             upstream.write(head)
-            if upgrade and self.mode == "close":
+            if upgrade and self.mode in AFTER_UPGRADE:
                 writer.write(await up_reader.readuntil(b"\r\n\r\n"))  # the 101
-                writer.write(CLOSE_1011)
+                writer.write(AFTER_UPGRADE[self.mode])
                 await writer.drain()
                 return
             await asyncio.gather(self._pipe(reader, upstream), self._pipe(up_reader, writer))
@@ -398,8 +404,12 @@ def test_a_comm_message_over_the_limit_is_reported_in_the_cells(
 # --- a server that accepts the WebSocket and closes it at once ---------------------------------
 
 
+@pytest.mark.parametrize(
+    ("failure", "seen_as"),
+    [("close", "1011"), pytest.param("absurd", "connection lost", marks=pytest.mark.slow)],
+)
 def test_a_server_that_closes_at_once_gets_backoff_then_a_clear_error(
-    kernel_dir: Path, door: FrontDoor, jupyter_server: RemoteServer
+    kernel_dir: Path, door: FrontDoor, jupyter_server: RemoteServer, failure: str, seen_as: str
 ) -> None:
     spec = spec_behind(
         kernel_dir, "cgpu-test-closes-at-once", door, jupyter_server, "--reconnect-budget=10"
@@ -407,7 +417,7 @@ def test_a_server_that_closes_at_once_gets_backoff_then_a_clear_error(
     with proxy_kernel(spec) as (km, kc):
         run_cell(kc, "x = 7")
         proxy = psutil.Process(km.provisioner.process.pid)  # type: ignore[union-attr]
-        door.mode = "close"
+        door.mode = failure
         before, cpu_before = door.websockets, sum(proxy.cpu_times()[:2])
         started = time.monotonic()
         door.cut()
@@ -419,7 +429,7 @@ def test_a_server_that_closes_at_once_gets_backoff_then_a_clear_error(
         print(f"{connections} connections and {cpu:.2f} s of CPU in {took:.1f} s, then the error")
         content = reply["content"]
         assert content["ename"] == "RemoteConnectionLost", content
-        assert "closed it within" in content["evalue"] and "1011" in content["evalue"]
+        assert "closed it within" in content["evalue"] and seen_as in content["evalue"]
         assert 3 <= connections < 30
         assert 8 < took < 25
         assert cpu < 0.25 * took  # near idle while the server fails

@@ -85,14 +85,16 @@ class Reconnector:
         streak = self.streak
         attempt = 0
         if lost is not None:
-            wait = streak.lost(lost.opened_at, time.monotonic(), lost.close_reason)
+            how = lost.close_reason.rstrip(", ")  # "code 1011, " when the reason is empty
+            wait = streak.lost(lost.opened_at, time.monotonic(), how)
             if wait > 0:
-                log.warning(
+                log.log(
+                    logging.WARNING if streak.short_lived > 1 else logging.INFO,
                     "%s closed %d connection(s) in a row soon after opening (last: %s);"
                     " waiting %.1f s before the next attempt",
                     self.backend.description,
                     streak.short_lived,
-                    lost.close_reason,
+                    how,
                     wait,
                 )
                 deadline = min(deadline, streak.deadline(self.budget, started))
