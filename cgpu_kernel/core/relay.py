@@ -105,6 +105,32 @@ class _RecentIds:
         return True
 
 
+@dataclass(frozen=True)
+class _LargeSend:
+    """A large message sent on the current connection, as much of it as a refusal needs: a
+    request (which waits for its reply anyway), or only the facts about a comm message (its
+    buffers are not held once written)."""
+
+    msg_id: str
+    size: int
+    msg_type: str
+    comm_id: str | None
+    request: Request | None  # set when the message gets a reply, to carry the error
+
+    @classmethod
+    def of(cls, request: Request) -> _LargeSend:
+        msg = request.msg
+        comm_id = msg.content.get("comm_id") if msg.msg_type.startswith("comm_") else None
+        replied = request.channel != "stdin" and msg.msg_type.endswith("_request")
+        return cls(
+            msg.msg_id,
+            msg.size,
+            msg.msg_type,
+            comm_id if isinstance(comm_id, str) else None,
+            request if replied else None,
+        )
+
+
 class Relay:
     """The routing state machine. One per proxy kernel process."""
 
@@ -137,7 +163,7 @@ class Relay:
         self.refused_size: int | None = None
         # the largest message (over SUSPECT_SIZE) sent on the current connection: the one a
         # 1009 refers to (it is certainly over the limit, whichever message the server read)
-        self._largest_sent: Request | None = None
+        self._largest_sent: _LargeSend | None = None
         self._cuts_while_sending: tuple[str, int] = ("", 0)  # (msg_id, connections lost)
         self._comm_openers: OrderedDict[str, JsonDict] = OrderedDict()  # comm_id -> cell header
 
@@ -264,7 +290,7 @@ class Relay:
                     " was sent on that connection"
                 )
             return []
-        msg_id = suspect.msg.msg_id
+        msg_id = suspect.msg_id
         if close_code == CLOSE_MESSAGE_TOO_BIG:
             self._cuts_while_sending = ("", 0)
             return self._refuse(suspect, "closed the connection with code 1009 (message too big)")
@@ -438,14 +464,12 @@ class Relay:
         size = request.msg.size
         if self.refused_size is not None and size >= self.refused_size:
             return self._refuse(
-                request,
+                _LargeSend.of(request),
                 f"refused a {_megabytes(self.refused_size)} message earlier, so this one was not"
                 " sent",
             )
-        if size > SUSPECT_SIZE and (
-            self._largest_sent is None or size > self._largest_sent.msg.size
-        ):
-            self._largest_sent = request
+        if size > SUSPECT_SIZE and (self._largest_sent is None or size > self._largest_sent.size):
+            self._largest_sent = _LargeSend.of(request)
         self._announced_busy.discard(request.msg.msg_id)
         # Only a *_request gets a reply that forgets it again: comm_open/msg/close never do, and
         # holding them (buffers and all) would leak.
@@ -470,31 +494,29 @@ class Relay:
             if len(self._comm_openers) > COMM_OPENERS_KEPT:
                 self._comm_openers.popitem(last=False)
 
-    def _refuse(self, request: Request, why: str) -> list[Action]:
-        """``request`` is too big for the remote: it is dropped from the queue and the waiting
+    def _refuse(self, sent: _LargeSend, why: str) -> list[Action]:
+        """``sent`` is too big for the remote: it is dropped from the queue and the waiting
         requests, never sent again, and its sender told (see :meth:`remote_closed`)."""
-        msg = request.msg
-        size = msg.size
+        size = sent.size
         self.refused_size = size if self.refused_size is None else min(self.refused_size, size)
-        self._inflight.pop(msg.msg_id, None)
-        self._queue = deque(r for r in self._queue if r is not request)
+        self._inflight.pop(sent.msg_id, None)
+        self._queue = deque(r for r in self._queue if r.msg.msg_id != sent.msg_id)
         suggested = -(-2 * size // (100 * MIB)) * 100  # twice the size, in 100s of MiB
         error = RemoteMessageTooBigError(
             f"The server of {self.remote_description} {why}: this {_megabytes(size)}"
-            f" {msg.msg_type} is over its limit for one WebSocket message (a stock Jupyter"
+            f" {sent.msg_type} is over its limit for one WebSocket message (a stock Jupyter"
             " server takes at most 10 MiB). It was not delivered and will not be sent again."
             " Send less at once, or raise the server's limit, e.g. start it with"
             f" --ServerApp.tornado_settings=\"{{'websocket_max_message_size': {suggested * MIB}}}\""
             f" ({suggested} MiB)."
         )
         log.warning("%s", error)
-        if request.channel != "stdin" and msg.msg_type.endswith("_request"):
-            return self._fail(request, error)
+        if sent.request is not None:
+            return self._fail(sent.request, error)
         # No reply to carry the error (a comm message, an input reply): notices where a user
         # can read them, the cell that opened the comm and the cell running now.
         parents: list[JsonDict] = []
-        comm_id = msg.content.get("comm_id") if msg.msg_type.startswith("comm_") else None
-        opener = self._comm_openers.get(comm_id) if isinstance(comm_id, str) else None
+        opener = self._comm_openers.get(sent.comm_id) if sent.comm_id is not None else None
         if opener is not None:
             parents.append(opener)
         for running in self.unanswered_cells():
