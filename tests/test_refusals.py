@@ -431,7 +431,9 @@ def test_a_server_that_closes_at_once_gets_backoff_then_a_clear_error(
         assert content["ename"] == "RemoteConnectionLost", content
         assert "closed it within" in content["evalue"] and seen_as in content["evalue"]
         assert 3 <= connections < 30
-        assert 8 < took < 25
+        # the 10 s budget counts from the first connection that died young: this test's first
+        # one may be it, if it was opened under 5 s before the cut
+        assert 4 < took < 25
         assert cpu < 0.25 * took  # near idle while the server fails
         # the proxy stays up; once the server is well, the next cell finds the same kernel
         door.mode = "pass"
@@ -458,7 +460,8 @@ def test_a_502_from_a_reverse_proxy_while_reconnecting_is_not_a_lost_kernel(
         reply = reply_to(kc, msg_id, time.monotonic() + 30)
         assert reply["content"]["status"] == "ok", reply["content"]
         assert stdout_of(outputs) == "42\n"
-        assert "lost" not in notices(outputs).replace("lost the connection", "")
+        told = notices(outputs)  # "lost the connection ...", "reconnected ...": fine
+        assert "variables" not in told and "fresh" not in told, told
         assert jupyter_server.kernel_ids() == kernels  # no fresh kernel was started
 
 
