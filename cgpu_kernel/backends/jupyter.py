@@ -23,6 +23,7 @@ from cgpu_kernel.backends.http import (
     TLSOptions,
     build_request,
     fetch,
+    is_transient,
     means_gone,
     safe_url,
 )
@@ -286,7 +287,8 @@ class JupyterBackend(Backend):
             # A 5xx (a 502/503 from a reverse proxy in front of the server, a server failing
             # for now) or an answer that is not JSON: nothing is known about the kernel, so it
             # is retried within the reconnect budget like a server that does not answer.
-            log.info("kernel health unknown for now: %s", exc)
+            level = logging.INFO if is_transient(exc) else logging.WARNING
+            log.log(level, "kernel health unknown for now: %s", exc)
             return KernelHealth.UNREACHABLE
         if isinstance(model, dict) and model.get("execution_state") == "dead":
             return KernelHealth.GONE
