@@ -33,6 +33,7 @@ notebook cell. Each class names the ``ename`` a notebook cell shows and the ``ca
     * :exc:`StartupTimeoutError` -- the remote kernel was not ready within the deadline.
     * :exc:`ReconnectBudgetError` -- the connection did not come back within the budget.
     * :exc:`ReplyLostError` -- a cell's result was lost in an outage (the kernel is fine).
+    * :exc:`RemoteMessageTooBigError` -- the server refused a message over its size limit.
     * :exc:`ColabError` -- Colab refused or failed an assignment step.
 
       * :exc:`ColabQuotaError`, :exc:`ColabDeniedError`, :exc:`ColabTooManyRuntimesError`,
@@ -145,6 +146,14 @@ class StartupTimeoutError(RemoteError):
 
 class ReconnectBudgetError(RemoteError):
     ename = "RemoteConnectionLost"
+    category = "connection"
+
+
+class RemoteMessageTooBigError(RemoteError):
+    """The server refused a message of ours as over its WebSocket size limit (close code 1009,
+    or the connection dropped each time it was sent); it was not delivered and is not re-sent."""
+
+    ename = "RemoteMessageTooBig"
     category = "connection"
 
 

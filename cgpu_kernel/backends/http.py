@@ -12,6 +12,10 @@ failures into the error tree (:mod:`cgpu_kernel.exceptions`) with the HTTP statu
 * any other status -> the service's :exc:`~cgpu_kernel.exceptions.RemoteHTTPError` (``status``
   and the server's reason).
 
+Only a 404 means the thing asked about is gone (:func:`means_gone`); a 5xx -- a 502 or 503 from
+a reverse proxy in front of the server, common and Colab's front door among them -- or a
+time-out says nothing about it and is retried (:func:`is_transient`).
+
 The words differ per service (what it is called, what to check), so each client describes its
 service once in a :class:`Service`; :func:`error_for` is pure, and the unit tests feed it the
 exceptions tornado raises.
@@ -80,6 +84,20 @@ def build_request(
         connect_timeout=connect_timeout,
         request_timeout=request_timeout,
     )
+
+
+def means_gone(exc: CgpuError) -> bool:
+    """Whether ``exc`` says the resource asked about does not exist: a 404, nothing else. The
+    health check, ``start_kernel``, the shutdown and ``reclaim`` forget a kernel only then."""
+    return exc.status == 404
+
+
+def is_transient(exc: CgpuError) -> bool:
+    """Whether ``exc`` may well pass by itself: no answer at all, a time-out (408), too many
+    requests (429), or any 5xx (the server, or a proxy in front of it, failing for now)."""
+    if isinstance(exc, RemoteUnreachableError):
+        return True
+    return exc.status is not None and (exc.status in (408, 429) or 500 <= exc.status < 600)
 
 
 def _reject_auth(status: int, url: str) -> CgpuError:

@@ -23,6 +23,8 @@ from cgpu_kernel.backends.http import (
     TLSOptions,
     build_request,
     fetch,
+    is_transient,
+    means_gone,
     safe_url,
 )
 from cgpu_kernel.exceptions import (
@@ -216,10 +218,12 @@ class JupyterBackend(Backend):
         if self.kernel_id is not None:
             try:
                 model = await self.client.call("GET", self._kernel_path())
-            except RemoteProtocolError:
+            except RemoteProtocolError as exc:
+                if not means_gone(exc):
+                    raise  # a 5xx (a reverse proxy's 502): says nothing about the kernel
                 model = None  # 404: the server no longer knows it
-            # (unreachable or refused credentials propagate: the kernel may well be alive, so
-            # it is neither replaced nor forgotten)
+            # (unreachable, a 5xx or refused credentials propagate: the kernel may well be
+            # alive, so it is neither replaced nor forgotten)
             if isinstance(model, dict) and model.get("execution_state") != "dead":
                 return self.kernel_id
             self._forget_kernel()
@@ -277,8 +281,15 @@ class JupyterBackend(Backend):
             return KernelHealth.AUTH_EXPIRED
         except RemoteUnreachableError:
             return KernelHealth.UNREACHABLE
-        except RemoteProtocolError:
-            return KernelHealth.GONE  # 404 and friends: the server does not know it any more
+        except RemoteProtocolError as exc:
+            if means_gone(exc):
+                return KernelHealth.GONE  # 404: the server does not know it any more
+            # A 5xx (a 502/503 from a reverse proxy in front of the server, a server failing
+            # for now) or an answer that is not JSON: nothing is known about the kernel, so it
+            # is retried within the reconnect budget like a server that does not answer.
+            level = logging.INFO if is_transient(exc) else logging.WARNING
+            log.log(level, "kernel health unknown for now: %s", exc)
+            return KernelHealth.UNREACHABLE
         if isinstance(model, dict) and model.get("execution_state") == "dead":
             return KernelHealth.GONE
         return KernelHealth.ALIVE
@@ -288,9 +299,11 @@ class JupyterBackend(Backend):
             return
         try:
             await self.client.call("DELETE", self._kernel_path())
-        except RemoteProtocolError as exc:
-            log.info("remote kernel was already gone: %s", exc)
         except RemoteError as exc:
+            if means_gone(exc):
+                log.info("remote kernel was already gone: %s", exc)
+                self._forget_kernel()
+                return
             # Keep the reclaim record: the next cgpu kernel on this server, or
             # `cgpu-kernel reclaim`, deletes the kernel once the server answers again.
             log.warning("could not delete remote kernel %s: %s", self.kernel_id, exc)

@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import psutil
 
-from cgpu_kernel.exceptions import RemoteError, RemoteProtocolError
+from cgpu_kernel.backends.http import means_gone
+from cgpu_kernel.exceptions import RemoteError
 from cgpu_kernel.paths import registry_dir
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,13 @@ async def reclaim_orphans(client: RESTClient) -> list[str]:
         kernel_id = str(data["kernel_id"])
         try:
             await client.call("DELETE", f"api/kernels/{quote(kernel_id)}")
-        except RemoteProtocolError:
-            pass  # already gone (404): nothing left to reclaim
         except RemoteError as exc:
-            log.warning("could not reclaim orphaned remote kernel %s: %s", kernel_id, exc)
-            continue
+            if not means_gone(exc):
+                # unreachable, refused, or a 5xx (a reverse proxy's 502): the kernel may well
+                # be running; keep the record, the next reclaim tries again
+                log.warning("could not reclaim orphaned remote kernel %s: %s", kernel_id, exc)
+                continue
+            # already gone (404): nothing left to reclaim
         forget(client.base_url, kernel_id)
         log.info("reclaimed remote kernel %s left by dead proxy pid %s", kernel_id, data["pid"])
         reclaimed.append(kernel_id)

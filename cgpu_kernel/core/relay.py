@@ -20,6 +20,11 @@ Rules the relay enforces:
 * No request is left without an answer: when the remote fails, is lost, or the proxy shuts down,
   every waiting request gets an error reply naming the reason, with ``busy``/``idle`` around it,
   so no cell stays "busy" forever.
+* A message the server refuses as too big (it closes with 1009, or the connection drops each
+  time that message is being sent) is not sent again: a request gets an error reply, anything
+  else (a comm message) a notice in the cell that opened the comm and in the running cell, each
+  saying how big it was and how to raise the server's limit. Later messages at least as big as
+  one refused are refused before they are sent.
 """
 
 from __future__ import annotations
@@ -48,9 +53,20 @@ from cgpu_kernel.core.actions import (
 from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
-from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError
+from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError, RemoteMessageTooBigError
 
 log = logging.getLogger(__name__)
+
+#: The close code of a server that refuses a message as too big (RFC 6455, section 7.4.1).
+CLOSE_MESSAGE_TOO_BIG = 1009
+#: Messages up to this size (one outgoing fragment) are never suspected of being refused for
+#: their size: no Jupyter server's limit is that low (a stock one takes 10 MiB).
+SUSPECT_SIZE = 1 << 20
+#: A connection that drops this many times in a row while the same large message is being sent
+#: is taken to refuse it (a server or proxy that drops the socket without a 1009).
+CUTS_BEFORE_REFUSAL = 2
+MIB = 1 << 20
+COMM_OPENERS_KEPT = 1024  # comms whose opening cell the relay remembers (oldest forgotten)
 
 #: What a frontend gets from ``kernel_info_request`` while no remote kernel has answered one.
 FALLBACK_LANGUAGE_INFO: JsonDict = {
@@ -93,6 +109,32 @@ class _RecentIds:
         return True
 
 
+@dataclass(frozen=True)
+class _LargeSend:
+    """A large message sent on the current connection, as much of it as a refusal needs: a
+    request (which waits for its reply anyway), or only the facts about a comm message (its
+    buffers are not held once written)."""
+
+    msg_id: str
+    size: int
+    msg_type: str
+    comm_id: str | None
+    request: Request | None  # set when the message gets a reply, to carry the error
+
+    @classmethod
+    def of(cls, request: Request) -> _LargeSend:
+        msg = request.msg
+        comm_id = msg.content.get("comm_id") if msg.msg_type.startswith("comm_") else None
+        replied = request.channel != "stdin" and msg.msg_type.endswith("_request")
+        return cls(
+            msg.msg_id,
+            msg.size,
+            msg.msg_type,
+            comm_id if isinstance(comm_id, str) else None,
+            request if replied else None,
+        )
+
+
 class Relay:
     """The routing state machine. One per proxy kernel process."""
 
@@ -123,6 +165,13 @@ class Relay:
         # cells sent to the remote whose ``idle`` has not come yet (an outage can lose it)
         self._open_cells: dict[str, Request] = {}
         self._state_lost = False  # the remote kernel died: tell the next cell it starts afresh
+        #: the smallest message the remote refused as too big; as big or bigger is not sent
+        self.refused_size: int | None = None
+        # the largest message (over SUSPECT_SIZE) sent on the current connection: the one a
+        # 1009 refers to (it is certainly over the limit, whichever message the server read)
+        self._largest_sent: _LargeSend | None = None
+        self._cuts_while_sending: tuple[str, int] = ("", 0)  # (msg_id, connections lost)
+        self._comm_openers: OrderedDict[str, JsonDict] = OrderedDict()  # comm_id -> cell header
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -159,6 +208,8 @@ class Relay:
             return [self._status("busy", msg), ShutdownRemote(request, restart)]
         if self.state is RemoteState.SHUTTING_DOWN:
             return self._fail(request, CgpuError("The kernel is shutting down."))
+        if channel == "shell" and msg_type in ("comm_open", "comm_close"):
+            self._comm_event(msg)
         if msg_type == "kernel_info_request" and self.state is RemoteState.FAILED:
             return self._local_kernel_info(request)
         if self.state is RemoteState.CONNECTED:
@@ -189,6 +240,7 @@ class Relay:
         """The WebSocket to the remote kernel is open: send what waited, in order."""
         self.state = RemoteState.CONNECTED
         self.last_error = None
+        self._largest_sent = None  # a new connection: nothing sent on it yet
         actions: list[Action] = []
         while self._queue:
             actions.extend(self._forward(self._queue.popleft()))
@@ -304,6 +356,41 @@ class Relay:
             self.state = RemoteState.RECONNECTING
         return []
 
+    def remote_closed(self, close_code: int | None) -> list[Action]:
+        """The connection ended with the server's ``close_code`` (None: it sent none); the
+        supervisor calls this before :meth:`remote_disconnected`.
+
+        A 1009 means the server refused a message as too big. Which one it was reading cannot
+        be told from here, but the largest sent on that connection is at least as big, so it is
+        refused (an error reply, or notices) and not sent again. A connection that drops without
+        a 1009 twice in a row while the same large message is the largest sent is taken to
+        refuse it too (servers and proxies that just drop the socket): never an endless loop.
+        """
+        suspect, self._largest_sent = self._largest_sent, None
+        if suspect is None:
+            self._cuts_while_sending = ("", 0)
+            if close_code == CLOSE_MESSAGE_TOO_BIG:
+                log.warning(
+                    "the server closed with 1009 (message too big) but nothing large"
+                    " was sent on that connection"
+                )
+            return []
+        msg_id = suspect.msg_id
+        if close_code == CLOSE_MESSAGE_TOO_BIG:
+            self._cuts_while_sending = ("", 0)
+            return self._refuse(suspect, "closed the connection with code 1009 (message too big)")
+        previous, cuts = self._cuts_while_sending
+        cuts = cuts + 1 if previous == msg_id else 1
+        if cuts >= CUTS_BEFORE_REFUSAL:
+            self._cuts_while_sending = ("", 0)
+            return self._refuse(
+                suspect,
+                f"dropped the connection each of the {cuts} times it was being sent (the server,"
+                " or a proxy in front of it, most likely refuses messages this big)",
+            )
+        self._cuts_while_sending = (msg_id, cuts)
+        return []
+
     def send_failed(self, request: Request, *, connection_alive: bool) -> list[Action]:
         """Writing ``request`` failed because its socket closed: send it again.
 
@@ -373,6 +460,8 @@ class Relay:
             parent_id = msg.parent_id
             return [AnswerRemoteRequest(msg, self._inflight.get(parent_id) if parent_id else None)]
         if msg.channel == "iopub":
+            if msg.msg_type in ("comm_open", "comm_close"):
+                self._comm_event(msg)
             if msg.msg_type == "execute_input":
                 count = msg.content.get("execution_count")
                 if isinstance(count, int):
@@ -459,6 +548,15 @@ class Relay:
         return []
 
     def _forward(self, request: Request) -> list[Action]:
+        size = request.msg.size
+        if self.refused_size is not None and size >= self.refused_size:
+            return self._refuse(
+                _LargeSend.of(request),
+                f"refused a {_megabytes(self.refused_size)} message earlier, so this one was not"
+                " sent",
+            )
+        if size > SUSPECT_SIZE and (self._largest_sent is None or size > self._largest_sent.size):
+            self._largest_sent = _LargeSend.of(request)
         self._announced_busy.discard(request.msg.msg_id)
         # Only a *_request gets a reply that forgets it again: comm_open/msg/close never do, and
         # holding them (buffers and all) would leak.
@@ -467,6 +565,54 @@ class Relay:
             if request.msg.msg_type == "execute_request":
                 self._open_cells[request.msg.msg_id] = request
         return [SendToRemote(request)]
+
+    def _comm_event(self, msg: Message) -> None:
+        """Remember which cell opened a comm (a refused comm message is reported there)."""
+        comm_id = msg.content.get("comm_id")
+        if not isinstance(comm_id, str):
+            return
+        if msg.msg_type == "comm_close":
+            self._comm_openers.pop(comm_id, None)
+            return
+        opener: JsonDict | None = msg.parent_header if msg.parent_header.get("msg_id") else None
+        if opener is None:  # a frontend's comm_open names no cell: the running one, if any
+            running = self.unanswered_cells()
+            opener = running[0].msg.header if running else None
+        if opener is not None:
+            self._comm_openers[comm_id] = opener
+            if len(self._comm_openers) > COMM_OPENERS_KEPT:
+                self._comm_openers.popitem(last=False)
+
+    def _refuse(self, sent: _LargeSend, why: str) -> list[Action]:
+        """``sent`` is too big for the remote: it is dropped from the queue and the waiting
+        requests, never sent again, and its sender told (see :meth:`remote_closed`)."""
+        size = sent.size
+        self.refused_size = size if self.refused_size is None else min(self.refused_size, size)
+        self._inflight.pop(sent.msg_id, None)
+        self._queue = deque(r for r in self._queue if r.msg.msg_id != sent.msg_id)
+        suggested = -(-2 * size // (100 * MIB)) * 100  # twice the size, in 100s of MiB
+        error = RemoteMessageTooBigError(
+            f"The server of {self.remote_description} {why}: this {_megabytes(size)}"
+            f" {sent.msg_type} is over its limit for one WebSocket message (a stock Jupyter"
+            " server takes at most 10 MiB). It was not delivered and will not be sent again."
+            " Send less at once, or raise the server's limit, e.g. start it with"
+            f" --ServerApp.tornado_settings=\"{{'websocket_max_message_size': {suggested * MIB}}}\""
+            f" ({suggested} MiB)."
+        )
+        log.warning("%s", error)
+        if sent.request is not None:
+            return self._fail(sent.request, error)
+        # No reply to carry the error (a comm message, an input reply): notices where a user
+        # can read them, the cell that opened the comm and the cell running now.
+        parents: list[JsonDict] = []
+        opener = self._comm_openers.get(sent.comm_id) if sent.comm_id is not None else None
+        if opener is not None:
+            parents.append(opener)
+        for running in self.unanswered_cells():
+            if all(p.get("msg_id") != running.msg.msg_id for p in parents):
+                parents.append(running.msg.header)
+        text = f"cgpu-kernel: {error}"
+        return [Publish(stream_notice(self.session, parent, text)) for parent in parents]
 
     def _enqueue(self, request: Request) -> list[Action]:
         if len(self._queue) >= self.max_queue:
@@ -608,3 +754,8 @@ class Relay:
     def _notice(self, parent: Message, text: str) -> Publish:
         """A line from the proxy in the output of the cell ``parent`` started."""
         return Publish(stream_notice(self.session, parent.header, text))
+
+
+def _megabytes(size: int) -> str:
+    """``size`` bytes as users read it in a notice: ``24.0 MB``."""
+    return f"{size / 1e6:.1f} MB"

@@ -100,6 +100,9 @@ class RemoteChannels(asyncio.Protocol):
         self.subprotocol: str | None = None
         self.malformed = 0
         self.last_heard = time.monotonic()
+        #: when the handshake finished (``time.monotonic()``); the reconnector counts a
+        #: connection that dies soon after as a failed attempt
+        self.opened_at: float | None = None
         self.closed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._ws: ClientProtocol | None = None
@@ -327,7 +330,7 @@ class RemoteChannels(asyncio.Protocol):
     # --- the public side ----------------------------------------------------------------------
 
     def _alive(self) -> None:
-        self.last_heard = time.monotonic()
+        self.last_heard = self.opened_at = time.monotonic()
 
     def deliver_to(self, sink: MessageSink) -> None:
         """Start handing messages to ``sink``, first those that arrived before this call."""
@@ -432,6 +435,13 @@ class RemoteChannels(asyncio.Protocol):
     def _close_after(self, seconds: float) -> None:
         if self._close_timer is None and self._transport is not None:
             self._close_timer = self._loop.call_later(seconds, self.abort)
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code the *server* sent (1009: a message of ours was over its size limit),
+        None when it sent no close frame (the connection was cut, reset, or closed by us)."""
+        received = self._ws.close_rcvd if self._ws is not None else None
+        return None if received is None else int(received.code)
 
     @property
     def close_reason(self) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.core.actions import Action
+from cgpu_kernel.core.backoff import FailureStreak
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message
 from cgpu_kernel.exceptions import (
@@ -101,6 +102,8 @@ class RemoteSupervisor:
         # Where the journal has not yet been checked after a silence's recovery (a second look
         # is due, or was cut short by a newer outage, whose recovery then starts here).
         self._unverified: dict[str, str | None] | None = None
+        #: the reconnection schedule across outages (connections that die young keep it going)
+        self.reconnect_streak = FailureStreak()
 
     @classmethod
     def from_options(
@@ -254,9 +257,11 @@ class RemoteSupervisor:
                 )
             else:
                 log.warning("lost the connection to %s (%s)", channels.where, channels.close_reason)
+            if not stalled:  # a 1009, or a large message cut short again: refused, not re-sent
+                self.perform(self.relay.remote_closed(channels.close_code))
             self.perform(self.relay.remote_disconnected())
             old = channels
-            channels = await self._reconnect(old if stalled else None)
+            channels = await self._reconnect(old if stalled else None, lost=old)
             outage = loop.time() - lost_at
             if channels is old:
                 log.warning("the connection came back by itself after %.1f s", outage)
@@ -442,7 +447,9 @@ class RemoteSupervisor:
         )
         self.perform(self.relay.end_cells_without_idle(open_cells))
 
-    async def _reconnect(self, stalled: RemoteChannels | None) -> RemoteChannels | None:
+    async def _reconnect(
+        self, stalled: RemoteChannels | None, lost: RemoteChannels | None = None
+    ) -> RemoteChannels | None:
         """A working connection again: a new one, or ``stalled`` if it came back to life.
 
         TCP rides out short outages by itself; keeping a connection that revives avoids the
@@ -469,9 +476,10 @@ class RemoteSupervisor:
             ping_interval=self.ping_interval,
             budget=self.reconnect_budget,
             auth_hint=AUTH_HINT,
+            streak=self.reconnect_streak,
         )
         try:
-            outcome = await attempts.run(deadline, stalled)
+            outcome = await attempts.run(deadline, stalled, lost)
         finally:
             if notice is not None:
                 notice.cancel()
