@@ -58,7 +58,7 @@ STDOUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stdout']
 STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.servers,
     pytest.mark.timeout(360),
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: /usr/bin/chromium"),
 ]

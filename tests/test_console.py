@@ -24,7 +24,7 @@ from .conftest import install_spec, nbconvert_execute
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = r"In \[\d+\]: "
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(300)]
 
 
 def assert_all_gone(processes: list[psutil.Process], timeout: float = 30) -> None:

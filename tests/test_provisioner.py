@@ -297,7 +297,7 @@ async def execute_over_websocket(server: RemoteServer, kernel_id: str, code: str
     return dict(reply, stdout=stdout)
 
 
-@pytest.mark.slow
+@pytest.mark.servers
 def test_jupyter_server_hosts_a_provisioned_kernel(
     jupyter_server: RemoteServer, provisioned_spec: str
 ) -> None:
@@ -334,7 +334,7 @@ time.sleep(600)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.servers
 def test_host_killed_then_info_reloaded(provisioned_spec: str) -> None:
     """A Jupyter server killed outright leaves no runtime running; its successor, reloading the
     provisioner info, finds the runtime gone and starts a fresh one."""
