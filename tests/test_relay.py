@@ -484,7 +484,7 @@ def test_output_recovered_late_is_said_to_be_late() -> None:
     assert relay.has_seen(line.msg_id)
     (notice,) = relay.late_output(12, complete=True, parent={})
     assert isinstance(notice, Publish)
-    assert "12 output messages" in notice.msg.content["text"]
+    assert "12 output messages it had not delivered" in notice.msg.content["text"]
     assert "out of order" in notice.msg.content["text"]
     relay.remote_message(reply_to(execute, "execute_reply", status="ok"))
     (notice,) = relay.late_output(1, complete=False, parent=execute.header)

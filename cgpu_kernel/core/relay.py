@@ -311,9 +311,9 @@ class Relay:
         fell behind while forwarding its backlog); they were just delivered, out of order.
         Told to the running cells, else in the output of the first late message's request."""
         text = (
-            f"cgpu-kernel: {count} output messages that the server dropped while it caught up"
-            " after the outage were recovered from the kernel's output journal and are shown"
-            " late, out of order."
+            f"cgpu-kernel: the server fell behind while it caught up after the outage; {count}"
+            " output messages it had not delivered were fetched from the kernel's output"
+            " journal (some may be shown late, out of order)."
         )
         if not complete:
             text += " Some output may still be missing (the journal did not reach back far enough)."

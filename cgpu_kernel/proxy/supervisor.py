@@ -54,7 +54,7 @@ AUTH_HINT = (
 )
 
 
-SECOND_LOOKS = 5  # most looks at the journal after an outage's recovery
+SECOND_LOOKS = 15  # most looks at the journal after an outage's recovery (30 s)
 SECOND_LOOK_AFTER = 2.0  # seconds between them (the server's backlog drains meanwhile)
 
 
@@ -320,9 +320,10 @@ class RemoteSupervisor:
         """A server that ran again after a stop has a backlog to forward, the journal's answer
         among it, and can fall behind its kernel for a while: its IOPub then drops at ZMQ's
         high-water mark with no silence the proxy could see. So look again, a moment later,
-        at what the kernel sent since the end of the last answer; what the proxy lacks is
-        delivered late (out of order, with a notice, rather than lost); repeat until a look
-        finds nothing new."""
+        at what the kernel sent since the end of the last answer; what the proxy lacks (dropped,
+        or still in the server's backlog: the proxy cannot tell) is delivered now, with a
+        notice, some of it possibly out of order rather than lost; repeat until a look finds
+        nothing new, for at most ``SECOND_LOOKS`` looks."""
         late = 0
         first_late: Message | None = None
         incomplete = False
@@ -347,7 +348,7 @@ class RemoteSupervisor:
                 self._unverified = None
                 break
         if late or incomplete:
-            log.warning("%d messages the server dropped after the outage came late", late)
+            log.warning("fetched %d messages the server had not delivered after the outage", late)
             parent = first_late.parent_header if first_late is not None else {}
             self.perform(self.relay.late_output(late, complete=not incomplete, parent=parent))
 
