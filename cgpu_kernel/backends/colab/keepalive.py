@@ -1,12 +1,14 @@
 """Keep-alive for a Colab runtime: calls while the notebook is in use, silence once it idles.
 
 Colab reclaims a runtime nobody keeps alive. :class:`KeepAlive` calls ``tun/m/<endpoint>/
-keep-alive/`` every ``interval`` seconds while the kernel is in use; after ``idle_timeout``
-seconds without a running cell it stops, so an abandoned notebook stops burning compute units,
-and the next sign of use resumes it. Use is seen in the remote's messages (:meth:`observe`,
-which the backend's ``observe`` forwards from the proxy's I/O shell) and reported directly with
-:meth:`note_activity`. Owned and started by :class:`~cgpu_kernel.backends.colab.backend.
-ColabBackend`.
+keep-alive/`` every ``interval`` seconds (from one ping's start to the next: google-colab-cli
+pings every 60 s, colab-vscode every 5 min) while the kernel is in use; a ping the runtime
+never answers counts as sent (google-colab-cli AGENTS.md, verified live) and logs nothing
+alarming. After ``idle_timeout`` seconds without a running cell it stops, so an abandoned
+notebook stops burning compute units, and the next sign of use resumes it. Use is seen in the
+remote's messages (:meth:`observe`, which the backend's ``observe`` forwards from the proxy's
+I/O shell) and reported directly with :meth:`note_activity`. Owned and started by
+:class:`~cgpu_kernel.backends.colab.backend.ColabBackend`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ class KeepAlive:
         self.api = api
         self.interval = interval
         self.idle_timeout = idle_timeout
-        #: Keep-alive calls that Colab accepted (for ``status`` and tests).
+        #: Keep-alive calls sent: answered, or read timed out (which counts, see
+        #: :meth:`ColabAPI.keep_alive`), for ``status`` and tests.
         self.sent = 0
+        #: Of those, the ones Colab never answered.
+        self.unanswered = 0
         #: True while idleness has stopped the calls.
         self.paused = False
         self._last_activity = time.monotonic()
@@ -71,9 +76,9 @@ class KeepAlive:
                 await activity.wait()
                 continue
             self.paused = False
+            started = time.monotonic()
             try:
-                await self.api.keep_alive(endpoint)
-                self.sent += 1
+                answered = await self.api.keep_alive(endpoint)
             except ColabHTTPError as exc:
                 if exc.code == 404:
                     log.warning("Colab no longer knows the runtime: stopped its keep-alive")
@@ -81,12 +86,10 @@ class KeepAlive:
                 log.warning("keep-alive for the Colab runtime failed: %s", exc)
             except RemoteError as exc:
                 log.warning("keep-alive for the Colab runtime failed: %s", exc)
-            activity.clear()
-            try:
-                await asyncio.wait_for(activity.wait(), self.interval)
-                # activity during the wait: no extra call, just keep the rhythm
-                await asyncio.sleep(
-                    max(0.0, self.interval - (time.monotonic() - self._last_activity))
-                )
-            except asyncio.TimeoutError:
-                pass
+            else:
+                self.sent += 1
+                if not answered:
+                    self.unanswered += 1
+                    log.debug("keep-alive sent; Colab did not answer it (it often does not)")
+            # the rhythm is kept from each ping's start: a silent runtime does not stretch it
+            await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
