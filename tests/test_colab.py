@@ -1125,9 +1125,12 @@ def test_kernelspec_shell_command_leaves_a_clean_cell(colab: ColabDouble, colab_
 
 
 @needs_wiring
-def test_kernelspec_two_hour_session_compressed(colab: ColabDouble, kernel_dir: Path) -> None:
+def test_kernelspec_two_hour_session_compressed(
+    colab: ColabDouble, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Proxy tokens live 2 s instead of an hour; 8 s of cells = several lifetimes, each renewed
     from the dedicated endpoint while the listing keeps the first token."""
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
     colab.proxy_token_ttl = 2.0
     colab.close_websockets_on_expiry = True
     name = install_spec(
