@@ -259,7 +259,11 @@ def _status(state: str, parent_type: str = "execute_request") -> Message:
     )
 
 
-def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
+def test_keep_alive_is_sent_and_stops_when_idle(
+    colab: ColabDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+
     async def scenario() -> None:
         backend = make_backend(colab, keep_alive_interval=0.1, idle_timeout=1.0)
         try:
@@ -268,6 +272,9 @@ def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
             endpoint = backend.assignment.endpoint
             await eventually(lambda: colab.keep_alives[endpoint] >= 3)
             await eventually(lambda: backend.keep_alive_paused)
+            # announced once before it stopped (colab-vscode keep-alive.ts warns first)
+            warnings = [r.getMessage() for r in caplog.records if "stops in" in r.getMessage()]
+            assert len(warnings) == 1 and "idle-timeout" in warnings[0], warnings
             stopped_at = colab.keep_alives[endpoint]
             await asyncio.sleep(0.5)
             assert colab.keep_alives[endpoint] == stopped_at, "keep-alive went on while idle"

@@ -38,6 +38,8 @@ class KeepAlive:
         self.unanswered = 0
         #: True while idleness has stopped the calls.
         self.paused = False
+        #: True once the coming stop was announced (until the next sign of use).
+        self.warned = False
         self._last_activity = time.monotonic()
         self._busy = False
         self._activity: asyncio.Event | None = None
@@ -45,6 +47,7 @@ class KeepAlive:
     def note_activity(self) -> None:
         """The user did something (sent a cell): keep the runtime alive, resuming keep-alive."""
         self._last_activity = time.monotonic()
+        self.warned = False
         if self._activity is not None:
             self._activity.set()
 
@@ -59,11 +62,32 @@ class KeepAlive:
         """Seconds since the last sign of use; 0 while a cell runs."""
         return 0.0 if self._busy else time.monotonic() - self._last_activity
 
+    @property
+    def warn_before(self) -> float:
+        """How long before stopping the stop is announced: 5 minutes, at most a quarter of
+        the idle window (colab-vscode ``keep-alive.ts`` asks the user before it stops)."""
+        return min(300.0, self.idle_timeout / 4)
+
+    def _announce_stop(self) -> None:
+        """Once per idle stretch: keep-alive will stop soon, and how to keep the runtime."""
+        idle, left = self.idle_for(), self.idle_timeout - self.idle_for()
+        if self.warned or idle < self.idle_timeout - self.warn_before:
+            return
+        self.warned = True
+        log.warning(
+            "no cell has run for %.0f s: keep-alive for the Colab runtime stops in %.0f s, and"
+            " Colab may then reclaim it (its variables would be lost). Run a cell to keep it, or"
+            " raise idle_timeout (`--option idle-timeout=SECONDS`, CGPU_IDLE_TIMEOUT)",
+            idle,
+            max(left, 0.0),
+        )
+
     async def run(self, endpoint: str) -> None:
         """Keep ``endpoint`` alive until cancelled (or Colab no longer knows it)."""
         self._last_activity = time.monotonic()
         activity = self._activity = asyncio.Event()
         while True:
+            self._announce_stop()
             if self.idle_for() >= self.idle_timeout:
                 if not self.paused:
                     self.paused = True
