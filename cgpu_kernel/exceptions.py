@@ -180,6 +180,13 @@ class ColabQuotaError(ColabError):
     ename = "ColabQuotaExceeded"
 
 
+class ColabNotEntitledError(ColabQuotaError):
+    """HTTP 400 to an assignment with an accelerator: the account may not have it (tier or
+    quota; google-colab-cli ``session.py``). A kind of quota refusal, so fallbacks apply."""
+
+    ename = "ColabAcceleratorNotEntitled"
+
+
 class ColabDeniedError(ColabError):
     ename = "ColabAssignmentDenied"
 
@@ -201,8 +208,12 @@ class ColabRuntimeGoneError(RemoteKernelGoneError):
 class ColabHTTPError(RemoteProtocolError):
     """Colab answered with an HTTP status this code has no specific meaning for."""
 
-    def __init__(self, message: str, code: int, *, url: str | None = None) -> None:
+    def __init__(
+        self, message: str, code: int, *, url: str | None = None, reason: str = ""
+    ) -> None:
         super().__init__(message, url=url, status=code)
+        #: What the server said (a JSON ``message``, else the reason phrase).
+        self.reason = reason
 
     @property
     def code(self) -> int:

@@ -1,27 +1,56 @@
 """TEST DOUBLE of Google Colab's runtime service. This is NOT Colab and proves nothing about it.
 
-Written from ``../shared/FIELD-NOTES.md`` section 4 (the endpoint shapes public Colab clients
-use), because the real service cannot be reached from the test machines. What it reproduces:
+Written from ``../shared/FIELD-NOTES.md`` section 4 and from what Google's own clients send and
+expect: colab-vscode (``googlecolab/colab-vscode``, TypeScript: **VSC**), google-colab-cli
+(``googlecolab/google-colab-cli``, Python, whose ``AGENTS.md`` records what was verified live:
+**CLI**), colabtools (``googlecolab/colabtools``, the code inside the runtime: **CT**). The real
+service cannot be reached from the test machines. What it reproduces, and from where:
 
 * every ``tun/m`` call wants ``authuser=0``, ``Authorization: Bearer <access token>`` and
-  ``X-Colab-Client-Agent``; every JSON answer starts with the XSSI prefix ``)]}'`` + newline;
-* assignment: ``GET tun/m/assign?nbh=...`` returns the runtime already assigned to that notebook
-  hash, else an XSRF token that must come back in ``X-Goog-Colab-Token`` on the ``POST``;
-  outcomes (``outcome`` 1/2 no quota, 5 denied) and statuses (412 too many, 503 unavailable)
-  are configurable; L4 refuses an assignment without ``shape=hm``;
-* unassign (``GET`` then XSRF ``POST``), ``tun/m/assignments`` (each listing mints a fresh proxy
-  token), ``tun/m/runtime-proxy-token``, keep-alive accounting (``X-Colab-Tunnel: Google``);
-* credentials propagation with a dry run, XSRF ``POST``, and an ``unauthorized_redirect_uri``
-  that the test opens (standing in for the user) to grant access;
+  ``X-Colab-Client-Agent``; every JSON answer starts with the XSSI prefix ``)]}'`` + newline
+  (VSC ``src/colab/headers.ts``, ``client/v1/index.ts``; CLI ``client.py``). ``allowed_agents``
+  makes it refuse other agents with a 400 naming the client agent (invented wording: no client
+  documents how a refused agent is answered);
+* assignment (VSC ``client/v1/index.ts`` ``assign``/``buildAssignUrl``, ``api.ts``): ``GET
+  tun/m/assign?nbh=...`` returns the runtime already assigned to that notebook hash, else an
+  XSRF token that must come back in ``X-Goog-Colab-Token`` on the ``POST``; outcomes 1/2 (no
+  quota) and 5 (denied) per ``api.ts`` ``Outcome``; ``variant`` 1 for GPUs, 2 for TPUs, 0 CPU;
+  ``runtime_version_label`` accepted and recorded. L4 and TPUs come on one shape only
+  (``HIGHMEM_ONLY_ACCELERATORS``): a ``shape=hm`` for them is refused with 400 (Google's
+  clients never send it; the 400 is the issue's model, not observed);
+* refusals: HTTP 412 for ``assign_status=412`` (too many assignments: VSC ``assignments.ts``,
+  CLI ``client.py``) and per accelerator for ``usage_limited`` (a free account's GPU usage limit
+  while CPU works: reported in google-colab-cli issue 73, unverified); HTTP 400 for
+  ``not_entitled`` accelerators (CLI ``commands/session.py``); HTTP 503 for ``unavailable``
+  (VSC ``AcceleratorUnavailableError``);
+* unassign (``GET`` then XSRF ``POST``: VSC and CLI ``unassign``); ``tun/m/assignments`` (CLI
+  ``client.py``) lists each runtime with the proxy token issued **at assignment** (old, and
+  expired after its lifetime: no client refreshes from it);
+* ``tun/m/runtime-proxy-token?endpoint=&port=8080`` (VSC ``refreshConnection`` before 2026-02)
+  demands ``X-Colab-Tunnel: Google`` (400 without: CLI says so of ``/tun/m`` TFE paths) and
+  answers ``{token, tokenExpiresInSeconds, url}``;
+* keep-alive (VSC ``sendKeepAlive``, CLI ``keep_alive_assignment``) wants ``X-Colab-Tunnel:
+  Google``, counts every ping on arrival, and with ``keep_alive_answer_every`` (0: never, n:
+  every n-th) holds the others open without an answer, as the live runtime often does (CLI
+  AGENTS.md, verified live 2026-06-15);
+* credentials propagation (VSC ``src/auth/ephemeral.ts``, ``propagateCredentials``): GET for an
+  XSRF token, POST it; ``needs_user``: a dry run (and a real run) before consent answers
+  ``{success: false, unauthorized_redirect_uri}``, the test opens that URL (standing in for the
+  user), after which both succeed; every call is recorded in ``propagation_calls``;
 * the runtime proxy at ``runtimeProxyInfo.url`` (``/runtime/<endpoint>/``): it checks the
   short-lived ``X-Colab-Runtime-Proxy-Token`` on every REST call and WebSocket upgrade (an
   expired or unknown token gets 404, like a dead runtime, or 401 if configured), and proxies
   ``/api/...`` and the kernel channels WebSocket to a REAL jupyter-server. Optionally it closes
   a WebSocket when the token that opened it expires (the harshest thing a real proxy could do).
+  ``api/colab/resources`` answers in VSC's shape (``memory``, ``gpus[{memoryUsedBytes, ...}]``).
 
-:data:`COLAB_REQUEST_HELPER` is code for the *remote* ipykernel: it sends a real
-``colab_request`` on the kernel's stdin socket with the kernel's own session, the way
-``google.colab._message`` does, and blocks until the matching ``input_reply`` arrives.
+:data:`COLAB_REQUEST_HELPER` is code for the *remote* ipykernel that sends ``colab_request``
+the way colabtools does (CT ``google/colab/_message.py``): on **iopub**, a ``parent_header``
+holding only the session (``drive.mount``, ``auth.authenticate_user``) or the cell's full
+parent with no ``colab_msg_id`` (``_system_commands.py``'s fire-and-forget ``cell_*_stdin``
+around a ``!command``), and reads the answer from stdin as ``read_reply_from_input`` does (any
+message's ``content.value``; None on time-out; ``MessageError`` on ``error``). Written from
+those facts, not copied.
 
 The double runs its own tornado IOLoop in a thread, on 127.0.0.1 and a free port.
 """
@@ -29,6 +58,7 @@ The double runs its own tornado IOLoop in a thread, on 127.0.0.1 and a free port
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
@@ -45,45 +75,96 @@ from tornado.netutil import bind_sockets
 
 XSSI = b")]}'\n"
 
-COLAB_REQUEST_HELPER = r'''
-def colab_request(request_type, request, timeout=60.0):
-    """Send a colab_request on stdin as google.colab._message does; return the reply's data."""
-    import itertools, json, time
+COLAB_REQUEST_HELPER = r"""
+def _colab_messaging():
+    # The shape of colabtools' google/colab/_message.py (send_request, read_reply_from_input,
+    # blocking_request), written from its facts for a plain ipykernel.
+    import itertools, time
     import zmq
-    kernel = get_ipython().kernel
-    counter = globals().setdefault("_colab_msg_ids", itertools.count(1))
-    colab_msg_id = next(counter)
-    kernel.session.send(
-        kernel.stdin_socket,
-        "colab_request",
-        {"request": request},
-        kernel.get_parent("shell"),
-        ident=kernel._parent_ident["shell"],
-        metadata={"colab_request_type": request_type, "colab_msg_id": colab_msg_id},
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = zmq.select([kernel.stdin_socket], [], [], 0.05)
-        if not ready:
-            continue
-        _, reply = kernel.session.recv(kernel.stdin_socket)
-        if not reply or reply.get("msg_type") != "input_reply":
-            continue
-        value = reply["content"].get("value")
-        if isinstance(value, str):
+
+    class MessageError(Exception):
+        pass
+
+    ids = itertools.count(1)
+
+    def send_request(request_type, body, parent=None, expect_reply=True):
+        kernel = get_ipython().kernel
+        metadata = {"colab_request_type": request_type}
+        request_id = None
+        if expect_reply:
+            request_id = next(ids)
+            metadata["colab_msg_id"] = request_id  # an int
+        if parent is None:
+            cell = kernel.get_parent("shell")
+            parent = {"header": {"session": cell["header"]["session"]}} if cell else None
+        msg = kernel.session.msg(
+            "colab_request", content={"request": body}, metadata=metadata, parent=parent
+        )
+        kernel.session.send(kernel.iopub_socket, msg)
+        return request_id
+
+    def read_reply_from_input(request_id, timeout_sec=None):
+        kernel = get_ipython().kernel
+        deadline = time.time() + timeout_sec if timeout_sec else None
+        while deadline is None or time.time() < deadline:
             try:
-                value = json.loads(value)
-            except ValueError:
+                _, reply = kernel.session.recv(kernel.stdin_socket, zmq.NOBLOCK)
+            except Exception:
+                reply = None
+            value = reply.get("content", {}).get("value", "") if reply else None
+            if not isinstance(value, dict):
+                time.sleep(0.025)
                 continue
-        if not isinstance(value, dict) or value.get("type") != "colab_reply":
-            continue
-        if value.get("colab_msg_id") != colab_msg_id:
-            continue
-        if "error" in value:
-            raise RuntimeError("MessageError: " + str(value["error"]))
-        return value.get("data")
-    raise TimeoutError("no colab_reply within %s s" % timeout)
-'''
+            if value.get("type") == "colab_reply" and value.get("colab_msg_id") == request_id:
+                if "error" in value:
+                    raise MessageError(value["error"])
+                return value.get("data", None)
+        return None
+
+    def blocking_request(request_type, request="", timeout_sec=5, parent=None):
+        return read_reply_from_input(
+            send_request(request_type, request, parent=parent), timeout_sec
+        )
+
+    return MessageError, send_request, blocking_request
+
+
+MessageError, send_request, blocking_request = _colab_messaging()
+
+
+def drive_mount_request(timeout_ms=120000):
+    # drive.py _mount: request_auth dfs_ephemeral, session-only parent, timeout_ms/1000
+    return blocking_request(
+        "request_auth", {"authType": "dfs_ephemeral"}, timeout_sec=timeout_ms / 1000
+    )
+
+
+def authenticate_user_request():
+    # auth.py authenticate_user with USE_AUTH_EPHEM=1: auth_user_ephemeral, no timeout
+    return blocking_request("request_auth", {"authType": "auth_user_ephemeral"}, timeout_sec=None)
+
+
+def colab_request(request_type, request, timeout=60.0):
+    return blocking_request(request_type, request, timeout_sec=timeout)
+
+
+def shell_command(command):
+    # _system_commands.py _run_command: cell_display_stdin, cell_update_stdin (echo state),
+    # the output, cell_remove_stdin; fire-and-forget, with the cell's full parent
+    import subprocess, sys
+    cell = get_ipython().kernel.get_parent("shell")
+    send_request("cell_display_stdin", {"delayMillis": 500}, parent=cell, expect_reply=False)
+    send_request("cell_update_stdin", {"echo": True}, parent=cell, expect_reply=False)
+    out = subprocess.run(command, shell=True, capture_output=True, text=True).stdout
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    send_request("cell_remove_stdin", {}, parent=cell, expect_reply=False)
+"""
+
+
+#: Accelerators that come on one (high-memory) shape only (VSC ``api.ts``).
+HIGHMEM_ONLY = {"L4", "V28", "V5E1", "V6E1"}
+TPUS = {"V28", "V5E1", "V6E1"}
 
 
 @dataclass
@@ -93,6 +174,9 @@ class Runtime:
     accelerator: str
     shape: str
     created: float = field(default_factory=time.monotonic)
+    runtime_version: str = ""
+    #: ``runtimeProxyInfo`` issued at assignment: what the listing keeps returning
+    first_proxy_info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +208,10 @@ class ColabDouble:
         self.assign_status: int | None = None  # e.g. 412 or 503 on the POST
         self.unavailable: set[str] = set()  # accelerators answered with 503
         self.no_quota: set[str] = set()  # accelerators answered with outcome 2
+        self.usage_limited: set[str] = set()  # accelerators answered with 412 (free tier)
+        self.not_entitled: set[str] = set()  # accelerators answered with 400
+        self.allowed_agents: set[str] | None = None  # None: any non-empty agent
+        self.keep_alive_answer_every = 1  # 0: never answer; n: answer every n-th ping
         self.expired_status = 404
         self.close_websockets_on_expiry = False
         self.list_proxy_info = True  # False: listings lack runtimeProxyInfo
@@ -135,6 +223,10 @@ class ColabDouble:
         self.keep_alives: Counter[str] = Counter()
         self.granted: set[tuple[str, str]] = set()
         self.propagated: list[tuple[str, str]] = []
+        self.propagation_calls: list[tuple[str, bool]] = []  # (auth type, dry run) per POST
+        self.assign_queries: list[dict[str, str]] = []  # every POST assign's query
+        self.proxy_token_refreshes = 0
+        self.keep_alive_times: list[float] = []
         self.released: list[str] = []
         self.calls: list[tuple[str, str]] = []
         self.seen_headers: list[dict[str, str]] = []
@@ -192,6 +284,14 @@ class ColabDouble:
         self.assign_status = None
         self.unavailable.clear()
         self.no_quota.clear()
+        self.usage_limited.clear()
+        self.not_entitled.clear()
+        self.allowed_agents = None
+        self.keep_alive_answer_every = 1
+        self.propagation_calls.clear()
+        self.assign_queries.clear()
+        self.proxy_token_refreshes = 0
+        self.keep_alive_times.clear()
         self.expired_status = 404
         self.close_websockets_on_expiry = False
         self.list_proxy_info = True
@@ -218,17 +318,31 @@ class ColabDouble:
             "tokenExpiresInSeconds": self.proxy_token_ttl,
         }
 
+    def add_runtime(self, accelerator: str = "T4", *, nbh: str = "", shape: str = "") -> Runtime:
+        """A runtime assigned outside the kernel (Colab in a browser, another client)."""
+        accelerator = accelerator.upper()
+        endpoint = self.new_id(f"gpu-{accelerator.lower()}-s")
+        runtime = Runtime(
+            endpoint, nbh or ("browser_" + secrets.token_hex(16)).ljust(44, "."), accelerator, shape
+        )
+        runtime.first_proxy_info = self.mint_proxy_token(endpoint)
+        self.runtimes[endpoint] = runtime
+        return runtime
+
     def assignment_json(self, runtime: Runtime) -> dict[str, Any]:
+        """The POST assign answer (VSC ``api.ts`` assignment schema); the proxy info is the one
+        issued at assignment."""
+        accelerator = runtime.accelerator
         return {
-            "accelerator": runtime.accelerator,
+            "accelerator": accelerator,
             "endpoint": runtime.endpoint,
             "fit": 5400,
             "sub": 1,
             "subTier": 0,
             "outcome": 4,
-            "variant": 1 if runtime.accelerator != "NONE" else 0,
-            "machineShape": 1 if runtime.shape == "hm" else 0,
-            "runtimeProxyInfo": self.mint_proxy_token(runtime.endpoint),
+            "variant": 0 if accelerator == "NONE" else 2 if accelerator in TPUS else 1,
+            "machineShape": 1 if runtime.shape == "hm" or accelerator in HIGHMEM_ONLY else 0,
+            "runtimeProxyInfo": dict(runtime.first_proxy_info),
         }
 
     def expire_proxy_tokens(self) -> None:
@@ -286,8 +400,11 @@ class ColabHandler(web.RequestHandler):
         double.seen_headers.append(dict(self.request.headers))
         if self.get_query_argument("authuser", None) != "0":
             raise web.HTTPError(400, "authuser=0 missing")
-        if not self.request.headers.get("X-Colab-Client-Agent"):
+        agent = self.request.headers.get("X-Colab-Client-Agent")
+        if not agent:
             raise web.HTTPError(400, "X-Colab-Client-Agent missing")
+        if double.allowed_agents is not None and agent not in double.allowed_agents:
+            raise web.HTTPError(400, reason="Unknown client agent")
         auth = self.request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in double.access_tokens:
             raise web.HTTPError(401)
@@ -332,8 +449,17 @@ class AssignHandler(ColabHandler):
         nbh, accelerator, shape = self._query()
         self.take_xsrf(f"assign:{nbh}")
         double = self.double
+        double.assign_queries.append(
+            {k: self.get_query_argument(k) for k in self.request.arguments}
+        )
         if double.assign_status is not None:
             raise web.HTTPError(double.assign_status)
+        if shape == "hm" and accelerator in HIGHMEM_ONLY:
+            raise web.HTTPError(400, reason=f"{accelerator} has no high-memory shape")
+        if accelerator in double.not_entitled:
+            raise web.HTTPError(400)
+        if accelerator in double.usage_limited:
+            raise web.HTTPError(412)
         if accelerator in double.unavailable:
             raise web.HTTPError(503)
         if accelerator in double.no_quota:
@@ -342,19 +468,18 @@ class AssignHandler(ColabHandler):
         if double.outcome != 4:
             self.reply({"outcome": double.outcome})
             return
-        if accelerator == "L4" and shape != "hm":
-            raise web.HTTPError(400, "L4 needs shape=hm")
-        endpoint = double.new_id(f"gpu-{accelerator.lower()}-s")
-        runtime = Runtime(endpoint, nbh, accelerator, shape)
-        double.runtimes[endpoint] = runtime
+        runtime = double.add_runtime(accelerator, nbh=nbh, shape=shape)
+        runtime.runtime_version = self.get_query_argument("runtime_version_label", "")
         self.reply(double.assignment_json(runtime))
 
 
 class AssignmentsHandler(ColabHandler):
+    """``/tun/m/assignments`` (CLI ``client.py``): each runtime with its first proxy token."""
+
     def get(self) -> None:
         items = []
         for runtime in self.double.runtimes.values():
-            item = self.double.assignment_json(runtime)
+            item = self.double.assignment_json(runtime)  # the token issued at assignment
             for key in ("fit", "sub", "subTier", "outcome"):
                 item.pop(key)
             if not self.double.list_proxy_info:
@@ -364,13 +489,16 @@ class AssignmentsHandler(ColabHandler):
 
 
 class ProxyTokenHandler(ColabHandler):
+    """``/tun/m/runtime-proxy-token`` (VSC ``refreshConnection``, 2025-09..2026-02 form)."""
+
     def get(self) -> None:
+        if self.request.headers.get("X-Colab-Tunnel") != "Google":
+            raise web.HTTPError(400, "X-Colab-Tunnel: Google missing")
         endpoint = self.get_query_argument("endpoint", "")
         if self.get_query_argument("port", "") != "8080" or endpoint not in self.double.runtimes:
             raise web.HTTPError(404)
-        info = self.double.mint_proxy_token(endpoint)
-        ttl = f"{info['tokenExpiresInSeconds']}s"
-        self.reply({"token": info["token"], "tokenTtl": ttl, "url": info["url"]})
+        self.double.proxy_token_refreshes += 1
+        self.reply(self.double.mint_proxy_token(endpoint))
 
 
 class UnassignHandler(ColabHandler):
@@ -388,12 +516,27 @@ class UnassignHandler(ColabHandler):
 
 
 class KeepAliveHandler(ColabHandler):
-    def get(self, endpoint: str) -> None:
+    def initialize(self, double: ColabDouble) -> None:
+        super().initialize(double)
+        self.gone = asyncio.Event()
+
+    def on_connection_close(self) -> None:
+        self.gone.set()
+
+    async def get(self, endpoint: str) -> None:
         if self.request.headers.get("X-Colab-Tunnel") != "Google":
             raise web.HTTPError(400, "X-Colab-Tunnel: Google missing")
         if endpoint not in self.double.runtimes:
             raise web.HTTPError(404)
-        self.double.keep_alives[endpoint] += 1
+        double = self.double
+        double.keep_alives[endpoint] += 1  # recorded on arrival, as the front door does
+        double.keep_alive_times.append(time.monotonic())
+        every = double.keep_alive_answer_every
+        if every <= 0 or double.keep_alives[endpoint] % every:
+            # the runtime never answers: hold the request until the client gives up
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.gone.wait(), 120)
+            return
         self.reply({})
 
 
@@ -414,6 +557,7 @@ class PropagationHandler(ColabHandler):
         auth_type, dryrun = self._args(endpoint)
         self.take_xsrf(f"propagate:{endpoint}:{auth_type}")
         double = self.double
+        double.propagation_calls.append((auth_type, dryrun))
         if double.credentials_mode == "error":
             raise web.HTTPError(500)
         if double.credentials_mode == "needs_user" and (endpoint, auth_type) not in double.granted:
@@ -527,9 +671,19 @@ class ResourcesHandler(RuntimeHandlerMixin, web.RequestHandler):
 
     def get(self, endpoint: str) -> None:
         self.check_proxy_token(endpoint)
-        data = {
-            "ram": {"usage": 3 * 2**30, "limit": 12 * 2**30},
-            "gpu": {"usage": 2**30, "limit": 15 * 2**30},
+        data = {  # VSC's resources schema
+            "memory": {"totalBytes": 12 * 2**30, "freeBytes": 9 * 2**30},
+            "disks": [],
+            "gpus": [
+                {
+                    "name": "Tesla T4",
+                    "memoryUsedBytes": 2**30,
+                    "memoryTotalBytes": 15 * 2**30,
+                    "gpuUtilization": 0,
+                    "memoryUtilization": 0,
+                    "everUsed": True,
+                }
+            ],
         }
         self.finish(XSSI + json.dumps(data).encode())
 

@@ -12,6 +12,7 @@ backend is wired into ``proxy.kernel`` and ``kernelspec``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import (
     ColabAuthError,
     ColabDeniedError,
+    ColabError,
+    ColabNotEntitledError,
     ColabQuotaError,
     ColabTooManyRuntimesError,
     ColabUnavailableError,
@@ -182,7 +185,7 @@ def test_every_call_carries_colab_headers(colab: ColabDouble) -> None:
     ("setup", "error", "advice"),
     [
         (lambda d: setattr(d, "outcome", 1), ColabQuotaError, "no quota"),
-        (lambda d: setattr(d, "outcome", 2), ColabQuotaError, "--gpu-fallback"),
+        (lambda d: setattr(d, "outcome", 2), ColabQuotaError, "--option gpu-fallback=T4"),
         (lambda d: setattr(d, "outcome", 5), ColabDeniedError, "denied"),
         (lambda d: setattr(d, "assign_status", 412), ColabTooManyRuntimesError, "release"),
         (lambda d: d.unavailable.add("T4"), ColabUnavailableError, "Try again"),
@@ -218,9 +221,10 @@ def test_fallback_only_when_the_user_allowed_it(colab: ColabDouble) -> None:
         try:
             await lenient.start_kernel()
             assert lenient.assignment is not None
-            # L4 needs a high-memory machine: shape=hm went with it, so the double agreed
+            # L4 comes on one (high-memory) machine: asked for with no shape (VSC buildAssignUrl)
             assert lenient.assignment.accelerator == "L4"
             assert lenient.assignment.machine_shape == "1"
+            assert "shape" not in colab.assign_queries[-1]
         finally:
             await lenient.shutdown_kernel()
             await lenient.close()
@@ -255,7 +259,11 @@ def _status(state: str, parent_type: str = "execute_request") -> Message:
     )
 
 
-def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
+def test_keep_alive_is_sent_and_stops_when_idle(
+    colab: ColabDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+
     async def scenario() -> None:
         backend = make_backend(colab, keep_alive_interval=0.1, idle_timeout=1.0)
         try:
@@ -264,6 +272,9 @@ def test_keep_alive_is_sent_and_stops_when_idle(colab: ColabDouble) -> None:
             endpoint = backend.assignment.endpoint
             await eventually(lambda: colab.keep_alives[endpoint] >= 3)
             await eventually(lambda: backend.keep_alive_paused)
+            # announced once before it stopped (colab-vscode keep-alive.ts warns first)
+            warnings = [r.getMessage() for r in caplog.records if "stops in" in r.getMessage()]
+            assert len(warnings) == 1 and "idle-timeout" in warnings[0], warnings
             stopped_at = colab.keep_alives[endpoint]
             await asyncio.sleep(0.5)
             assert colab.keep_alives[endpoint] == stopped_at, "keep-alive went on while idle"
@@ -466,7 +477,13 @@ async def _run_on_kernel(backend: ColabBackend, code: str) -> tuple[list[Message
             msg = Message.build(data["channel"], *parts)
             backend.observe(msg)
             if backend.intercepts(msg):
-                content = await backend.answer_kernel_request(msg, notices.append)
+
+                def notify(text: str, *, link: str | None = None) -> None:
+                    notices.append(text if link is None else f"{text} {link}")
+
+                content = await backend.answer_kernel_request(msg, notify)
+                if content is None:  # fire-and-forget: no answer
+                    continue
                 send(
                     Message.build(
                         "stdin", make_header("input_reply", session), msg.header, content=content
@@ -533,8 +550,8 @@ def test_colab_request_errors_reach_the_cell(
         try:
             outputs, notices = await _run_on_kernel(backend, call_code(request_type, request_body))
             (error,) = _errors(outputs)
-            assert error.startswith("MessageError") and expected in error
-            assert any(expected in n for n in notices)
+            assert expected in error  # raised as colabtools' MessageError in the cell
+            assert [n for n in notices if expected in n], "no notice in the cell"
             assert colab.propagated == []
         finally:
             await backend.shutdown_kernel()
@@ -546,27 +563,40 @@ def test_colab_request_errors_reach_the_cell(
 def test_colab_request_needing_the_user_shows_the_url_in_the_cell(
     colab: ColabDouble, tmp_path: Path
 ) -> None:
+    """auth.authenticate_user() as colabtools sends it (iopub, session-only parent): the
+    consent link reaches the running cell as HTML and text, the cell goes on once the user
+    consented, with one real propagation (colab-vscode ephemeral.ts)."""
     colab.credentials_mode = "needs_user"
     backend = make_backend(colab, auth_wait=120.0)
-    code = call_code("request_auth", {"authType": "auth_user_ephemeral"})
+    code = COLAB_REQUEST_HELPER + "\nprint('reply:', authenticate_user_request())"
     with proxy_kernel(backend, tmp_path) as kc:
         msg_id = kc.execute(code)
-        url = None
-        deadline = time.monotonic() + WAIT
-        while url is None and time.monotonic() < deadline:
-            msg = kc.get_iopub_msg(timeout=WAIT)
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
-                found = re.search(r"http://127\.0\.0\.1:\d+/consent/\S+", msg["content"]["text"])
-                url = found.group(0) if found else None
-        assert url is not None, "the authorization URL was not shown in the cell"
+        shown = wait_for_consent_link(kc, msg_id)
         assert colab.propagated == []
-        with urllib.request.urlopen(url, timeout=10) as response:  # the user opens it
+        with urllib.request.urlopen(shown, timeout=10) as response:  # the user opens it
             assert response.status == 200
         outputs = collect_iopub(kc, msg_id, timeout=WAIT)
         assert "reply: None" in stdout_of(outputs)
         texts = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
         assert "access to your Google account granted" in texts
     assert [auth_type for _, auth_type in colab.propagated] == ["auth_user_ephemeral"]
+    assert [dry for _, dry in colab.propagation_calls].count(False) == 1, "one real run"
+
+
+def wait_for_consent_link(kc: BlockingKernelClient, msg_id: str, within: float = 15.0) -> str:
+    """The consent URL shown in the cell ``msg_id`` as a display_data (a link in HTML, the URL
+    in text/plain), within ``within`` seconds of the request."""
+    deadline = time.monotonic() + within
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id or msg["msg_type"] != "display_data":
+            continue
+        data = msg["content"]["data"]
+        found = re.search(r'href="(http://127\.0\.0\.1:\d+/consent/[^"]+)"', data["text/html"])
+        assert found, data
+        url = found.group(1)
+        assert url in data["text/plain"]
+        return url
 
 
 def test_colab_request_times_out_with_a_clear_error(colab: ColabDouble) -> None:
@@ -836,3 +866,338 @@ def test_nbclient_runs_the_quickstart_through_colab(colab: ColabDouble, colab_sp
     assert "Hello from the remote kernel" in text
     assert "squares still here: [49, 64, 81]" in text
     assert len(colab.released) == 1
+
+
+# --- issue 14: Colab as Google's own clients speak it ------------------------------------------
+
+
+def test_relay_gives_a_session_only_request_to_the_running_cell() -> None:
+    """colabtools' request_auth has parent ``{session}`` only (CT ``_message.py``): the relay
+    attributes it to the oldest unanswered execute_request of that session."""
+    from cgpu_kernel.core.actions import AnswerRemoteRequest
+    from cgpu_kernel.core.relay import Relay
+
+    relay = Relay("proxy", intercept=lambda msg: msg.msg_type == "colab_request")
+    relay.remote_connected()
+    cells = []
+    for session in ("other-frontend", "frontend", "frontend"):
+        cell = Message.build(
+            "shell", make_header("execute_request", session), content={"code": "x"}
+        )
+        relay.frontend_message("shell", (b"id",), cell)
+        cells.append(cell)
+
+    def asked(parent: dict[str, Any]) -> Message | None:
+        request = Message.build(
+            "iopub",
+            make_header("colab_request", "kernel"),
+            parent,
+            {"colab_request_type": "request_auth", "colab_msg_id": 1},
+            {"request": {"authType": "dfs_ephemeral"}},
+        )
+        (action,) = relay.remote_message(request)
+        assert isinstance(action, AnswerRemoteRequest)
+        return action.request.msg if action.request is not None else None
+
+    assert asked({"session": "frontend"}) is cells[1]
+    assert asked({"session": "unknown"}) is cells[0]  # no cell of that session: the running one
+    assert asked(cells[2].header) is cells[2]  # a full parent: by id
+    assert asked({}) is cells[0]
+
+
+def test_no_shape_for_l4_and_tpus_and_a_pinned_runtime_version(colab: ColabDouble) -> None:
+    """VSC ``buildAssignUrl``: ``shape=hm`` only for two-shape accelerators; the double refuses
+    it for L4/TPUs. ``runtime_version_label`` goes with every assign call when pinned."""
+
+    async def scenario() -> None:
+        for gpu, variant in (("L4", "GPU"), ("V5E1", "TPU"), ("v6e1", "TPU")):
+            backend = make_backend(colab, gpu=gpu, high_memory=True, runtime_version="2025.07")
+            try:
+                await backend.start_kernel()
+                query = colab.assign_queries[-1]
+                assert "shape" not in query and query["variant"] == variant
+                assert query["accelerator"] == gpu.upper()
+                assert query["runtime_version_label"] == "2025.07"
+            finally:
+                await backend.shutdown_kernel()
+                await backend.close()
+        backend = make_backend(colab, gpu="A100", high_memory=True)
+        try:
+            await backend.start_kernel()
+            assert colab.assign_queries[-1]["shape"] == "hm"
+            assert "runtime_version_label" not in colab.assign_queries[-1]
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "words"),
+    [
+        (lambda d: d.not_entitled.add("A100"), ColabNotEntitledError, "entitlement"),
+        (lambda d: d.usage_limited.add("A100"), ColabTooManyRuntimesError, "usage limit"),
+    ],
+    ids=["400-not-entitled", "412-usage-limit"],
+)
+def test_400_and_412_have_their_meanings_and_fall_back(
+    colab: ColabDouble, setup: Callable[[ColabDouble], None], error: type[Exception], words: str
+) -> None:
+    setup(colab)
+    strict = make_backend(colab, gpu="A100")
+    with pytest.raises(error) as refused:
+        run(strict.start_kernel())
+    run(strict.close())
+    message = str(refused.value)
+    assert words in message and "--option gpu-fallback=T4" in message
+    assert "--gpu-fallback" not in message  # `cgpu-kernel install` has no such flag
+    assert colab.runtimes == {}
+
+    async def scenario() -> None:
+        lenient = make_backend(colab, gpu="A100", fallback=["none"])
+        try:
+            await lenient.start_kernel()
+            assert lenient.assignment is not None and lenient.assignment.accelerator == "NONE"
+        finally:
+            await lenient.shutdown_kernel()
+            await lenient.close()
+
+    run(scenario())
+
+
+def test_proxy_tokens_come_from_the_dedicated_endpoint_never_the_listing(
+    colab: ColabDouble,
+) -> None:
+    """The listing returns the token issued at assignment (old); refreshes use
+    ``runtime-proxy-token`` with ``X-Colab-Tunnel: Google`` (the double 400s without it)."""
+    colab.proxy_token_ttl = 1.0
+
+    async def scenario() -> None:
+        backend = make_backend(colab)
+        try:
+            await backend.start_kernel()
+            assert backend.assignment is not None and backend.assignment.proxy is not None
+            first = backend.assignment.proxy.token
+            await eventually(lambda: colab.proxy_token_refreshes >= 3)
+            listed = (await backend.api.assignments())[0]["runtimeProxyInfo"]["token"]
+            assert listed == first, "the double's listing must keep the first token"
+            assert backend.assignment.proxy.token != first
+            refused = colab.refused_proxy_calls
+            assert await backend.kernel_health() is KernelHealth.ALIVE
+            assert colab.refused_proxy_calls == refused
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+
+
+def test_keep_alive_that_is_never_answered_keeps_its_cadence_quietly(
+    colab: ColabDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CLI AGENTS.md (verified live): the runtime often never answers; a read time-out is a
+    ping sent. Short timeout, no warning, cadence from each ping's start."""
+    caplog.set_level(logging.DEBUG)
+
+    async def scenario(answer_every: int) -> None:
+        colab.keep_alive_answer_every = answer_every
+        colab.keep_alive_times.clear()
+        backend = make_backend(colab, keep_alive_interval=0.4, keep_alive_timeout=0.25)
+        try:
+            await backend.start_kernel()
+            await eventually(lambda: backend.keep_alives_sent >= 6)
+            times = colab.keep_alive_times[:6]
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert max(gaps) < 0.4 + 0.2, gaps  # 0.4 s apart, not 0.4 + the 0.25 s wait
+            assert backend.keepalive.unanswered >= (5 if answer_every == 0 else 2)
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario(0))
+    run(scenario(2))
+    alarming = [r for r in caplog.records if "keep-alive" in r.getMessage()]
+    assert all(r.levelno < logging.WARNING for r in alarming), [r.getMessage() for r in alarming]
+
+
+def test_client_agent_is_a_setting_and_a_refusal_names_it(
+    colab: ColabDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    colab.allowed_agents = {"colab-cli"}  # the double's stand-in for a refused agent
+    backend = make_backend(colab)
+    with pytest.raises(ColabError) as refused:
+        run(backend.start_kernel())
+    run(backend.close())
+    assert "colab-client-agent" in str(refused.value) and "CGPU_COLAB_CLIENT_AGENT" in str(
+        refused.value
+    )
+
+    monkeypatch.setenv("CGPU_COLAB_CLIENT_AGENT", "colab-cli")
+    options = ProxyKernel()
+    assert options.colab_client_agent == "colab-cli"
+
+    async def scenario() -> None:
+        backend = make_backend(colab, client_agent=options.colab_client_agent)
+        try:
+            await backend.start_kernel()
+            request = backend.websocket_request("s")
+            assert request.headers["X-Colab-Client-Agent"] == "colab-cli"
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
+
+    run(scenario())
+    assert colab.seen_headers[-1]["X-Colab-Client-Agent"] == "colab-cli"
+
+
+# --- through the installed kernelspec ------------------------------------------------------------
+
+
+def _define_helper(kc: BlockingKernelClient) -> None:
+    reply, _ = run_cell(kc, COLAB_REQUEST_HELPER, timeout=120)
+    assert reply["content"]["status"] == "ok"
+
+
+@needs_wiring
+def test_kernelspec_drive_mount_consent_reaches_the_running_cell(
+    colab: ColabDouble, colab_spec: str
+) -> None:
+    """drive.mount()'s request as colabtools sends it: the consent link shows in the running
+    cell within seconds, and the answer comes inside drive.mount's own 120 s."""
+    colab.credentials_mode = "needs_user"
+    km, kc = start_kernel(colab_spec)
+    try:
+        _define_helper(kc)
+        asked = time.monotonic()
+        msg_id = kc.execute("print('reply:', drive_mount_request())")
+        url = wait_for_consent_link(kc, msg_id)
+        assert time.monotonic() - asked < 15
+        with urllib.request.urlopen(url, timeout=10) as response:  # the user consents
+            assert response.status == 200
+        outputs = collect_iopub(kc, msg_id, timeout=WAIT)
+        assert time.monotonic() - asked < 100
+        assert stdout_of(outputs) == "reply: None\n"
+        assert [m for m in outputs if m["msg_type"] == "error"] == []
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert [auth_type for _, auth_type in colab.propagated] == ["dfs_ephemeral"]
+    assert [dry for _, dry in colab.propagation_calls].count(False) == 1
+
+
+@needs_wiring
+def test_kernelspec_authenticate_user_when_already_authorized(
+    colab: ColabDouble, colab_spec: str
+) -> None:
+    km, kc = start_kernel(colab_spec)
+    try:
+        _define_helper(kc)
+        _, outputs = run_cell(kc, "print('reply:', authenticate_user_request())", timeout=120)
+        assert stdout_of(outputs) == "reply: None\n"
+        assert [m["msg_type"] for m in outputs if m["msg_type"] in ("stream", "display_data")] == [
+            "stream"
+        ]  # just the print: no notice
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert [dry for _, dry in colab.propagation_calls] == [True, False]
+
+
+STRAY_STDIN = """
+import time, zmq
+time.sleep(1.0)
+_kernel = get_ipython().kernel
+_stray = []
+while _kernel.stdin_socket.poll(0):
+    _stray.append(_kernel.session.recv(_kernel.stdin_socket)[1])
+print('stray:', len(_stray))
+"""
+
+
+@needs_wiring
+def test_kernelspec_shell_command_leaves_a_clean_cell(colab: ColabDouble, colab_spec: str) -> None:
+    """`!echo hi` traffic (CT ``_system_commands.py``): cell_display_stdin, cell_update_stdin,
+    cell_remove_stdin without colab_msg_id get no reply and no notice."""
+    km, kc = start_kernel(colab_spec)
+    try:
+        _define_helper(kc)
+        reply, outputs = run_cell(kc, "shell_command('echo hi')" + STRAY_STDIN, timeout=120)
+        assert reply["content"]["status"] == "ok"
+        shown = [m for m in outputs if m["msg_type"] in ("stream", "display_data", "error")]
+        assert [m["content"].get("text") for m in shown] == ["hi\n", "stray: 0\n"], shown
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+
+
+@needs_wiring
+def test_kernelspec_two_hour_session_compressed(
+    colab: ColabDouble, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proxy tokens live 2 s instead of an hour; 8 s of cells = several lifetimes, each renewed
+    from the dedicated endpoint while the listing keeps the first token."""
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
+    colab.proxy_token_ttl = 2.0
+    colab.close_websockets_on_expiry = True
+    name = install_spec(
+        kernel_dir,
+        "cgpu-test-colab-long",
+        "colab",
+        extra=[f"--ProxyKernel.colab_url={colab.url}", "--ProxyKernel.keep_alive_interval=1"],
+    )
+    km, kc = start_kernel(name)
+    try:
+        started = time.monotonic()
+        count = 0
+        while time.monotonic() - started < 8:
+            reply, outputs = run_cell(kc, f"n = {count}\nprint(n * 2)", timeout=120)
+            assert reply["content"]["status"] == "ok" and stdout_of(outputs) == f"{count * 2}\n"
+            count += 1
+            time.sleep(0.5)
+        reply, outputs = run_cell(
+            kc, "import time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.1)"
+        )
+        assert stdout_of(outputs) == "".join(f"{i}\n" for i in range(30))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert colab.proxy_token_refreshes >= 4
+    assert sum(colab.keep_alives.values()) >= 5
+    assert len(colab.released) == 1
+
+
+@needs_wiring
+def test_kernelspec_attaches_to_an_existing_runtime_and_leaves_it(
+    colab: ColabDouble,
+    kernel_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cgpu_kernel.cli import build_parser
+
+    runtime = colab.add_runtime("T4")  # started in Colab in a browser
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
+    args = build_parser().parse_args(["status", "--colab-url", colab.url])
+    assert args.func(args) == 0
+    assert runtime.endpoint in capsys.readouterr().out
+    name = install_spec(
+        kernel_dir,
+        "cgpu-test-colab-attach",
+        "colab",
+        extra=[
+            f"--ProxyKernel.colab_url={colab.url}",
+            f"--ProxyKernel.colab_endpoint={runtime.endpoint}",
+        ],
+    )
+    calls_before = len(colab.calls)
+    km, kc = start_kernel(name)
+    try:
+        _, outputs = run_cell(kc, "print('attached')", timeout=120)
+        assert stdout_of(outputs) == "attached\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    time.sleep(1.0)
+    assert list(colab.runtimes) == [runtime.endpoint] and colab.released == []
+    assert ("POST", "/tun/m/assign") not in colab.calls[calls_before:], "it assigned one"

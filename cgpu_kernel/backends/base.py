@@ -47,6 +47,12 @@ class WebSocketTarget:
     handshake_timeout: float = 20.0
 
 
+class Notify(Protocol):
+    """Shows a line from the proxy in the output of the cell a remote request belongs to."""
+
+    def __call__(self, text: str, *, link: str | None = None) -> None: ...
+
+
 class BackendOptions(Protocol):
     """The options a backend reads in :meth:`Backend.from_options`.
 
@@ -78,6 +84,12 @@ class BackendOptions(Protocol):
     def idle_timeout(self) -> float: ...
     @property
     def colab_auth_wait(self) -> float: ...
+    @property
+    def colab_client_agent(self) -> str: ...
+    @property
+    def colab_runtime_version(self) -> str: ...
+    @property
+    def colab_endpoint(self) -> str: ...
 
     def token_provider(self) -> Callable[[], str | None]:
         """Reads the remote server's token anew on each call (token file, else CGPU_TOKEN)."""
@@ -140,13 +152,13 @@ class Backend(abc.ABC):
         (keep-alive). Keep it cheap.
         """
 
-    async def answer_kernel_request(
-        self, msg: Message, notify: Callable[[str], None]
-    ) -> dict[str, Any]:
-        """The ``input_reply`` content answering an intercepted ``msg``.
+    async def answer_kernel_request(self, msg: Message, notify: Notify) -> dict[str, Any] | None:
+        """The ``input_reply`` content answering an intercepted ``msg``; None when the kernel
+        expects no answer (Colab's fire-and-forget requests), so nothing is sent.
 
-        ``notify(text)`` shows a short line in the cell's output (an authorization URL the user
-        must open, say). Only called for messages :meth:`intercepts` claimed.
+        ``notify(text, link=...)`` shows a short line in the cell's output (``link``: a URL the
+        user must open, shown clickable where the frontend renders HTML). Only called for
+        messages :meth:`intercepts` claimed.
         """
         raise NotImplementedError
 

@@ -19,6 +19,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from cgpu_kernel.backends.colab import auth
 from cgpu_kernel.backends.colab.api import (
     CLIENT_AGENT,
+    CLIENT_AGENT_ENV,
     CLIENT_AGENT_HEADER,
     PROXY_TOKEN_HEADER,
     ColabAPI,
@@ -28,6 +29,15 @@ from cgpu_kernel.backends.jupyter import JupyterServerClient
 from cgpu_kernel.exceptions import CgpuError, RemoteError
 
 COLAB_URL_ENV = "CGPU_COLAB_URL"
+
+
+def _client_agent() -> str:
+    """``X-Colab-Client-Agent`` for the commands: CGPU_COLAB_CLIENT_AGENT, else ours."""
+    return os.environ.get(CLIENT_AGENT_ENV, "").strip() or CLIENT_AGENT
+
+
+def _api(colab_url: str) -> ColabAPI:
+    return ColabAPI(auth.load_tokens(), colab_url, client_agent=_client_agent())
 
 
 def register(commands: Any) -> None:
@@ -141,11 +151,15 @@ def _status(args: argparse.Namespace) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    print(
+        "Attach a kernel to one with `cgpu-kernel install --backend colab --option"
+        " colab-endpoint=ENDPOINT` (an attached runtime is never released at shutdown)."
+    )
     return 0
 
 
 async def _list_runtimes(colab_url: str) -> list[dict[str, Any]]:
-    api = ColabAPI(auth.load_tokens(), colab_url)
+    api = _api(colab_url)
     try:
         rows = []
         for item in await api.assignments():
@@ -160,8 +174,8 @@ async def _list_runtimes(colab_url: str) -> list[dict[str, Any]]:
                 "gpu_memory": "?",
             }
             try:
-                proxy = RuntimeProxy.parse(item.get("runtimeProxyInfo"), api.base_url)
-                proxy = proxy or await api.runtime_proxy(endpoint)
+                # the dedicated endpoint, never the listing's token (it may be the old one)
+                proxy = await api.proxy_token(endpoint)
                 if proxy is not None:
                     row.update(await _runtime_details(proxy))
             except CgpuError as exc:
@@ -177,7 +191,7 @@ async def _runtime_details(proxy: RuntimeProxy) -> dict[str, Any]:
     client = JupyterServerClient(
         proxy.url,
         None,
-        extra_headers={PROXY_TOKEN_HEADER: proxy.token, CLIENT_AGENT_HEADER: CLIENT_AGENT},
+        extra_headers={PROXY_TOKEN_HEADER: proxy.token, CLIENT_AGENT_HEADER: _client_agent()},
     )
     details: dict[str, Any] = {}
     try:
@@ -241,7 +255,7 @@ def _release(args: argparse.Namespace) -> int:
 
 
 async def _release_async(colab_url: str, endpoints: list[str], everything: bool) -> int:
-    api = ColabAPI(auth.load_tokens(), colab_url)
+    api = _api(colab_url)
     try:
         if everything:
             endpoints = [str(item.get("endpoint")) for item in await api.assignments()]

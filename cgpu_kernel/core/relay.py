@@ -29,6 +29,7 @@ Rules the relay enforces:
 
 from __future__ import annotations
 
+import html
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -457,8 +458,7 @@ class Relay:
             return []
         # a pure predicate (Backend.intercepts): answering is the I/O shell's, via the action
         if self.intercept is not None and self.intercept(msg):
-            parent_id = msg.parent_id
-            return [AnswerRemoteRequest(msg, self._inflight.get(parent_id) if parent_id else None)]
+            return [AnswerRemoteRequest(msg, self._asking_cell(msg))]
         if msg.channel == "iopub":
             if msg.msg_type in ("comm_open", "comm_close"):
                 self._comm_event(msg)
@@ -487,6 +487,24 @@ class Relay:
                 self._kernel_info = msg.content
         return [SendToFrontend(msg.channel, request.identities, msg)]
 
+    def _asking_cell(self, msg: Message) -> Request | None:
+        """The frontend request a remote kernel's own request (``colab_request``) belongs to.
+
+        Matched by parent id when the kernel names its cell. colabtools (``google/colab/
+        _message.py``, ``send_request``) gives the requests of ``drive.mount()`` and
+        ``auth.authenticate_user()`` a parent that holds only the session: those belong to the
+        cell running now, which is the oldest ``execute_request`` without a reply (a kernel runs
+        its cells in order), preferring the cells of that session. None when no cell runs.
+        """
+        parent_id = msg.parent_id
+        if parent_id:
+            return self._inflight.get(parent_id)
+        cells = [r for r in self._inflight.values() if r.msg.msg_type == "execute_request"]
+        session = msg.parent_header.get("session")
+        same_session = [r for r in cells if r.msg.header.get("session") == session]
+        running = same_session or cells
+        return running[0] if running else None
+
     def answer_remote(self, asked: Message, content: JsonDict) -> list[Action]:
         """Send the backend's answer to ``asked`` back to the remote kernel (on stdin)."""
         answer = self._make("stdin", "input_reply", content, asked)
@@ -496,12 +514,29 @@ class Relay:
         self._queue.append(request)
         return []
 
-    def notice(self, request: Request | None, text: str) -> list[Action]:
-        """A short message from the proxy in the output of ``request``'s cell."""
+    def notice(
+        self, request: Request | None, text: str, *, link: str | None = None
+    ) -> list[Action]:
+        """A short message from the proxy in the output of ``request``'s cell.
+
+        With ``link`` (a URL the user must open, such as Colab's Drive consent) it is a
+        ``display_data``: a clickable link in frontends that render HTML, the text and the URL
+        in those that show ``text/plain`` only.
+        """
         if request is None:
-            log.warning("%s", text)
+            log.warning("%s%s", text, f" {link}" if link else "")
             return []
-        return [self._notice(request.msg, text)]
+        if link is None:
+            return [self._notice(request.msg, text)]
+        data = {
+            "text/plain": f"{text}\n{link}",
+            "text/html": (
+                f'<p>{html.escape(text)}<br><a href="{html.escape(link, quote=True)}"'
+                f' target="_blank" rel="noopener">{html.escape(link)}</a></p>'
+            ),
+        }
+        content: JsonDict = {"data": data, "metadata": {}, "transient": {}}
+        return [Publish(self._make("iopub", "display_data", content, request.msg))]
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -305,15 +305,16 @@ class ProxyKernelRun:
             self.perform(self.relay.interrupt_finished(request, error))
 
     async def _answer_remote(self, msg: Message, request: Request | None) -> None:
-        def notify(text: str) -> None:
-            self.perform(self.relay.notice(request, text))
+        def notify(text: str, *, link: str | None = None) -> None:
+            self.perform(self.relay.notice(request, text, link=link))
 
         try:
             content = await self.backend.answer_kernel_request(msg, notify)
         except CgpuError as exc:
             notify(f"cgpu-kernel: {exc}")
             content = {"value": {"type": "error", "error": str(exc)}}
-        self.perform(self.relay.answer_remote(msg, content))
+        if content is not None:  # None: the kernel expects no answer
+            self.perform(self.relay.answer_remote(msg, content))
 
     async def _shutdown(self, request: Request, restart: bool) -> None:
         self._stopping = self._shutting_down = True

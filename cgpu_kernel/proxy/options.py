@@ -184,19 +184,21 @@ class ProxyKernel(EnvConfigurable):
     gpu = Unicode(
         "T4",
         config=True,
-        help="""Accelerator of the Colab runtime: T4, L4, A100, H100, a TPU such as V28, or
-        none for a CPU runtime.""",
+        help="""Accelerator of the Colab runtime: T4, L4, G4, A100, H100, a TPU (V5E1, V6E1),
+        or none for a CPU runtime.""",
     ).tag(env="CGPU_GPU")
     high_memory = Bool(
         False,
         config=True,
-        help="Ask Colab for a high-memory machine (implied for L4 and TPUs).",
+        help="""Ask Colab for a high-memory machine (shape=hm). L4 and TPUs come on one machine
+        only and ignore it.""",
     ).tag(env="CGPU_HIGH_MEMORY")
     gpu_fallback = Unicode(
         "",
         config=True,
-        help="""Comma-separated accelerators to try, in order, when the chosen one has no
-        quota or is unavailable. Empty: no fallback.""",
+        help="""Comma-separated accelerators to try, in order, when the chosen one is refused
+        (no quota, not entitled, usage limit or too many runtimes, unavailable); `none` is a
+        CPU runtime. Empty: no fallback.""",
     ).tag(env="CGPU_GPU_FALLBACK")
     keep_runtime = Bool(
         False,
@@ -214,9 +216,11 @@ class ProxyKernel(EnvConfigurable):
         notebook stops using compute units; the next cell resumes it.""",
     ).tag(env="CGPU_IDLE_TIMEOUT")
     colab_auth_wait = Float(
-        300.0,
+        100.0,
         config=True,
-        help="Seconds drive.mount() waits for you to open the authorization URL.",
+        help="""Seconds drive.mount() and auth.authenticate_user() wait for you to allow access
+        at the authorization URL. For Drive at most 100 s: drive.mount() itself gives up at
+        120 s.""",
     ).tag(env="CGPU_COLAB_AUTH_WAIT")
     colab_notebook_key = Unicode(
         "",
@@ -224,6 +228,25 @@ class ProxyKernel(EnvConfigurable):
         help="""Which Colab runtime is this notebook's: kernels with the same key share one.
         Default: the connection file, so a restarted kernel finds its runtime again.""",
     ).tag(env="CGPU_COLAB_NOTEBOOK_KEY")
+    colab_client_agent = Unicode(
+        "cgpu-kernel",
+        config=True,
+        help="""What the X-Colab-Client-Agent header says to Colab. Google's own clients send
+        fixed values (vscode, colab-cli); try one if Colab refuses ours.""",
+    ).tag(env="CGPU_COLAB_CLIENT_AGENT")
+    colab_runtime_version = Unicode(
+        "",
+        config=True,
+        help="""Pin the Colab runtime version (runtime_version_label, e.g. a label Colab
+        offers). Empty: the latest.""",
+    ).tag(env="CGPU_COLAB_RUNTIME_VERSION")
+    colab_endpoint = Unicode(
+        "",
+        config=True,
+        help="""Attach to this existing Colab runtime (an endpoint `cgpu-kernel status` lists,
+        e.g. one started in a browser) instead of assigning one; it is never released at
+        shutdown.""",
+    ).tag(env="CGPU_COLAB_ENDPOINT")
 
     def token_provider(self) -> Callable[[], str | None]:
         """Reads the remote server's token anew on each call (see :func:`read_token`)."""

@@ -6,6 +6,10 @@
 two-step for writes, and retries once with a refreshed access token after a 401. What the
 answers mean is parsed in :mod:`.models`; :mod:`.backend` decides what to do with them, and
 ``cgpu-kernel status``/``release`` (:mod:`cgpu_kernel.cli.colab`) call it directly.
+
+Each call follows one of Google's own clients (named at the call): colab-vscode
+(``src/colab/client/v1/index.ts``, ``src/colab/headers.ts``) and google-colab-cli
+(``client.py``, ``commands/session.py``, its ``AGENTS.md`` for what was verified live).
 """
 
 from __future__ import annotations
@@ -35,17 +39,30 @@ from cgpu_kernel.exceptions import (
     ColabDeniedError,
     ColabError,
     ColabHTTPError,
+    ColabNotEntitledError,
     ColabQuotaError,
     ColabTooManyRuntimesError,
     ColabUnavailableError,
+    RemoteUnreachableError,
 )
 
-#: What ``X-Colab-Client-Agent`` says.
+#: What ``X-Colab-Client-Agent`` says by default (the ``colab_client_agent`` setting changes it).
+#: Google's clients send fixed values the server maps: colab-vscode ``src/colab/headers.ts``
+#: ``vscode``, google-colab-cli ``client.py`` ``colab-cli``; what it does with ours is unknown.
 CLIENT_AGENT = "cgpu-kernel"
+CLIENT_AGENT_ENV = "CGPU_COLAB_CLIENT_AGENT"
 PROXY_TOKEN_HEADER = "X-Colab-Runtime-Proxy-Token"  # noqa: S105 - a header name
 CLIENT_AGENT_HEADER = "X-Colab-Client-Agent"
 XSRF_HEADER = "X-Goog-Colab-Token"
 TUNNEL_HEADER = "X-Colab-Tunnel"
+#: Seconds a keep-alive waits for an answer: google-colab-cli ``KEEP_ALIVE_TIMEOUT`` (its
+#: AGENTS.md, verified live: the runtime often never answers; a read time-out is a ping sent).
+KEEP_ALIVE_TIMEOUT = 10.0
+#: How to allow a fallback, in every refusal that a fallback would have avoided.
+FALLBACK_HINT = (
+    "allow fallbacks with `--option gpu-fallback=T4` on `cgpu-kernel install` (the"
+    " gpu_fallback setting, or CGPU_GPU_FALLBACK; `none` falls back to a CPU runtime)"
+)
 
 
 def _google_refused(status: int, url: str) -> ColabAuthError:
@@ -58,7 +75,28 @@ def _google_refused(status: int, url: str) -> ColabAuthError:
 
 
 def _colab_http_error(method: str, url: str, status: int, reason: str) -> ColabHTTPError:
-    return ColabHTTPError(f"{method} Colab ({url}) failed with HTTP {status}.", status, url=url)
+    return ColabHTTPError(
+        f"{method} Colab ({url}) failed with HTTP {status} ({reason}).",
+        status,
+        url=url,
+        reason=reason,
+    )
+
+
+def agent_hint(agent: str) -> str:
+    """What to try when Colab may be refusing our ``X-Colab-Client-Agent``."""
+    return (
+        f" If Colab refuses the client agent {agent!r}, set another with"
+        " `--option colab-client-agent=colab-cli` (the colab_client_agent setting, or"
+        f" {CLIENT_AGENT_ENV})."
+    )
+
+
+def looks_like_agent_refusal(exc: ColabHTTPError) -> bool:
+    """A 400 or 403 whose reason names the client or its agent. No Google client documents how
+    the service words a refused agent, so this is a guess kept narrow."""
+    reason = exc.reason.lower()
+    return exc.code in (400, 403) and ("agent" in reason or "client" in reason)
 
 
 #: Colab as the HTTP seam names it in errors (each call names its path, see ``ColabAPI.call``).
@@ -84,12 +122,14 @@ class ColabAPI:
         validate_cert: bool = True,
         ca_certs: str | None = None,
         request_timeout: float = 60.0,
+        keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
     ) -> None:
         self.tokens = tokens
         self.base_url = check_service_url(base_url, "Colab")
-        self.client_agent = client_agent
+        self.client_agent = client_agent or CLIENT_AGENT
         self.tls = TLSOptions(validate_cert, ca_certs)
         self.request_timeout = request_timeout
+        self.keep_alive_timeout = keep_alive_timeout
         self._http = AsyncHTTPClient(force_instance=True)
 
     async def call(
@@ -98,10 +138,17 @@ class ColabAPI:
         path: str,
         query: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
     ) -> Any:
-        """One call; decoded JSON. A refused access token is refreshed and retried once."""
+        """One call; decoded JSON. A refused access token is refreshed and retried once.
+
+        ``timeout`` (seconds) overrides ``request_timeout`` for this call. A 403, or a 400
+        whose reason names the client, also says which setting changes the client agent.
+        """
         url = self.base_url + path + "?" + urlencode({"authuser": "0", **(query or {})})
         where = f"Colab ({self.base_url}{path})"
+        request_timeout = self.request_timeout if timeout is None else timeout
         for attempt in range(2):
             token = await self.tokens.access_token(refresh=attempt > 0)
             request = build_request(
@@ -116,14 +163,27 @@ class ColabAPI:
                 body=b"" if method == "POST" else None,
                 tls=self.tls,
                 follow_redirects=False,
-                connect_timeout=min(20.0, self.request_timeout),
-                request_timeout=self.request_timeout,
+                connect_timeout=min(20.0, request_timeout),
+                request_timeout=request_timeout,
             )
             try:
                 response = await fetch(self._http, request, COLAB_SERVICE, name=where)
             except ColabAuthError as exc:
                 if exc.status == 401 and attempt == 0:
                     continue  # an expired access token: refresh it and try once more
+                if exc.status == 403:
+                    raise ColabAuthError(
+                        str(exc) + agent_hint(self.client_agent), status=403, url=exc.url
+                    ) from None
+                raise
+            except ColabHTTPError as exc:
+                if looks_like_agent_refusal(exc):
+                    raise ColabHTTPError(
+                        str(exc) + agent_hint(self.client_agent),
+                        exc.code,
+                        url=exc.url,
+                        reason=exc.reason,
+                    ) from None
                 raise
             return parse_json(response.body or b"", where)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -138,9 +198,15 @@ class ColabAPI:
             )
         return await self.call("POST", path, query, {XSRF_HEADER: xsrf})
 
-    async def assign(self, nbh: str, accelerator: str, high_memory: bool) -> Assignment:
-        """The runtime for ``nbh``: the one already assigned, else a new one."""
-        query = assignment_query(nbh, accelerator, high_memory)
+    async def assign(
+        self, nbh: str, accelerator: str, high_memory: bool, runtime_version: str = ""
+    ) -> Assignment:
+        """The runtime for ``nbh``: the one already assigned, else a new one.
+
+        colab-vscode ``client/v1/index.ts`` ``assign``: a GET answer with an XSRF ``token`` means
+        "not yet", any other is the existing assignment; the POST's ``outcome`` per ``api.ts``.
+        """
+        query = assignment_query(nbh, accelerator, high_memory, runtime_version)
         try:
             got = await self.call("GET", "tun/m/assign", query)
             if isinstance(got, dict) and "endpoint" in got:
@@ -153,7 +219,7 @@ class ColabAPI:
                 )
             posted = await self.call("POST", "tun/m/assign", query, {XSRF_HEADER: xsrf})
         except ColabHTTPError as exc:
-            raise _assign_http_error(exc.code, accelerator) from None
+            raise _assign_http_error(exc, accelerator, self.client_agent) from None
         if not isinstance(posted, dict):
             raise ColabAPIChangedError(
                 "Colab's assignment answer is not an object", url=self.base_url + "tun/m/assign"
@@ -164,8 +230,8 @@ class ColabAPI:
                 f"Colab has no quota for a {label(accelerator)} runtime for this account right"
                 f" now (outcome {outcome}): the free usage limit or the compute units are used"
                 " up. Wait and try again later, choose another accelerator (--gpu, or --gpu none"
-                " for a CPU runtime), allow fallbacks with --gpu-fallback, or add compute units"
-                " at https://colab.research.google.com/signup."
+                f" for a CPU runtime), {FALLBACK_HINT}, or add compute units at"
+                " https://colab.research.google.com/signup."
             )
         if outcome == OUTCOME_DENIED:
             raise ColabDeniedError(
@@ -180,44 +246,81 @@ class ColabAPI:
         return Assignment.parse(posted, self.base_url, reused=False)
 
     async def assignments(self) -> list[dict[str, Any]]:
+        """``GET tun/m/assignments`` (google-colab-cli ``client.py``): this account's runtimes."""
         data = await self.call("GET", "tun/m/assignments")
         items = data.get("assignments", []) if isinstance(data, dict) else data
         return [item for item in items or [] if isinstance(item, dict)]
 
-    async def runtime_proxy(self, endpoint: str) -> RuntimeProxy | None:
-        """A fresh proxy token for ``endpoint``; None when Colab no longer lists it."""
-        for item in await self.assignments():
-            if item.get("endpoint") != endpoint:
-                continue
-            proxy = RuntimeProxy.parse(item.get("runtimeProxyInfo"), self.base_url)
-            if proxy is not None:
-                return proxy
+    async def listed(self, endpoint: str) -> bool:
+        """Whether the assignments listing still names ``endpoint``. Its tokens are not used:
+        no Google client refreshes from the listing, which may carry the first, old token."""
+        return any(item.get("endpoint") == endpoint for item in await self.assignments())
+
+    async def proxy_token(self, endpoint: str) -> RuntimeProxy | None:
+        """A fresh runtime proxy token from the dedicated endpoint; None on 404 (gone).
+
+        ``GET tun/m/runtime-proxy-token?endpoint=<ep>&port=8080`` with ``X-Colab-Tunnel:
+        Google`` (colab-vscode ``client/v1/index.ts`` ``refreshConnection`` before it moved to
+        colab.pa.googleapis.com, which refuses ordinary user tokens per google-colab-cli
+        AGENTS.md). Accepts ``tokenExpiresInSeconds`` (a number) and ``tokenTtl`` (``"3600s"``).
+        """
+        path = "tun/m/runtime-proxy-token"
+        try:
             data = await self.call(
-                "GET", "tun/m/runtime-proxy-token", {"endpoint": endpoint, "port": "8080"}
+                "GET", path, {"endpoint": endpoint, "port": "8080"}, {TUNNEL_HEADER: "Google"}
             )
-            proxy = RuntimeProxy.parse(data, self.base_url)
-            if proxy is None:
-                raise ColabAPIChangedError(
-                    "Colab gave no runtime proxy token",
-                    url=self.base_url + "tun/m/runtime-proxy-token",
-                )
-            return proxy
-        return None
+        except ColabHTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+        proxy = RuntimeProxy.parse(data, self.base_url)
+        if proxy is None:
+            raise ColabAPIChangedError(
+                "Colab gave no runtime proxy token", url=self.base_url + path
+            )
+        return proxy
+
+    async def runtime_proxy(self, endpoint: str) -> RuntimeProxy | None:
+        """A fresh proxy token for ``endpoint``; None when Colab no longer lists it.
+
+        The listing first (colab-vscode re-lists before each refresh:
+        ``AssignmentManager.refreshConnection``), then :meth:`proxy_token`.
+        """
+        if not await self.listed(endpoint):
+            return None
+        return await self.proxy_token(endpoint)
 
     async def unassign(self, endpoint: str) -> None:
+        """``GET`` then XSRF ``POST`` of ``tun/m/unassign/<endpoint>`` (both Google clients)."""
         await self._xsrf_post(f"tun/m/unassign/{quote(check_name(endpoint, 'endpoint'))}")
 
-    async def keep_alive(self, endpoint: str) -> None:
-        await self.call(
-            "GET",
-            f"tun/m/{quote(check_name(endpoint, 'endpoint'))}/keep-alive/",
-            headers={TUNNEL_HEADER: "Google"},
-        )
+    async def keep_alive(self, endpoint: str) -> bool:
+        """One keep-alive ping; True when answered, False when the answer did not come.
+
+        ``GET tun/m/<endpoint>/keep-alive/`` with ``X-Colab-Tunnel: Google`` (colab-vscode
+        ``sendKeepAlive``, google-colab-cli ``keep_alive_assignment``). The front door records
+        the activity before forwarding and the runtime often never answers (google-colab-cli
+        AGENTS.md, verified live): a read time-out after ``keep_alive_timeout`` seconds is a
+        ping sent. Refused connections, DNS and TLS errors, and HTTP errors still raise.
+        """
+        try:
+            await self.call(
+                "GET",
+                f"tun/m/{quote(check_name(endpoint, 'endpoint'))}/keep-alive/",
+                headers={TUNNEL_HEADER: "Google"},
+                timeout=self.keep_alive_timeout,
+            )
+        except RemoteUnreachableError as exc:
+            if "during request" in str(exc):  # tornado: connected and sent, no answer in time
+                return False
+            raise
+        return True
 
     async def propagate_credentials(
         self, endpoint: str, auth_type: str, *, dryrun: bool
     ) -> dict[str, Any]:
-        """``{success, unauthorized_redirect_uri?}`` from Colab's credentials propagation."""
+        """``{success, unauthorized_redirect_uri?}`` from Colab's credentials propagation
+        (colab-vscode ``propagateCredentials``: GET for a token, POST it back)."""
         result = await self._xsrf_post(
             f"tun/m/credentials-propagation/{quote(check_name(endpoint, 'endpoint'))}",
             {
@@ -236,20 +339,34 @@ class ColabAPI:
         self._http.close()
 
 
-def _assign_http_error(code: int, accelerator: str) -> ColabError:
+def _assign_http_error(exc: ColabHTTPError, accelerator: str, agent: str) -> ColabError:
+    """What an HTTP status from ``tun/m/assign`` means, per Google's clients."""
+    code, what = exc.code, label(accelerator)
     if code == 412:
+        # colab-vscode assignments.ts / google-colab-cli client.py: TooManyAssignmentsError;
+        # for free accounts also reported as the GPU usage-limit refusal (CPU still works).
         return ColabTooManyRuntimesError(
-            "This account already has as many Colab runtimes as Colab allows (HTTP 412). Release"
-            " one with `cgpu-kernel release ENDPOINT` (`cgpu-kernel status` lists them) or in"
-            " Colab's Runtime > Manage sessions, then run the cell again."
+            f"Colab refused a {what} runtime (HTTP 412): this account has as many runtimes"
+            " assigned as Colab allows, or (free accounts) its GPU usage limit is reached while"
+            " CPU runtimes still work. Release a runtime with `cgpu-kernel release ENDPOINT`"
+            " (`cgpu-kernel status` lists them) or in Colab's Runtime > Manage sessions, wait,"
+            f" or {FALLBACK_HINT}; then run the cell again."
+        )
+    if code == 400 and accelerator != "none" and not looks_like_agent_refusal(exc):
+        # google-colab-cli commands/session.py: a 400 with an accelerator = not entitled
+        return ColabNotEntitledError(
+            f"Colab rejected the accelerator {what} (HTTP 400): this account may not have quota"
+            " or entitlement for it (some need Colab Pro). Choose another with --gpu (e.g. T4),"
+            f" --gpu none for a CPU runtime, or {FALLBACK_HINT}."
         )
     if code == 503:
+        # colab-vscode: AcceleratorUnavailableError, the one status its own fallback follows
         return ColabUnavailableError(
-            f"Colab has no {label(accelerator)} available right now (HTTP 503). Try again in a"
-            " few minutes, choose another accelerator with --gpu, or allow fallbacks with"
-            " --gpu-fallback."
+            f"Colab has no {what} available right now (HTTP 503). Try again in a few minutes,"
+            f" choose another accelerator with --gpu, or {FALLBACK_HINT}."
         )
+    hint = "" if looks_like_agent_refusal(exc) else agent_hint(agent)
     return ColabError(
-        f"Colab refused to assign a {label(accelerator)} runtime (HTTP {code}). Check"
-        " `cgpu-kernel auth status`, try again later, or check for a newer cgpu-kernel."
+        f"Colab refused to assign a {what} runtime: {exc} Check `cgpu-kernel auth status`,"
+        " try again later, or check for a newer cgpu-kernel." + hint
     )

@@ -12,14 +12,17 @@ What it does, in order:
 * **Assignment.** ``GET tun/m/assign?nbh=...`` returns the runtime already assigned to this
   notebook hash (reused: no second runtime is paid for), or an XSRF token that a ``POST`` of the
   same URL with ``X-Goog-Colab-Token`` turns into a new assignment. The accelerator comes from
-  ``gpu`` (``T4``, ``L4``, ``A100``, ``H100``, ... or ``none``), high memory from ``high_memory``
-  (``shape=hm``, implied for L4 and TPUs); other accelerators are tried only when the user listed
-  them in ``fallback``. Each refusal (no quota, denied, too many runtimes, accelerator
-  unavailable) is its own error that says what to do.
+  ``gpu`` (``T4``, ``L4``, ``G4``, ``A100``, ``H100``, TPUs ``V5E1``/``V6E1``, or ``none``), high
+  memory from ``high_memory`` (``shape=hm``, never sent for L4 and TPUs, which come on one machine
+  only: colab-vscode ``buildAssignUrl``); other accelerators are tried only when the user listed
+  them in ``fallback``. Each refusal (no quota, not entitled (400), denied, too many runtimes or
+  usage limit (412), accelerator unavailable (503)) is its own error that says what to do.
+  ``colab_endpoint`` attaches to a runtime that already exists instead (never released).
 * **The runtime** is a Jupyter server at ``runtimeProxyInfo.url``: a :class:`JupyterBackend`
   does the kernel REST calls and builds the WebSocket request, with
   ``X-Colab-Runtime-Proxy-Token`` and ``X-Colab-Client-Agent`` in its ``extra_headers`` (never
-  in a URL). The proxy token is short-lived: a background task renews it ahead of expiry, and
+  in a URL). The proxy token is short-lived: a background task renews it ahead of expiry from
+  the dedicated ``runtime-proxy-token`` endpoint (never from the listing), and
   a 401/404 from the runtime is never taken for a dead runtime before the assignments have been
   listed again (an expired token answers exactly like a deleted runtime).
 * **Keep-alive.** ``GET tun/m/<endpoint>/keep-alive/`` every ``keep_alive_interval`` seconds
@@ -48,10 +51,17 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from cgpu_kernel.backends.base import Backend, BackendOptions, KernelHealth, WebSocketTarget
+from cgpu_kernel.backends.base import (
+    Backend,
+    BackendOptions,
+    KernelHealth,
+    Notify,
+    WebSocketTarget,
+)
 from cgpu_kernel.backends.colab.api import (
     CLIENT_AGENT,
     CLIENT_AGENT_HEADER,
+    KEEP_ALIVE_TIMEOUT,
     PROXY_TOKEN_HEADER,
     ColabAPI,
 )
@@ -63,6 +73,8 @@ from cgpu_kernel.backends.colab.models import (
     AccessTokens,
     Assignment,
     RuntimeProxy,
+    check_name,
+    ignores_high_memory,
     label,
     normalize_accelerator,
     notebook_hash,
@@ -74,7 +86,9 @@ from cgpu_kernel.exceptions import (
     ColabError,
     ColabQuotaError,
     ColabRuntimeGoneError,
+    ColabTooManyRuntimesError,
     ColabUnavailableError,
+    ConfigurationError,
     RemoteAuthError,
     RemoteError,
     RemoteKernelGoneError,
@@ -104,19 +118,36 @@ class ColabBackend(Backend):
         keep_alive_interval: float = 60.0,
         idle_timeout: float = 3600.0,
         token_refresh_margin: float = 300.0,
-        auth_wait: float = 300.0,
+        auth_wait: float = 100.0,
         auth_poll_interval: float = 3.0,
         validate_cert: bool = True,
         ca_certs: str | None = None,
         client_agent: str = CLIENT_AGENT,
+        runtime_version: str = "",
+        endpoint: str = "",
+        keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
     ) -> None:
+        client_agent = client_agent.strip() or CLIENT_AGENT
         self.api = ColabAPI(
             tokens,
             colab_url,
             client_agent=client_agent,
             validate_cert=validate_cert,
             ca_certs=ca_certs,
+            keep_alive_timeout=keep_alive_timeout,
         )
+        #: ``runtime_version_label`` to pin (colab-vscode ``buildAssignUrl``); empty: latest.
+        self.runtime_version = runtime_version.strip()
+        #: An existing runtime to attach to instead of assigning one (never released by us).
+        self.attach_endpoint = endpoint.strip()
+        if self.attach_endpoint:
+            try:
+                check_name(self.attach_endpoint, "endpoint")
+            except RemoteError:
+                raise ConfigurationError(
+                    f"colab_endpoint {endpoint!r} is not a Colab endpoint name (`cgpu-kernel"
+                    " status` lists this account's runtimes)."
+                ) from None
         self.gpu = normalize_accelerator(gpu)
         self.fallback = [a for a in map(normalize_accelerator, fallback) if a != self.gpu]
         self.high_memory = high_memory
@@ -157,17 +188,43 @@ class ColabBackend(Backend):
             auth_wait=options.colab_auth_wait,
             validate_cert=options.validate_cert,
             ca_certs=options.ca_certs or None,
+            client_agent=options.colab_client_agent,
+            runtime_version=options.colab_runtime_version,
+            endpoint=options.colab_endpoint,
         )
 
     # --- assignment -----------------------------------------------------------------------------
 
-    async def assign(self) -> Assignment:
-        """Get a runtime: the one already assigned to this notebook hash, else a new one."""
+    async def _attach(self) -> Assignment:
+        """The runtime ``colab_endpoint`` names, from this account's listing (a runtime started
+        in a browser or by another kernel); its proxy token from the dedicated endpoint."""
+        endpoint = self.attach_endpoint
+        for item in await self.api.assignments():
+            if item.get("endpoint") == endpoint:
+                assignment = Assignment.parse(item, self.api.base_url, reused=True, attached=True)
+                assignment.proxy = None  # the listing's token may be the first, old one
+                return assignment
+        raise ColabRuntimeGoneError(
+            f"The Colab runtime {endpoint} (colab_endpoint) is not assigned to this account."
+            " `cgpu-kernel status` lists the runtimes you can attach to; clear colab_endpoint"
+            " to have one assigned."
+        )
+
+    async def _assign_with_fallback(self) -> Assignment:
+        """The first accelerator of ``[gpu, *fallback]`` Colab assigns (refusals that another
+        accelerator may not get: quota, not entitled (400), 412, unavailable (503))."""
         refused: list[ColabError] = []
         for accelerator in [self.gpu, *self.fallback]:
+            if self.high_memory and ignores_high_memory(accelerator):
+                log.warning(
+                    "%s comes on one machine shape only: asking without high memory (shape)",
+                    accelerator,
+                )
             try:
-                assignment = await self.api.assign(self.nbh, accelerator, self.high_memory)
-            except (ColabQuotaError, ColabUnavailableError) as exc:
+                assignment = await self.api.assign(
+                    self.nbh, accelerator, self.high_memory, self.runtime_version
+                )
+            except (ColabQuotaError, ColabUnavailableError, ColabTooManyRuntimesError) as exc:
                 refused.append(exc)
                 if self.fallback:
                     log.warning("%s", exc)
@@ -181,15 +238,27 @@ class ColabBackend(Backend):
                 f"Colab assigned none of the accelerators allowed ({tried}). The last refusal:"
                 f" {refused[-1]}"
             )
-        if assignment.proxy is None:
-            assignment.proxy = await self.api.runtime_proxy(assignment.endpoint)
-            if assignment.proxy is None:
+        return assignment
+
+    async def assign(self) -> Assignment:
+        """Get a runtime: ``colab_endpoint``'s, the one already assigned to this notebook hash,
+        else a new one. A reused or attached runtime's token comes from the dedicated
+        endpoint (an old one may come with it)."""
+        if self.attach_endpoint:
+            assignment = await self._attach()
+        else:
+            assignment = await self._assign_with_fallback()
+        if assignment.proxy is None or assignment.reused:
+            fresh = await self.api.proxy_token(assignment.endpoint)
+            if fresh is None:
                 raise ColabRuntimeGoneError(
-                    "Colab assigned a runtime and then no longer listed it. Run the cell again."
+                    f"Colab no longer has the runtime {assignment.endpoint}. Run the cell again."
                 )
+            assignment.proxy = fresh
+        how = "reusing" if assignment.reused else "assigned"
         log.info(
             "%s Colab runtime %s (%s)",
-            "reusing" if assignment.reused else "assigned",
+            "attached to" if assignment.attached else how,
             assignment.endpoint,
             label(assignment.accelerator),
         )
@@ -217,7 +286,8 @@ class ColabBackend(Backend):
         }
 
     async def refresh_proxy_token(self) -> bool:
-        """List the assignments again for a fresh proxy token; False when the runtime is gone.
+        """A fresh proxy token from the dedicated endpoint, once the listing says the runtime is
+        still assigned (:meth:`ColabAPI.runtime_proxy`); False when the runtime is gone.
 
         Raises :class:`RemoteError` when Colab could not say (unreachable, credentials).
         """
@@ -367,8 +437,14 @@ class ColabBackend(Backend):
         if self.assignment is None:
             return  # the runtime itself is gone: nothing to release
         endpoint = assignment.endpoint
-        if restart or self.keep_runtime:
-            why = "restarting" if restart else "keep_runtime is set"
+        if restart or self.keep_runtime or assignment.attached:
+            why = (
+                "restarting"
+                if restart
+                else "keep_runtime is set"
+                if self.keep_runtime
+                else "this kernel attached to it, did not assign it"
+            )
             log.info("keeping the Colab runtime %s (%s)", endpoint, why)
             self._drop_assignment()
             return
@@ -457,12 +533,9 @@ class ColabBackend(Backend):
                 log.warning("could not renew the Colab runtime proxy token: %s", exc)
                 await asyncio.sleep(min(30.0, max(1.0, proxy.lifetime / 10)))
 
-    async def answer_kernel_request(
-        self, msg: Message, notify: Callable[[str], None]
-    ) -> dict[str, Any]:
-        """Answer Colab's ``colab_request`` (:mod:`.credentials`); a request during a cell is
-        use, so keep-alive hears of it."""
-        if msg.parent_header.get("msg_type") == "execute_request":
-            self.note_activity()
+    async def answer_kernel_request(self, msg: Message, notify: Notify) -> dict[str, Any] | None:
+        """Answer Colab's ``colab_request`` (:mod:`.credentials`; None: no answer expected); a
+        request during a cell is use, so keep-alive hears of it."""
+        self.note_activity()  # code is running in the runtime
         endpoint = self.assignment.endpoint if self.assignment else None
         return await self.credentials.answer(msg, endpoint, notify)

@@ -1,12 +1,14 @@
 """Keep-alive for a Colab runtime: calls while the notebook is in use, silence once it idles.
 
 Colab reclaims a runtime nobody keeps alive. :class:`KeepAlive` calls ``tun/m/<endpoint>/
-keep-alive/`` every ``interval`` seconds while the kernel is in use; after ``idle_timeout``
-seconds without a running cell it stops, so an abandoned notebook stops burning compute units,
-and the next sign of use resumes it. Use is seen in the remote's messages (:meth:`observe`,
-which the backend's ``observe`` forwards from the proxy's I/O shell) and reported directly with
-:meth:`note_activity`. Owned and started by :class:`~cgpu_kernel.backends.colab.backend.
-ColabBackend`.
+keep-alive/`` every ``interval`` seconds (from one ping's start to the next: google-colab-cli
+pings every 60 s, colab-vscode every 5 min) while the kernel is in use; a ping the runtime
+never answers counts as sent (google-colab-cli AGENTS.md, verified live) and logs nothing
+alarming. After ``idle_timeout`` seconds without a running cell it stops, so an abandoned
+notebook stops burning compute units, and the next sign of use resumes it. Use is seen in the
+remote's messages (:meth:`observe`, which the backend's ``observe`` forwards from the proxy's
+I/O shell) and reported directly with :meth:`note_activity`. Owned and started by
+:class:`~cgpu_kernel.backends.colab.backend.ColabBackend`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ class KeepAlive:
         self.api = api
         self.interval = interval
         self.idle_timeout = idle_timeout
-        #: Keep-alive calls that Colab accepted (for ``status`` and tests).
+        #: Keep-alive calls sent: answered, or read timed out (which counts, see
+        #: :meth:`ColabAPI.keep_alive`), for ``status`` and tests.
         self.sent = 0
+        #: Of those, the ones Colab never answered.
+        self.unanswered = 0
         #: True while idleness has stopped the calls.
         self.paused = False
+        #: True once the coming stop was announced (until the next sign of use).
+        self.warned = False
         self._last_activity = time.monotonic()
         self._busy = False
         self._activity: asyncio.Event | None = None
@@ -40,6 +47,7 @@ class KeepAlive:
     def note_activity(self) -> None:
         """The user did something (sent a cell): keep the runtime alive, resuming keep-alive."""
         self._last_activity = time.monotonic()
+        self.warned = False
         if self._activity is not None:
             self._activity.set()
 
@@ -54,11 +62,32 @@ class KeepAlive:
         """Seconds since the last sign of use; 0 while a cell runs."""
         return 0.0 if self._busy else time.monotonic() - self._last_activity
 
+    @property
+    def warn_before(self) -> float:
+        """How long before stopping the stop is announced: 5 minutes, at most a quarter of
+        the idle window (colab-vscode ``keep-alive.ts`` asks the user before it stops)."""
+        return min(300.0, self.idle_timeout / 4)
+
+    def _announce_stop(self) -> None:
+        """Once per idle stretch: keep-alive will stop soon, and how to keep the runtime."""
+        idle, left = self.idle_for(), self.idle_timeout - self.idle_for()
+        if self.warned or idle < self.idle_timeout - self.warn_before:
+            return
+        self.warned = True
+        log.warning(
+            "no cell has run for %.0f s: keep-alive for the Colab runtime stops in %.0f s, and"
+            " Colab may then reclaim it (its variables would be lost). Run a cell to keep it, or"
+            " raise idle_timeout (`--option idle-timeout=SECONDS`, CGPU_IDLE_TIMEOUT)",
+            idle,
+            max(left, 0.0),
+        )
+
     async def run(self, endpoint: str) -> None:
         """Keep ``endpoint`` alive until cancelled (or Colab no longer knows it)."""
         self._last_activity = time.monotonic()
         activity = self._activity = asyncio.Event()
         while True:
+            self._announce_stop()
             if self.idle_for() >= self.idle_timeout:
                 if not self.paused:
                     self.paused = True
@@ -71,9 +100,9 @@ class KeepAlive:
                 await activity.wait()
                 continue
             self.paused = False
+            started = time.monotonic()
             try:
-                await self.api.keep_alive(endpoint)
-                self.sent += 1
+                answered = await self.api.keep_alive(endpoint)
             except ColabHTTPError as exc:
                 if exc.code == 404:
                     log.warning("Colab no longer knows the runtime: stopped its keep-alive")
@@ -81,12 +110,10 @@ class KeepAlive:
                 log.warning("keep-alive for the Colab runtime failed: %s", exc)
             except RemoteError as exc:
                 log.warning("keep-alive for the Colab runtime failed: %s", exc)
-            activity.clear()
-            try:
-                await asyncio.wait_for(activity.wait(), self.interval)
-                # activity during the wait: no extra call, just keep the rhythm
-                await asyncio.sleep(
-                    max(0.0, self.interval - (time.monotonic() - self._last_activity))
-                )
-            except asyncio.TimeoutError:
-                pass
+            else:
+                self.sent += 1
+                if not answered:
+                    self.unanswered += 1
+                    log.debug("keep-alive sent; Colab did not answer it (it often does not)")
+            # the rhythm is kept from each ping's start: a silent runtime does not stretch it
+            await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))

@@ -20,10 +20,12 @@ from cgpu_kernel.exceptions import ColabAPIChangedError, ConfigurationError, Rem
 
 DEFAULT_COLAB_URL = "https://colab.research.google.com/"
 XSSI_PREFIX = b")]}'"
-#: Accelerators Colab has offered; others are passed through as typed (uppercased).
-GPUS = ("T4", "L4", "A100", "H100")
-TPUS = ("V28", "V5E1", "V6E1")
-#: Accelerators that only come on a high-memory machine (``shape=hm``).
+#: Accelerators Colab offers (google-colab-cli ``client.py``'s accelerator names, colab-vscode's
+#: tests); others are passed through as typed (uppercased). ``V28`` (TPU v2-8) is older.
+GPUS = ("T4", "L4", "G4", "A100", "H100")
+TPUS = ("V5E1", "V6E1", "V28")
+#: Accelerators that come on one (high-memory) machine only, so they take *no* ``shape``
+#: parameter: colab-vscode ``api.ts`` ``HIGHMEM_ONLY_ACCELERATORS`` / ``buildAssignUrl``.
 HIGHMEM_ONLY = frozenset({"L4", "V28", "V5E1", "V6E1"})
 #: ``colab_request`` auth types answered by credentials propagation.
 AUTH_TYPES = ("dfs_ephemeral", "auth_user_ephemeral")
@@ -68,15 +70,27 @@ def normalize_accelerator(value: str) -> str:
     return name
 
 
-def assignment_query(nbh: str, accelerator: str, high_memory: bool) -> dict[str, str]:
-    """The query of ``tun/m/assign`` for one accelerator."""
+def assignment_query(
+    nbh: str, accelerator: str, high_memory: bool, runtime_version: str = ""
+) -> dict[str, str]:
+    """The query of ``tun/m/assign`` for one accelerator, as colab-vscode's ``buildAssignUrl``
+    builds it: CPU has no variant and no accelerator; ``shape=hm`` only when high memory was
+    asked for on an accelerator that has two shapes (never for L4 or a TPU, which come on one
+    machine only); ``runtime_version_label`` only when a version is pinned (empty: latest)."""
     query = {"nbh": nbh}
     if accelerator != "none":
         query["variant"] = "TPU" if accelerator in TPUS else "GPU"
         query["accelerator"] = accelerator
-    if high_memory or accelerator in HIGHMEM_ONLY:
+    if high_memory and accelerator not in HIGHMEM_ONLY:
         query["shape"] = "hm"
+    if runtime_version:
+        query["runtime_version_label"] = runtime_version
     return query
+
+
+def ignores_high_memory(accelerator: str) -> bool:
+    """True for accelerators that come on one machine only (high memory asked for in vain)."""
+    return accelerator in HIGHMEM_ONLY
 
 
 def check_service_url(url: str, what: str) -> str:
@@ -162,11 +176,18 @@ class Assignment:
     proxy: RuntimeProxy | None = None
     reused: bool = False
     idle_timeout: float | None = None
+    #: Named by endpoint (``colab_endpoint``), not assigned by this kernel: never released.
+    attached: bool = False
 
     @classmethod
-    def parse(cls, data: dict[str, Any], colab_url: str, *, reused: bool) -> Assignment:
+    def parse(
+        cls, data: dict[str, Any], colab_url: str, *, reused: bool, attached: bool = False
+    ) -> Assignment:
+        """From an assign answer (or a listing item, ``attached``). ``variant`` and
+        ``machineShape`` come as numbers (``/tun/m``) or as enum names (colab.pa listings)."""
         fit = data.get("fit")
         return cls(
+            attached=attached,
             endpoint=check_name(data.get("endpoint"), "runtime endpoint"),
             accelerator=str(data.get("accelerator") or data.get("acc") or "none").upper(),
             variant=str(data.get("variant", "")),
