@@ -325,8 +325,8 @@ def test_one_slow_journal_answer_does_not_switch_the_journal_off(
 
 LARGE_COMM = """
 import time
-from ipykernel.comm import Comm
-comm = Comm(target_name='cgpu-test-upload', data={})
+from comm import create_comm
+comm = create_comm(target_name='cgpu-test-upload', data={})
 time.sleep(1.5)
 comm.send(data={'part': 1}, buffers=[b'x' * 3_000_000])
 time.sleep(3)
