@@ -398,3 +398,30 @@ def test_install_check_finds_a_wrong_token_and_refuses_an_empty_one(
     assert b"the token works and it has the kernelspec 'python3'" in right.stdout
     assert (kernels / "cgpu-right" / "kernel.json").is_file()
     cgpu("remove", "cgpu-right", env={"JUPYTER_PATH": str(prefix / "share/jupyter")})
+
+
+# --- 12 and 18: the colab name, the logs header ---------------------------------------------------
+
+
+def test_cgpu_colab_is_an_alias_of_colab_gpu(kernel_dir: Path) -> None:
+    install_spec(kernel_dir, "colab-gpu", "colab", extra=["--colab-url=http://127.0.0.1:1/"])
+    done = cgpu("run", "--json", "--kernel", "cgpu-colab", "--no-syntax-check", "1", timeout=60)
+    document = json.loads(done.stdout)
+    assert document["kernel"] == "colab-gpu"  # resolved, whatever the run then met
+    assert b"running on kernelspec 'colab-gpu' (colab backend" in done.stderr
+
+
+def test_logs_has_a_header_row(tmp_path: Path) -> None:
+    record = {"time": "2026-01-01T00:00:00+00:00", "kernel": "cgpu-local", "source": "run",
+              "status": "ok", "category": None, "duration_ms": 12.0, "output_bytes": 3,
+              "reconnects": 0}  # fmt: skip
+    history_file = tmp_path / "history.jsonl"
+    history_file.write_text(json.dumps(record) + "\n")
+    done = cgpu("logs", env={"CGPU_HISTORY_FILE": str(history_file)})
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.decode().splitlines()
+    assert header.split() == [
+        "time", "kernel", "source", "status", "category", "duration", "output", "reconnects"
+    ]  # fmt: skip
+    assert row.split() == ["2026-01-01T00:00:00+00:00", "cgpu-local", "run", "ok", "12", "ms",
+                           "3", "B", "0"]  # fmt: skip

@@ -162,8 +162,11 @@ def test_logs_cli(history_file: Path) -> None:
     assert [r["category"] for r in errors] == ["runtime", "timeout", "import", "runtime"]
 
     table = logs(path=history_file).stdout.splitlines()
-    assert len(table) == 10
-    assert "timeout" in table[4]
+    assert table[0].split() == [
+        "time", "kernel", "source", "status", "category", "duration", "output", "reconnects"
+    ]  # fmt: skip
+    assert len(table) == 11  # the header and 10 records
+    assert "timeout" in table[5]
 
     stats = json.loads(logs("--stats", "--json", path=history_file).stdout)
     assert stats == history.compute_stats(history.read_records())

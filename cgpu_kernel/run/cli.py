@@ -235,13 +235,28 @@ def logs_command(args: argparse.Namespace) -> int:
     if not shown:
         print(f"No executions recorded in {history.history_path()}.")
         return 0
-    for r in shown:
-        category = r.get("category") or ""
-        print(
-            f"{r.get('time', '?')}  {r.get('kernel', '?')}  {r.get('source', '?'):<6}"
-            f" {r.get('status', '?'):<5} {category:<14} {_format_ms(r.get('duration_ms')):>10}"
-            f"  {r.get('output_bytes', 0)} B  {r.get('reconnects', 0)} reconnects"
+    rows = [
+        (
+            str(r.get("time", "?")),
+            str(r.get("kernel", "?")),
+            str(r.get("source", "?")),
+            str(r.get("status", "?")),
+            str(r.get("category") or ""),
+            _format_ms(r.get("duration_ms")),
+            f"{r.get('output_bytes', 0)} B",
+            str(r.get("reconnects", 0)),
         )
+        for r in shown
+    ]
+    header = ("time", "kernel", "source", "status", "category", "duration", "output", "reconnects")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {5, 6, 7}  # numbers line up on the right
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(width) if index in right else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
     return 0
 
 

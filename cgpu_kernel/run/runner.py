@@ -153,6 +153,15 @@ def default_kernel(specs: list[dict[str, Any]]) -> str:
     return local[0] if local else names[0]
 
 
+#: Names that ``--kernel`` also accepts: the colab kernelspec is installed as ``colab-gpu`` (its
+#: name since the first release), while every other default name is ``cgpu-<backend>``.
+ALIASES = {"cgpu-colab": "colab-gpu"}
+
+
+def _installed_names() -> set[str]:
+    return set(KernelSpecManager().find_kernel_specs())
+
+
 def resolve_kernel(name: str | None) -> tuple[str, dict[str, Any]]:
     """The kernelspec to run on: ``name``, or :func:`default_kernel` of the installed ones."""
     if name is None:
@@ -163,6 +172,7 @@ def resolve_kernel(name: str | None) -> tuple[str, dict[str, Any]]:
                 " one with --kernel NAME."
             )
         name = default_kernel(specs)
+    name = ALIASES.get(name, name) if name not in _installed_names() else name
     try:
         spec = KernelSpecManager().get_kernel_spec(name).to_dict()
     except NoSuchKernel:
