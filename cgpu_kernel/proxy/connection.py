@@ -195,8 +195,7 @@ class RemoteChannels(asyncio.Protocol):
         self._ws.send_request(handshake)
         self._flush()
         response = await self._opened
-        self._check_upgrade(response)
-        self.subprotocol = self._ws.subprotocol
+        self._check_upgrade(response)  # the subprotocol was set as the response was parsed
 
     def _check_upgrade(self, response: Response) -> None:
         assert self._ws is not None
@@ -246,9 +245,20 @@ class RemoteChannels(asyncio.Protocol):
         for event in ws.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
-            elif isinstance(event, Response) and not self._opened.done():
-                self._opened.set_result(event)
+            elif isinstance(event, Response):
+                self._handshake_done(event)
         self._flush()  # pongs, the answer to a close, the close after a protocol error
+
+    def _handshake_done(self, response: Response) -> None:
+        """The server's answer to the upgrade arrived. The subprotocol is taken from it here,
+        before the frames that came in the same read are parsed: a server that writes its
+        first messages right behind the 101 (a loaded machine, a replay after a reconnect)
+        would otherwise have them read as legacy frames and dropped as malformed."""
+        ws = self._ws
+        if ws is not None and ws.handshake_exc is None:
+            self.subprotocol = ws.subprotocol
+        if not self._opened.done():
+            self._opened.set_result(response)
 
     def eof_received(self) -> bool | None:
         if self._ws is not None:
