@@ -66,6 +66,9 @@ class MemoryServer(asyncio.Transport):
         self.client: RemoteChannels | None = None
         self.closed = False
         self.hold_handshake = False
+        #: a socket an RST already killed: the next write is dropped and the transport closes,
+        #: as asyncio's does when ``send`` fails (no exception reaches the writer)
+        self.reset_on_write = False
         #: frames written right behind the 101, reaching the client in the same read
         self.behind_handshake: list[bytes] = []
 
@@ -85,6 +88,9 @@ class MemoryServer(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "written after close"
+        if self.reset_on_write:
+            self.close()
+            return
         server = self.server
         server.receive_data(bytes(data))
         for event in server.events_received():
@@ -462,6 +468,27 @@ def test_a_send_in_flight_fails_when_the_connection_drops(
             await pending
         assert channels.closed.is_set()
         assert channels.close_reason == "connection lost"
+
+    run(test)
+
+
+def test_a_write_a_dead_socket_dropped_is_not_counted_as_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 20, item 2: a transport whose socket was reset drops the bytes it is handed and
+    starts closing; the message must not count as written (its sender sends it again), and
+    nothing more is handed to that transport."""
+
+    async def test() -> None:
+        server = MemoryServer([V1_SUBPROTOCOL])
+        channels = await opened(monkeypatch, server)
+        server.reset_on_write = True
+        lost = channels.send(message("lost"))
+        with pytest.raises(ChannelsClosedError):
+            channels.send(message("after"))  # refused at once: the transport is closing
+        with pytest.raises(ChannelsClosedError):
+            await lost
+        assert server.data_frames() == []
 
     run(test)
 

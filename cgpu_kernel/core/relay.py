@@ -14,6 +14,13 @@ Rules the relay enforces:
   ``max_queue``) and sent in order once it is; nothing is sent twice.
 * A message the remote sends twice (a server replay after a reconnect) reaches frontends once:
   the relay remembers recent ``msg_id``\\ s.
+* A request counts as delivered only once the remote kernel shows it has it (any message whose
+  parent it is: ipykernel's ``busy`` for every shell and control request, ``execute_input``, a
+  reply), not once it is written: bytes written into a socket that a reset then kills are gone
+  without an error. One still unconfirmed when its connection drops is settled after the
+  reconnection, once the kernel has answered everything sent before (``settle_after_probe``):
+  sent again when the journal shows it never arrived (or it is harmless to repeat), otherwise
+  answered with an error that says it may or may not have run. A cell never runs twice.
 * ``interrupt_request`` and ``shutdown_request`` (on control, or on shell as some VS Code versions
   send them) are not forwarded: the remote server's REST API does them, which works even when the
   remote kernel is too busy to read its control channel.
@@ -47,7 +54,7 @@ from cgpu_kernel.core.actions import (
 )
 from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
-from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError
+from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError, ReplyLostError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +80,22 @@ class RemoteState(Enum):
 
 
 @dataclass
+class _AskedBy:
+    """Which cell each recent ``input_request`` came from, so its answer can be tracked."""
+
+    limit: int
+    _cells: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def add(self, input_request: str, cell: str) -> None:
+        self._cells[input_request] = cell
+        if len(self._cells) > self.limit:
+            self._cells.popitem(last=False)
+
+    def get(self, input_request: str | None) -> str | None:
+        return self._cells.get(input_request) if input_request else None
+
+
+@dataclass
 class _RecentIds:
     """A bounded set of message ids, oldest forgotten first."""
 
@@ -87,6 +110,35 @@ class _RecentIds:
         if len(self._ids) > self.limit:
             self._ids.popitem(last=False)
         return True
+
+
+#: Requests that may be sent twice without harm: they read, they change nothing in the kernel.
+REPEATABLE_REQUESTS = frozenset(
+    {
+        "kernel_info_request",
+        "complete_request",
+        "inspect_request",
+        "history_request",
+        "is_complete_request",
+        "comm_info_request",
+    }
+)
+
+
+@dataclass
+class _Unconfirmed:
+    """A request written to the remote that the kernel has not yet shown it received.
+
+    ``epoch`` counts the connections: one from an older epoch was written into a socket that
+    has since dropped, and may never have arrived. ``knowable``: every outage since then was
+    followed by a complete journal answer, so the kernel's own record shows whether it
+    arrived. ``cell``: for an ``input_reply``, the ``msg_id`` of the cell it answers.
+    """
+
+    request: Request
+    epoch: int
+    knowable: bool = True
+    cell: str | None = None
 
 
 class Relay:
@@ -117,6 +169,12 @@ class Relay:
         self._announced_busy: set[str] = set()  # queued requests already shown as busy
         self._told_outage: set[str] = set()  # cells told the connection is down
         self._state_lost = False  # the remote kernel died: tell the next cell it starts afresh
+        self._epoch = 0  # connections lost so far (see _Unconfirmed)
+        self._unconfirmed: OrderedDict[str, _Unconfirmed] = OrderedDict()
+        self._asked: _AskedBy = _AskedBy(dedupe_window)  # input_request id -> its cell's id
+        # the cell that last asked each frontend for input (an answer without a parent header,
+        # as jupyter_client's ``input()`` sends, answers that one)
+        self._asking: dict[tuple[bytes, ...], str] = {}
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -205,6 +263,12 @@ class Relay:
             )
         else:
             outcome = "the output the server kept meanwhile follows."
+        if complete is not True:
+            # The kernel's record does not cover the outage: for a request written into the
+            # lost socket, nothing can tell any more whether it arrived.
+            for entry in self._unconfirmed.values():
+                if entry.epoch < self._epoch:
+                    entry.knowable = False
         actions: list[Action] = []
         for request in self._waiting_cells():
             if request.msg.msg_id in self._told_outage:
@@ -214,9 +278,13 @@ class Relay:
         return actions
 
     def remote_disconnected(self) -> list[Action]:
-        """The socket dropped; the same remote kernel is expected back, so keep everything."""
+        """The socket dropped; the same remote kernel is expected back, so keep everything.
+
+        Requests written to it and not yet confirmed may never have arrived: they are settled
+        after the reconnection (``resend_answers``, ``settle_after_probe``)."""
         if self.state in (RemoteState.CONNECTED, RemoteState.RESTARTING):
             self.state = RemoteState.RECONNECTING
+            self._epoch += 1
         return []
 
     def send_failed(self, request: Request, *, connection_alive: bool) -> list[Action]:
@@ -226,6 +294,7 @@ class Relay:
         was on an older one): then the request goes out at once, otherwise it waits in order.
         """
         self._inflight.pop(request.msg.msg_id, None)
+        self._unconfirmed.pop(request.msg.msg_id, None)
         if connection_alive and self.state is RemoteState.CONNECTED:
             return self._forward(request)
         self._queue.append(request)
@@ -250,10 +319,103 @@ class Relay:
         """Cells sent to the remote that have no reply yet."""
         return [r for r in self._inflight.values() if r.msg.msg_type == "execute_request"]
 
+    @property
+    def unconfirmed(self) -> list[Request]:
+        """Requests written to the remote that the kernel has not yet shown it received."""
+        return [entry.request for entry in self._unconfirmed.values()]
+
+    def awaiting_probe(self) -> list[Request]:
+        """What the supervisor's lost-reply probe (a ``kernel_info_request`` that the shell
+        answers after everything sent before it) settles: the cells without a reply, and the
+        requests written into a connection that dropped before the kernel confirmed them."""
+        waiting = {r.msg.msg_id: r for r in self.unanswered_cells()}
+        for msg_id, entry in self._unconfirmed.items():
+            if entry.epoch < self._epoch and entry.request.channel != "stdin":
+                waiting[msg_id] = entry.request
+        return list(waiting.values())
+
+    def resend_answers(self) -> list[Action]:
+        """After a reconnection (the journal's answer and the held messages already in): send
+        again each ``input()`` answer that was written into the lost socket while its cell
+        still waits and asked nothing since.
+
+        The shell cannot settle these: a kernel blocked in ``input()`` answers no probe. A
+        repeat is harmless: ipykernel empties its stdin socket before each ``input_request``,
+        so an answer that did arrive the first time is thrown away at the cell's next
+        ``input()`` (or stays unread if there is none)."""
+        actions: list[Action] = []
+        for msg_id, entry in list(self._unconfirmed.items()):
+            if entry.request.channel != "stdin" or entry.epoch >= self._epoch:
+                continue
+            del self._unconfirmed[msg_id]
+            if entry.cell is not None and entry.cell in self._inflight:
+                log.info("sending the answer %s again: its connection dropped", msg_id)
+                actions.extend(self._forward(entry.request))
+        return actions
+
+    def settle_after_probe(self, waiting: list[Request], error: CgpuError) -> list[Action]:
+        """The lost-reply probe was answered: the kernel has finished everything in ``waiting``
+        (``awaiting_probe`` when the probe was sent) that it ever received.
+
+        A request it never confirmed is sent again when that is safe: the kernel's journal
+        covered every outage since it was written (so it did not arrive), or it only reads.
+        Otherwise it is answered with an error that says it may or may not have run; it is
+        not repeated, so a cell never runs twice. A cell that did arrive but still has no
+        reply lost it: it is answered with ``error``."""
+        actions: list[Action] = []
+        unanswered = []
+        for request in waiting:  # first the unconfirmed: a notice may go to a cell failed below
+            msg_id = request.msg.msg_id
+            entry = self._unconfirmed.pop(msg_id, None)
+            if entry is None or entry.epoch >= self._epoch:
+                unanswered.append(request)
+                continue
+            self._inflight.pop(msg_id, None)
+            if entry.knowable or request.msg.msg_type in REPEATABLE_REQUESTS:
+                log.info("sending %s again: it never reached the remote kernel", request.msg)
+                actions.extend(self._forward(request))
+            else:
+                actions.extend(self._lost_in_flight(request))
+        for request in unanswered:
+            if (
+                request.msg.msg_type == "execute_request"
+                and self._inflight.pop(request.msg.msg_id, None) is not None
+            ):
+                actions.extend(self._fail(request, error))
+        return actions
+
+    def _lost_in_flight(self, request: Request) -> list[Action]:
+        """``request`` was written just as the connection dropped, and nothing shows whether
+        the kernel got it."""
+        what = request.msg.msg_type
+        log.warning(
+            "%s may not have reached %s: not sent again", request.msg, self.remote_description
+        )
+        if what.endswith("_request"):
+            return self._fail(
+                request,
+                ReplyLostError(
+                    "The connection dropped just as this was sent, and nothing the server or"
+                    " the kernel kept shows whether it arrived: it may or may not have run."
+                    " It was not sent again, so that it cannot run twice. Check its effects"
+                    " and run it again if it did not run."
+                ),
+            )
+        # comm_open/comm_msg/comm_close: no reply to carry an error; say it where it is seen
+        return [
+            self._notice(
+                cell.msg,
+                f"cgpu-kernel: a {what} (a widget's message) was sent just as the connection"
+                " dropped and may not have reached the kernel; it was not sent again.",
+            )
+            for cell in self.unanswered_cells()
+        ]
+
     def fail_requests(self, requests: list[Request], error: CgpuError) -> list[Action]:
         """Answer the given waiting requests with ``error`` (their replies were lost)."""
         actions: list[Action] = []
         for request in requests:
+            self._unconfirmed.pop(request.msg.msg_id, None)
             if self._inflight.pop(request.msg.msg_id, None) is not None:
                 actions.extend(self._fail(request, error))
         return actions
@@ -283,6 +445,7 @@ class Relay:
         if not self._seen.add(msg.msg_id):
             log.debug("dropping replayed duplicate %s", msg)
             return []
+        self._confirmed(msg)
         # a pure predicate (Backend.intercepts): answering is the I/O shell's, via the action
         if self.intercept is not None and self.intercept(msg):
             parent_id = msg.parent_id
@@ -309,6 +472,11 @@ class Relay:
             del self._inflight[request.msg.msg_id]
             if msg.msg_type == "kernel_info_reply":
                 self._kernel_info = msg.content
+            if self._asking.get(request.identities) == request.msg.msg_id:
+                del self._asking[request.identities]
+        elif msg.msg_type == "input_request":
+            self._asked.add(msg.msg_id, request.msg.msg_id)
+            self._asking[request.identities] = request.msg.msg_id
         return [SendToFrontend(msg.channel, request.identities, msg)]
 
     def answer_remote(self, asked: Message, content: JsonDict) -> list[Action]:
@@ -328,6 +496,32 @@ class Relay:
         return [self._notice(request.msg, text)]
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _confirmed(self, msg: Message) -> None:
+        """``msg`` shows the kernel received its parent request; an ``input_request`` or the
+        cell's reply also shows it took the cell's last ``input()`` answer."""
+        parent_id = msg.parent_id
+        if not parent_id or not self._unconfirmed:
+            return
+        self._unconfirmed.pop(parent_id, None)
+        if msg.msg_type in {"input_request", "execute_reply"}:
+            for msg_id, entry in list(self._unconfirmed.items()):
+                if entry.cell == parent_id:
+                    del self._unconfirmed[msg_id]
+
+    def _track(self, request: Request) -> None:
+        """Remember ``request`` until the kernel shows it has it (bounded: a kernel that never
+        confirms anything must not make the proxy hold every message it ever sent)."""
+        cell = None
+        if request.channel == "stdin":
+            cell = self._asked.get(request.msg.parent_id) or self._asking.get(request.identities)
+            if cell is None:  # not an answer to a cell's input(): nothing would confirm it
+                return
+        msg_id = request.msg.msg_id
+        self._unconfirmed.pop(msg_id, None)
+        self._unconfirmed[msg_id] = _Unconfirmed(request, self._epoch, cell=cell)
+        while len(self._unconfirmed) > self.max_queue:
+            self._unconfirmed.popitem(last=False)
 
     def _limited(self, msg: Message) -> list[Action]:
         """Remote output through the output limits: shown, or spooled with a notice."""
@@ -377,6 +571,7 @@ class Relay:
         # holding them (buffers and all) would leak.
         if request.channel != "stdin" and request.msg.msg_type.endswith("_request"):
             self._inflight[request.msg.msg_id] = request
+        self._track(request)
         return [SendToRemote(request)]
 
     def _enqueue(self, request: Request) -> list[Action]:
@@ -442,6 +637,7 @@ class Relay:
         waiting = [*self._inflight.values(), *self._queue]
         self._inflight.clear()
         self._queue.clear()
+        self._unconfirmed.clear()
         actions: list[Action] = []
         for request in waiting:
             actions.extend(self._fail(request, error))

@@ -350,8 +350,8 @@ class RemoteChannels(asyncio.Protocol):
         return time.monotonic() - self.last_heard
 
     def _open(self) -> ClientProtocol | None:
-        ws = self._ws
-        if self._transport is None or ws is None or ws.state is not State.OPEN:
+        ws, transport = self._ws, self._transport
+        if transport is None or transport.is_closing() or ws is None or ws.state is not State.OPEN:
             return None
         return ws
 
@@ -404,11 +404,18 @@ class RemoteChannels(asyncio.Protocol):
         return data[0] if len(data) == 1 else b"".join(data)
 
     def _pump(self) -> None:
-        """Write frames from the queue's head while the socket takes them whole."""
+        """Write frames from the queue's head while the socket takes them whole.
+
+        A message counts as written only if the transport is still open after its last frame:
+        a transport whose socket already failed (a reset) drops what it is handed without an
+        error, and is closing from then on. Such a message stays in the queue, and its future
+        fails when the connection is lost, so the sender queues it again. (Written is still not
+        delivered: bytes in the kernel's buffer die with a reset too; the relay keeps each
+        request until the remote kernel shows it has it.)"""
         queue = self._queue
         while queue and not self._paused:
             transport = self._transport
-            if transport is None:
+            if transport is None or transport.is_closing():
                 return
             frames, future = queue[0]
             try:
@@ -424,6 +431,8 @@ class RemoteChannels(asyncio.Protocol):
                     future.set_result(None)
                 continue
             transport.write(frame)
+            if transport.is_closing():
+                return  # the write may have been dropped: connection_lost fails the future
 
     def _flush(self) -> None:
         """Write what the protocol has to say by itself (control frames); an empty chunk is its

@@ -253,9 +253,11 @@ class RemoteSupervisor:
         for msg in held:
             self._on_remote_message(msg)
         channels.deliver_to(self._sink())
+        self.perform(self.relay.resend_answers())
         self.perform(self.relay.outage_over(outage, complete))
-        if not complete:
-            self.spawn(self._check_lost_replies(channels))
+        # Whatever the journal said: a request written into the lost socket is settled only
+        # once the kernel has answered everything sent before the probe.
+        self.spawn(self._check_lost_replies(channels))
 
     def _still_reconnecting(self) -> bool:
         """Whether the reconnector should go on (not once stopping, or the remote was lost)."""
@@ -310,17 +312,17 @@ class RemoteSupervisor:
         server's REST ``execution_state`` cannot tell: its own kernel_info on a new connection
         makes a busy kernel look idle.)
         """
-        waiting = self.relay.unanswered_cells()
+        waiting = self.relay.awaiting_probe()
         if not waiting:
             return
         # No time limit: the cells before the probe may run for hours.
         answered = await self.journal.kernel_info(channels, within=None)
         if answered is None or self.channels is not channels:
             return
-        still = [r for r in self.relay.unanswered_cells() if r in waiting]
+        # Requests the kernel never confirmed are sent again or answered (the relay decides).
         self.perform(
-            self.relay.fail_requests(
-                still,
+            self.relay.settle_after_probe(
+                waiting,
                 error
                 or ReplyLostError(
                     "The connection dropped and the server kept nothing to replay: this cell's"
