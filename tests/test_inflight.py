@@ -18,6 +18,7 @@ tested first, with no sockets.
 from __future__ import annotations
 
 import queue
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,6 +226,39 @@ def test_an_unknowable_comm_message_is_told_to_the_running_cell() -> None:
     assert any("comm_msg" in t and "may not have reached" in t for t in texts)
 
 
+def test_a_comm_message_is_never_repeated_and_holds_no_buffers() -> None:
+    """ipykernel 7 publishes no busy for a comm message that arrives while a cell runs, so a
+    complete journal cannot show it did not arrive."""
+    relay = connected()
+    cell = request("execute_request", code="w")
+    relay.frontend_message("shell", NOTEBOOK, cell)
+    relay.remote_message(from_kernel(cell, "status", execution_state="busy"))
+    upload = Message.build(
+        "shell", make_header("comm_msg", "frontend"), {}, {}, {"comm_id": "c"}, [b"x" * 1000]
+    )
+    relay.frontend_message("shell", NOTEBOOK, upload)
+    (kept,) = relay.unconfirmed
+    assert kept.msg.msg_id == upload.msg_id and kept.msg.buffers == [] and kept.msg.content == {}
+    relay.remote_disconnected()
+    relay.remote_connected()
+    relay.outage_over(1.0, complete=True)
+    out = relay.settle_after_probe(relay.awaiting_probe(), ReplyLostError("reply lost"))
+    assert sent(out) == []
+    assert any("1 widget message(s) (comm_msg)" in a.msg.content.get("text", "") for a in out)
+
+
+def test_a_later_confirmation_confirms_what_was_written_before_it() -> None:
+    """One TCP stream, forwarded in order: if the kernel has the second, it has the first."""
+    relay = connected()
+    comm = request("comm_msg", comm_id="c", data={})
+    cell = request("execute_request", code="1")
+    relay.frontend_message("shell", NOTEBOOK, comm)
+    relay.frontend_message("shell", NOTEBOOK, cell)
+    assert len(relay.unconfirmed) == 2
+    relay.remote_message(from_kernel(cell, "status", execution_state="busy"))
+    assert relay.unconfirmed == []
+
+
 # --- end to end: a real jupyter-server and ipykernel behind a FaultyPath ----------------------
 
 
@@ -247,40 +281,54 @@ def _reply_to(kc: BlockingKernelClient, msg_id: str, within: float) -> dict[str,
 
 
 def _strike(path: FaultyPath, after: float) -> None:
-    """Reset the path ``after`` s from now, while it holds what was just written; then let
-    chunks through at once again (the reconnection is not slowed)."""
+    """Reset the path ``after`` s from now; then let chunks through at once again (the
+    reconnection is not slowed)."""
     time.sleep(after)
     path.reset()
     path.delay(0.0)
 
 
 def inflight_rounds(
-    km: KernelManager, kc: BlockingKernelClient, path: FaultyPath, kind: str, rounds: int
+    km: KernelManager,
+    kc: BlockingKernelClient,
+    path: FaultyPath,
+    kind: str,
+    rounds: int,
+    mode: str = "held",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """``rounds`` times: write a request (``kind`` "execute": a cell that increments a counter
-    in the kernel; "input": the answer to ``input()`` in such a cell), reset the path while
-    it is in it, and see what became of it. Counts per round: ran once with its reply
-    (``ok``), answered with a clear error (``errors``), ``hung`` past :data:`DEADLINE`,
-    ``lost`` (did not run, and no error said so), ``duplicated`` (ran twice)."""
+    in the kernel; "input": the answer to ``input()`` in such a cell) and reset the path.
+
+    ``mode`` "held": the path holds the request (:data:`HOLD` s per chunk) and the reset
+    comes 50 ms after it was written, so it dies inside the path every round. "raced": no
+    hold, the reset 0-2 ms after the write (seeded), so sometimes it arrived and only what
+    the kernel said back is cut.
+
+    Counts per round: ran once with its reply (``ok``), answered with a clear error
+    (``errors``), ``hung`` past :data:`DEADLINE`, ``lost`` (did not run, and no error said
+    so), ``duplicated`` (ran twice)."""
+    rng = random.Random(seed)
+    hold, gap = (HOLD, 0.05) if mode == "held" else (0.0, 0.0)
     counts = {"ok": 0, "errors": 0, "hung": 0, "lost": 0, "duplicated": 0}
     seconds: list[float] = []
     messages: list[str] = []
     run_cell(kc, "ran = 0; answers = []")
     for index in range(rounds):
         before = _ran(kc)
-        path.delay(HOLD)
+        after = gap if mode == "held" else rng.uniform(0.0, 0.002)
         started = time.monotonic()
         if kind == "execute":
+            path.delay(hold)
             msg_id = kc.execute("ran += 1")
-            _strike(path, 0.05)
+            _strike(path, after)
         else:
             msg_id = kc.execute("ran += 1; answers.append(input('?'))", allow_stdin=True)
-            path.delay(0.0)
             asked = kc.get_stdin_msg(timeout=DEADLINE)
             assert asked["msg_type"] == "input_request"
-            path.delay(HOLD)
+            path.delay(hold)
             kc.input(f"answer-{index}")
-            _strike(path, 0.05)
+            _strike(path, after)
         content = _reply_to(kc, msg_id, DEADLINE)
         if content is None:
             counts["hung"] += 1
@@ -303,6 +351,7 @@ def inflight_rounds(
         counts["answers_kept"] = stdout_of(outputs).strip()
     return {
         "kind": kind,
+        "mode": mode,
         "rounds": rounds,
         **counts,
         "worst_s": max(seconds) if seconds else None,
@@ -360,6 +409,17 @@ def test_an_execute_request_in_flight_at_a_reset(
         assert result["ok"] + result["errors"] == ROUNDS, result
         assert all("may or may not have run" in m for m in result["messages"]), result
     assert result["worst_s"] is not None and result["worst_s"] < 15, result
+
+
+@pytest.mark.parametrize("through_path", [True], ids=["journal"], indirect=True)
+def test_an_execute_request_raced_by_a_reset(
+    through_path: tuple[KernelManager, BlockingKernelClient, FaultyPath, bool],
+) -> None:
+    """Reset 0-2 ms after the write: whether the request, or only what the kernel said back,
+    was cut, the journal settles it: the cell runs once and its reply comes."""
+    km, kc, path, _journal = through_path
+    result = inflight_rounds(km, kc, path, "execute", ROUNDS, mode="raced", seed=1)
+    assert result["ok"] == ROUNDS, result
 
 
 @pytest.mark.parametrize(

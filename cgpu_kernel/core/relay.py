@@ -11,7 +11,7 @@ Rules the relay enforces:
   goes to the stdin socket of the identity that sent the ``execute_request``. Several frontends
   may share one kernel.
 * Requests that arrive before the remote is connected, or while it reconnects, are queued (up to
-  ``max_queue``) and sent in order once it is; nothing is sent twice.
+  ``max_queue``) and sent in order once it is; nothing reaches the kernel twice.
 * A message the remote sends twice (a server replay after a reconnect) reaches frontends once:
   the relay remembers recent ``msg_id``\\ s.
 * A request counts as delivered only once the remote kernel shows it has it (any message whose
@@ -358,12 +358,16 @@ class Relay:
         (``awaiting_probe`` when the probe was sent) that it ever received.
 
         A request it never confirmed is sent again when that is safe: the kernel's journal
-        covered every outage since it was written (so it did not arrive), or it only reads.
-        Otherwise it is answered with an error that says it may or may not have run; it is
-        not repeated, so a cell never runs twice. A cell that did arrive but still has no
-        reply lost it: it is answered with ``error``."""
+        covered every outage since it was written (so it did not arrive: ipykernel publishes
+        ``busy`` for every request it takes up), or it only reads. Otherwise it is answered
+        with an error that says it may or may not have run; it is not repeated, so a cell
+        never runs twice. A comm message is never repeated (ipykernel 7 publishes nothing for
+        one that arrives while a cell runs, so no record can show it did not arrive): the
+        running cells are told. A cell that did arrive but still has no reply lost it: it is
+        answered with ``error``."""
         actions: list[Action] = []
         unanswered = []
+        comms: list[str] = []
         for request in waiting:  # first the unconfirmed: a notice may go to a cell failed below
             msg_id = request.msg.msg_id
             entry = self._unconfirmed.pop(msg_id, None)
@@ -371,11 +375,16 @@ class Relay:
                 unanswered.append(request)
                 continue
             self._inflight.pop(msg_id, None)
-            if entry.knowable or request.msg.msg_type in REPEATABLE_REQUESTS:
+            msg_type = request.msg.msg_type
+            if not msg_type.endswith("_request"):
+                comms.append(msg_type)
+            elif entry.knowable or msg_type in REPEATABLE_REQUESTS:
                 log.info("sending %s again: it never reached the remote kernel", request.msg)
                 actions.extend(self._forward(request))
             else:
                 actions.extend(self._lost_in_flight(request))
+        if comms:
+            actions.extend(self._comms_lost_in_flight(comms))
         for request in unanswered:
             if (
                 request.msg.msg_type == "execute_request"
@@ -387,26 +396,30 @@ class Relay:
     def _lost_in_flight(self, request: Request) -> list[Action]:
         """``request`` was written just as the connection dropped, and nothing shows whether
         the kernel got it."""
-        what = request.msg.msg_type
         log.warning(
             "%s may not have reached %s: not sent again", request.msg, self.remote_description
         )
-        if what.endswith("_request"):
-            return self._fail(
-                request,
-                ReplyLostError(
-                    "The connection dropped just as this was sent, and nothing the server or"
-                    " the kernel kept shows whether it arrived: it may or may not have run."
-                    " It was not sent again, so that it cannot run twice. Check its effects"
-                    " and run it again if it did not run."
-                ),
-            )
-        # comm_open/comm_msg/comm_close: no reply to carry an error; say it where it is seen
+        return self._fail(
+            request,
+            ReplyLostError(
+                "The connection dropped just as this was sent, and nothing the server or the"
+                " kernel kept shows whether it arrived: it may or may not have run. It was not"
+                " sent again, so that it cannot run twice. Check its effects and run it again"
+                " if it did not run."
+            ),
+        )
+
+    def _comms_lost_in_flight(self, msg_types: list[str]) -> list[Action]:
+        """Comm messages (a widget's) that may not have arrived: no reply can carry an error,
+        so the running cells are told, once."""
+        what = ", ".join(sorted(set(msg_types)))
+        log.warning("%d comm messages (%s) may not have reached the kernel", len(msg_types), what)
         return [
             self._notice(
                 cell.msg,
-                f"cgpu-kernel: a {what} (a widget's message) was sent just as the connection"
-                " dropped and may not have reached the kernel; it was not sent again.",
+                f"cgpu-kernel: {len(msg_types)} widget message(s) ({what}) were sent just as the"
+                " connection dropped and may not have reached the kernel; they were not sent"
+                " again.",
             )
             for cell in self.unanswered_cells()
         ]
@@ -503,7 +516,16 @@ class Relay:
         parent_id = msg.parent_id
         if not parent_id or not self._unconfirmed:
             return
-        self._unconfirmed.pop(parent_id, None)
+        entry = self._unconfirmed.get(parent_id)
+        if entry is not None:
+            # It reached the server, so did everything written before it on the same
+            # connection (one TCP stream, forwarded in order over ZMQ): a comm message sent
+            # while a cell runs gets no ``busy`` of its own from ipykernel 7.
+            for msg_id in list(self._unconfirmed):
+                if self._unconfirmed[msg_id].epoch == entry.epoch:
+                    del self._unconfirmed[msg_id]
+                if msg_id == parent_id:
+                    break
         if msg.msg_type in {"input_request", "execute_reply"}:
             for msg_id, entry in list(self._unconfirmed.items()):
                 if entry.cell == parent_id:
@@ -517,6 +539,12 @@ class Relay:
             cell = self._asked.get(request.msg.parent_id) or self._asking.get(request.identities)
             if cell is None:  # not an answer to a cell's input(): nothing would confirm it
                 return
+        elif not request.msg.msg_type.endswith("_request"):
+            # comm_open/msg/close are never sent again (see settle_after_probe): keep only
+            # what a notice needs, not their content and buffers (an upload can be large).
+            msg = request.msg
+            bare = Message.build(msg.channel, msg.header, msg.parent_header, {}, {})
+            request = Request(request.channel, request.identities, bare)
         msg_id = request.msg.msg_id
         self._unconfirmed.pop(msg_id, None)
         self._unconfirmed[msg_id] = _Unconfirmed(request, self._epoch, cell=cell)
