@@ -17,6 +17,7 @@ tested first, with no sockets.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import random
 import time
@@ -433,3 +434,51 @@ def test_an_input_answer_in_flight_at_a_reset(
     result = inflight_rounds(km, kc, path, "input", ROUNDS)
     assert result["ok"] == ROUNDS, result
     assert result["answers_kept"] == f"{ROUNDS} {ROUNDS}", result
+
+
+class LateReadingPath(FaultyPath):
+    """A path that, towards the proxy, reads ``late`` s after data is there: what the server
+    wrote meanwhile (its ``101`` and the replay behind it) reaches the proxy in one read, as
+    on a loaded machine."""
+
+    late = 0.05
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if any(pair.client is writer for pair in self._pairs):
+            original = reader.read
+
+            async def read_late(n: int = -1) -> bytes:
+                await asyncio.sleep(self.late)
+                return await original(n)
+
+            reader.read = read_late  # type: ignore[method-assign]
+        await super()._pump(reader, writer)
+
+
+def test_the_replay_right_behind_the_handshake_is_not_dropped(
+    kernel_dir: Path, jupyter_server: RemoteServer, tmp_path: Path
+) -> None:
+    """Issue 20, item 7, end to end: after a reset the server replays what it buffered right
+    behind its ``101``, often in the same read. Those v1 frames used to be parsed as legacy
+    and dropped ("legacy binary frame with 100663296 offsets is truncated"); the proxy's log
+    (its stderr) says whether any was."""
+    log_path = tmp_path / "proxy.log"
+    with LateReadingPath(jupyter_server.port) as path, log_path.open("wb") as log:
+        name = spec_through(kernel_dir, "cgpu-inflight-replay", path, jupyter_server, False)
+        km, kc = start_kernel(name, stderr=log)
+        try:
+            msg_id = kc.execute(
+                "import time\nfor i in range(600):\n    print(i, flush=True)\n"
+                "    time.sleep(0.005)\n"
+            )
+            for _ in range(6):
+                time.sleep(0.4)
+                path.reset()
+            assert _reply_to(kc, msg_id, DEADLINE) is not None
+            run_cell(kc, "1")
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel()
+    logged = log_path.read_text("utf-8", "replace")
+    assert logged.count("lost the connection") >= 3  # the resets did reach the proxy
+    assert "dropped a malformed message" not in logged
