@@ -17,6 +17,14 @@ The stall scenarios (``stall``: the server SIGSTOPped for ``--stop`` s mid-cell,
 own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing ~500 lines/s of
 4 kB each, and report lines lost and duplicated, whether the cell hung (no ``idle`` within 60 s
 of the end), and whether a notice said "nothing was lost" while lines were missing.
+
+    python -m benchmarks.reconnect --inflight [--rounds 5] [--journal on off]
+
+Requests in flight at a reset instead (``measure_inflight``, the rounds of
+``tests.test_inflight``): an ``execute_request`` (a cell that increments a counter in the
+kernel) and an ``input()`` answer, each written and then reset, held in the path so it dies
+there ("held") or reset 0-2 ms after the write ("raced"). Reports per case: ran once, clear
+errors, hung, lost, duplicated (ran twice), the slowest reply, journal on and off side by side.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from typing import Any
 
 from tests.conftest import install_spec, run_cell, start_jupyter_server, start_kernel
 from tests.faults import FaultyPath
+from tests.test_inflight import inflight_rounds, spec_through
 
 FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
 STALLS = ("stall", "stall-end")
@@ -164,6 +173,40 @@ def measure_stall(
     }
 
 
+def measure_inflight(
+    kind: str, mode: str, journal: bool, rounds: int, kernel_dir: Path, server: Any, seed: int
+) -> dict[str, Any]:
+    """One in-flight case: a fresh proxy kernel behind a fresh FaultyPath, ``rounds`` rounds."""
+    with FaultyPath(server.port) as path:
+        name = spec_through(
+            kernel_dir, f"bench-inflight-{kind}-{mode}-{journal}", path, server, journal
+        )
+        km, kc = start_kernel(name)
+        try:
+            result = inflight_rounds(km, kc, path, kind, rounds, mode=mode, seed=seed)
+        finally:
+            path.delay(0.0)
+            kc.stop_channels()
+            km.shutdown_kernel()
+    return {"journal": journal, **result}
+
+
+def print_inflight(results: list[dict[str, Any]]) -> None:
+    print(
+        f"{'in flight':<10}{'mode':>7}{'journal':>8}{'rounds':>7}{'ran 1x':>7}{'errors':>7}"
+        f"{'hung':>5}{'lost':>5}{'dup':>5}{'slowest':>9}"
+    )
+    for r in results:
+        slowest = f"{r['worst_s']:.2f}s" if r["worst_s"] is not None else "-"
+        print(
+            f"{r['kind']:<10}{r['mode']:>7}{'on' if r['journal'] else 'off':>8}{r['rounds']:>7}"
+            f"{r['ok']:>7}{r['errors']:>7}{r['hung']:>5}{r['lost']:>5}{r['duplicated']:>5}"
+            f"{slowest:>9}"
+        )
+    for message in sorted({m for r in results for m in r["messages"]}):
+        print(f"  error seen: {message}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -173,7 +216,15 @@ def main() -> None:
     parser.add_argument("--stop", type=float, default=10.0, help="seconds a stall lasts")
     parser.add_argument("--journal", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--inflight",
+        action="store_true",
+        help="requests in flight at a reset (an execute_request, an input() answer) instead",
+    )
     args = parser.parse_args()
+    if args.inflight:
+        main_inflight(args)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         os.environ["JUPYTER_PATH"] = str(root / "jupyter")
@@ -230,6 +281,29 @@ def main() -> None:
                 f"{'yes' if r['hung'] else 'no':>6}{'yes' if r['false_all_clear'] else 'no':>10}"
                 f"  {','.join(r['errors']) or '-'}"
             )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def main_inflight(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        os.environ["JUPYTER_PATH"] = str(root / "jupyter")
+        os.environ["CGPU_STATE_DIR"] = str(root / "state")
+        server = start_jupyter_server(root / "server")
+        try:
+            results = [
+                measure_inflight(
+                    kind, mode, journal == "on", args.rounds, root / "jupyter", server, seed
+                )
+                for seed, (kind, mode) in enumerate(
+                    itertools.product(("execute", "input"), ("held", "raced"))
+                )
+                for journal in args.journal
+            ]
+        finally:
+            server.stop()
+    print_inflight(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -66,6 +66,11 @@ class MemoryServer(asyncio.Transport):
         self.client: RemoteChannels | None = None
         self.closed = False
         self.hold_handshake = False
+        #: a socket an RST already killed: the next write is dropped and the transport closes,
+        #: as asyncio's does when ``send`` fails (no exception reaches the writer)
+        self.reset_on_write = False
+        #: frames written right behind the 101, reaching the client in the same read
+        self.behind_handshake: list[bytes] = []
 
     # --- transport side (what the client calls) ---
 
@@ -83,6 +88,9 @@ class MemoryServer(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert not self.closed, "written after close"
+        if self.reset_on_write:
+            self.close()
+            return
         server = self.server
         server.receive_data(bytes(data))
         for event in server.events_received():
@@ -95,6 +103,10 @@ class MemoryServer(asyncio.Transport):
                 else:
                     response = server.reject(self.refuse, "refused")
                 server.send_response(response)
+                if self.behind_handshake:
+                    for frame in self.behind_handshake:
+                        server.send_binary(frame)
+                    self._to_client(in_one_read=True)
             else:
                 self.frames.append(event)
         self._to_client()
@@ -111,10 +123,13 @@ class MemoryServer(asyncio.Transport):
 
     # --- server side (what a test does) ---
 
-    def _to_client(self) -> None:
+    def _to_client(self, in_one_read: bool = False) -> None:
         client = self.client
         assert client is not None
-        for data in self.server.data_to_send():
+        pending = self.server.data_to_send()
+        if in_one_read:  # what a loaded machine's first read returns: all of it at once
+            pending = [b"".join(pending)]
+        for data in pending:
             if self.closed:
                 return
             if data:
@@ -206,6 +221,28 @@ def test_legacy_when_the_server_picks_no_subprotocol(monkeypatch: pytest.MonkeyP
         assert channels.subprotocol is None
         assert server.request is not None
         assert server.request.headers["User-Agent"] == "mine/1"  # a backend's own is kept
+
+    run(test)
+
+
+def test_frames_in_the_same_read_as_the_handshake_are_parsed_as_v1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 20, item 7: the 101 response and the first v1 frames in ONE ``data_received``.
+    Read as legacy, a v1 frame's offset count (6) is 100663296 offsets and the frame is
+    dropped as malformed."""
+
+    async def test() -> None:
+        server = MemoryServer([V1_SUBPROTOCOL])
+        first, second = message("first"), message("second", [b"\x01buffer"])
+        server.behind_handshake = [to_ws_v1(first), to_ws_v1(second)]
+        channels = await opened(monkeypatch, server)
+        got: list[Message] = []
+        channels.deliver_to(got.append)
+        assert channels.subprotocol == V1_SUBPROTOCOL
+        assert channels.malformed == 0
+        assert [m.msg_id for m in got] == [first.msg_id, second.msg_id]
+        assert [bytes(b) for b in got[1].buffers] == [b"\x01buffer"]
 
     run(test)
 
@@ -431,6 +468,27 @@ def test_a_send_in_flight_fails_when_the_connection_drops(
             await pending
         assert channels.closed.is_set()
         assert channels.close_reason == "connection lost"
+
+    run(test)
+
+
+def test_a_write_a_dead_socket_dropped_is_not_counted_as_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 20, item 2: a transport whose socket was reset drops the bytes it is handed and
+    starts closing; the message must not count as written (its sender sends it again), and
+    nothing more is handed to that transport."""
+
+    async def test() -> None:
+        server = MemoryServer([V1_SUBPROTOCOL])
+        channels = await opened(monkeypatch, server)
+        server.reset_on_write = True
+        lost = channels.send(message("lost"))
+        with pytest.raises(ChannelsClosedError):
+            channels.send(message("after"))  # refused at once: the transport is closing
+        with pytest.raises(ChannelsClosedError):
+            await lost
+        assert server.data_frames() == []
 
     run(test)
 

@@ -11,9 +11,16 @@ Rules the relay enforces:
   goes to the stdin socket of the identity that sent the ``execute_request``. Several frontends
   may share one kernel.
 * Requests that arrive before the remote is connected, or while it reconnects, are queued (up to
-  ``max_queue``) and sent in order once it is; nothing is sent twice.
+  ``max_queue``) and sent in order once it is; nothing reaches the kernel twice.
 * A message the remote sends twice (a server replay after a reconnect) reaches frontends once:
   the relay remembers recent ``msg_id``\\ s.
+* A request counts as delivered only once the remote kernel shows it has it (any message whose
+  parent it is: ipykernel's ``busy`` for every shell and control request, ``execute_input``, a
+  reply), not once it is written: bytes written into a socket that a reset then kills are gone
+  without an error. One still unconfirmed when its connection drops is settled after the
+  reconnection, once the kernel has answered everything sent before (``settle_after_probe``):
+  sent again when the journal shows it never arrived (or it is harmless to repeat), otherwise
+  answered with an error that says it may or may not have run. A cell never runs twice.
 * ``interrupt_request`` and ``shutdown_request`` (on control, or on shell as some VS Code versions
   send them) are not forwarded: the remote server's REST API does them, which works even when the
   remote kernel is too busy to read its control channel.
@@ -54,7 +61,12 @@ from cgpu_kernel.core.actions import (
 from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
-from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError, RemoteMessageTooBigError
+from cgpu_kernel.exceptions import (
+    CgpuError,
+    RemoteKernelGoneError,
+    RemoteMessageTooBigError,
+    ReplyLostError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +100,22 @@ class RemoteState(Enum):
     RESTARTING = "restarting"  # the server restarts a crashed kernel; requests wait until it is up
     FAILED = "failed"  # no remote; the next request asks for a new attempt
     SHUTTING_DOWN = "shutting_down"
+
+
+@dataclass
+class _AskedBy:
+    """Which cell each recent ``input_request`` came from, so its answer can be tracked."""
+
+    limit: int
+    _cells: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+    def add(self, input_request: str, cell: str) -> None:
+        self._cells[input_request] = cell
+        if len(self._cells) > self.limit:
+            self._cells.popitem(last=False)
+
+    def get(self, input_request: str | None) -> str | None:
+        return self._cells.get(input_request) if input_request else None
 
 
 @dataclass
@@ -136,6 +164,35 @@ class _LargeSend:
         )
 
 
+#: Requests that may be sent twice without harm: they read, they change nothing in the kernel.
+REPEATABLE_REQUESTS = frozenset(
+    {
+        "kernel_info_request",
+        "complete_request",
+        "inspect_request",
+        "history_request",
+        "is_complete_request",
+        "comm_info_request",
+    }
+)
+
+
+@dataclass
+class _Unconfirmed:
+    """A request written to the remote that the kernel has not yet shown it received.
+
+    ``epoch`` counts the connections: one from an older epoch was written into a socket that
+    has since dropped, and may never have arrived. ``knowable``: every outage since then was
+    followed by a complete journal answer, so the kernel's own record shows whether it
+    arrived. ``cell``: for an ``input_reply``, the ``msg_id`` of the cell it answers.
+    """
+
+    request: Request
+    epoch: int
+    knowable: bool = True
+    cell: str | None = None
+
+
 class Relay:
     """The routing state machine. One per proxy kernel process."""
 
@@ -173,6 +230,12 @@ class Relay:
         self._largest_sent: _LargeSend | None = None
         self._cuts_while_sending: tuple[str, int] = ("", 0)  # (msg_id, connections lost)
         self._comm_openers: OrderedDict[str, JsonDict] = OrderedDict()  # comm_id -> cell header
+        self._epoch = 0  # connections lost so far (see _Unconfirmed)
+        self._unconfirmed: OrderedDict[str, _Unconfirmed] = OrderedDict()
+        self._asked: _AskedBy = _AskedBy(dedupe_window)  # input_request id -> its cell's id
+        # the cell that last asked each frontend for input (an answer without a parent header,
+        # as jupyter_client's ``input()`` sends, answers that one)
+        self._asking: dict[tuple[bytes, ...], str] = {}
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -271,6 +334,12 @@ class Relay:
                 "the proxy could not check what the outage cost (no answer from an output"
                 " journal): output the kernel sent meanwhile may be missing."
             )
+        if complete is not True:
+            # The kernel's record does not cover the outage: for a request written into the
+            # lost socket, nothing can tell any more whether it arrived.
+            for entry in self._unconfirmed.values():
+                if entry.epoch < self._epoch:
+                    entry.knowable = False
         actions: list[Action] = []
         for request in self._waiting_cells():
             if request.msg.msg_id in self._told_outage or complete is False:
@@ -352,9 +421,13 @@ class Relay:
         return actions
 
     def remote_disconnected(self) -> list[Action]:
-        """The socket dropped; the same remote kernel is expected back, so keep everything."""
+        """The socket dropped; the same remote kernel is expected back, so keep everything.
+
+        Requests written to it and not yet confirmed may never have arrived: they are settled
+        after the reconnection (``resend_answers``, ``settle_after_probe``)."""
         if self.state in (RemoteState.CONNECTED, RemoteState.RESTARTING):
             self.state = RemoteState.RECONNECTING
+            self._epoch += 1
         return []
 
     def remote_closed(self, close_code: int | None) -> list[Action]:
@@ -399,6 +472,7 @@ class Relay:
         was on an older one): then the request goes out at once, otherwise it waits in order.
         """
         self._inflight.pop(request.msg.msg_id, None)
+        self._unconfirmed.pop(request.msg.msg_id, None)
         if connection_alive and self.state is RemoteState.CONNECTED:
             return self._forward(request)
         self._queue.append(request)
@@ -423,10 +497,116 @@ class Relay:
         """Cells sent to the remote that have no reply yet."""
         return [r for r in self._inflight.values() if r.msg.msg_type == "execute_request"]
 
+    @property
+    def unconfirmed(self) -> list[Request]:
+        """Requests written to the remote that the kernel has not yet shown it received."""
+        return [entry.request for entry in self._unconfirmed.values()]
+
+    def awaiting_probe(self) -> list[Request]:
+        """What the supervisor's lost-reply probe (a ``kernel_info_request`` that the shell
+        answers after everything sent before it) settles: the cells without a reply, and the
+        requests written into a connection that dropped before the kernel confirmed them."""
+        waiting = {r.msg.msg_id: r for r in self.unanswered_cells()}
+        for msg_id, entry in self._unconfirmed.items():
+            if entry.epoch < self._epoch and entry.request.channel != "stdin":
+                waiting[msg_id] = entry.request
+        return list(waiting.values())
+
+    def resend_answers(self) -> list[Action]:
+        """After a reconnection (the journal's answer and the held messages already in): send
+        again each ``input()`` answer that was written into the lost socket while its cell
+        still waits and asked nothing since.
+
+        The shell cannot settle these: a kernel blocked in ``input()`` answers no probe. A
+        repeat is harmless: ipykernel empties its stdin socket before each ``input_request``,
+        so an answer that did arrive the first time is thrown away at the cell's next
+        ``input()`` (or stays unread if there is none)."""
+        actions: list[Action] = []
+        for msg_id, entry in list(self._unconfirmed.items()):
+            if entry.request.channel != "stdin" or entry.epoch >= self._epoch:
+                continue
+            del self._unconfirmed[msg_id]
+            if entry.cell is not None and entry.cell in self._inflight:
+                log.info("sending the answer %s again: its connection dropped", msg_id)
+                actions.extend(self._forward(entry.request))
+        return actions
+
+    def settle_after_probe(self, waiting: list[Request], error: CgpuError) -> list[Action]:
+        """The lost-reply probe was answered: the kernel has finished everything in ``waiting``
+        (``awaiting_probe`` when the probe was sent) that it ever received.
+
+        A request it never confirmed is sent again when that is safe: the kernel's journal
+        covered every outage since it was written (so it did not arrive: ipykernel publishes
+        ``busy`` for every request it takes up), or it only reads. Otherwise it is answered
+        with an error that says it may or may not have run; it is not repeated, so a cell
+        never runs twice. A comm message is never repeated (ipykernel 7 publishes nothing for
+        one that arrives while a cell runs, so no record can show it did not arrive): the
+        running cells are told. A cell that did arrive but still has no reply lost it: it is
+        answered with ``error``."""
+        actions: list[Action] = []
+        unanswered = []
+        comms: list[str] = []
+        for request in waiting:  # first the unconfirmed: a notice may go to a cell failed below
+            msg_id = request.msg.msg_id
+            entry = self._unconfirmed.pop(msg_id, None)
+            if entry is None or entry.epoch >= self._epoch:
+                unanswered.append(request)
+                continue
+            self._inflight.pop(msg_id, None)
+            msg_type = request.msg.msg_type
+            if not msg_type.endswith("_request"):
+                comms.append(msg_type)
+            elif entry.knowable or msg_type in REPEATABLE_REQUESTS:
+                log.info("sending %s again: it never reached the remote kernel", request.msg)
+                actions.extend(self._forward(request))
+            else:
+                actions.extend(self._lost_in_flight(request))
+        if comms:
+            actions.extend(self._comms_lost_in_flight(comms))
+        for request in unanswered:
+            if (
+                request.msg.msg_type == "execute_request"
+                and self._inflight.pop(request.msg.msg_id, None) is not None
+            ):
+                actions.extend(self._fail(request, error))
+        return actions
+
+    def _lost_in_flight(self, request: Request) -> list[Action]:
+        """``request`` was written just as the connection dropped, and nothing shows whether
+        the kernel got it."""
+        log.warning(
+            "%s may not have reached %s: not sent again", request.msg, self.remote_description
+        )
+        return self._fail(
+            request,
+            ReplyLostError(
+                "The connection dropped just as this was sent, and nothing the server or the"
+                " kernel kept shows whether it arrived: it may or may not have run. It was not"
+                " sent again, so that it cannot run twice. Check its effects and run it again"
+                " if it did not run."
+            ),
+        )
+
+    def _comms_lost_in_flight(self, msg_types: list[str]) -> list[Action]:
+        """Comm messages (a widget's) that may not have arrived: no reply can carry an error,
+        so the running cells are told, once."""
+        what = ", ".join(sorted(set(msg_types)))
+        log.warning("%d comm messages (%s) may not have reached the kernel", len(msg_types), what)
+        return [
+            self._notice(
+                cell.msg,
+                f"cgpu-kernel: {len(msg_types)} widget message(s) ({what}) were sent just as the"
+                " connection dropped and may not have reached the kernel; they were not sent"
+                " again.",
+            )
+            for cell in self.unanswered_cells()
+        ]
+
     def fail_requests(self, requests: list[Request], error: CgpuError) -> list[Action]:
         """Answer the given waiting requests with ``error`` (their replies were lost)."""
         actions: list[Action] = []
         for request in requests:
+            self._unconfirmed.pop(request.msg.msg_id, None)
             if self._inflight.pop(request.msg.msg_id, None) is not None:
                 actions.extend(self._fail(request, error))
         return actions
@@ -456,6 +636,7 @@ class Relay:
         if not self._seen.add(msg.msg_id):
             log.debug("dropping replayed duplicate %s", msg)
             return []
+        self._confirmed(msg)
         # a pure predicate (Backend.intercepts): answering is the I/O shell's, via the action
         if self.intercept is not None and self.intercept(msg):
             return [AnswerRemoteRequest(msg, self._asking_cell(msg))]
@@ -485,6 +666,11 @@ class Relay:
             del self._inflight[request.msg.msg_id]
             if msg.msg_type == "kernel_info_reply":
                 self._kernel_info = msg.content
+            if self._asking.get(request.identities) == request.msg.msg_id:
+                del self._asking[request.identities]
+        elif msg.msg_type == "input_request":
+            self._asked.add(msg.msg_id, request.msg.msg_id)
+            self._asking[request.identities] = request.msg.msg_id
         return [SendToFrontend(msg.channel, request.identities, msg)]
 
     def _asking_cell(self, msg: Message) -> Request | None:
@@ -539,6 +725,47 @@ class Relay:
         return [Publish(self._make("iopub", "display_data", content, request.msg))]
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _confirmed(self, msg: Message) -> None:
+        """``msg`` shows the kernel received its parent request; an ``input_request`` or the
+        cell's reply also shows it took the cell's last ``input()`` answer."""
+        parent_id = msg.parent_id
+        if not parent_id or not self._unconfirmed:
+            return
+        entry = self._unconfirmed.get(parent_id)
+        if entry is not None:
+            # It reached the server, so did everything written before it on the same
+            # connection (one TCP stream, forwarded in order over ZMQ): a comm message sent
+            # while a cell runs gets no ``busy`` of its own from ipykernel 7.
+            for msg_id in list(self._unconfirmed):
+                if self._unconfirmed[msg_id].epoch == entry.epoch:
+                    del self._unconfirmed[msg_id]
+                if msg_id == parent_id:
+                    break
+        if msg.msg_type in {"input_request", "execute_reply"}:
+            for msg_id, entry in list(self._unconfirmed.items()):
+                if entry.cell == parent_id:
+                    del self._unconfirmed[msg_id]
+
+    def _track(self, request: Request) -> None:
+        """Remember ``request`` until the kernel shows it has it (bounded: a kernel that never
+        confirms anything must not make the proxy hold every message it ever sent)."""
+        cell = None
+        if request.channel == "stdin":
+            cell = self._asked.get(request.msg.parent_id) or self._asking.get(request.identities)
+            if cell is None:  # not an answer to a cell's input(): nothing would confirm it
+                return
+        elif not request.msg.msg_type.endswith("_request"):
+            # comm_open/msg/close are never sent again (see settle_after_probe): keep only
+            # what a notice needs, not their content and buffers (an upload can be large).
+            msg = request.msg
+            bare = Message.build(msg.channel, msg.header, msg.parent_header, {}, {})
+            request = Request(request.channel, request.identities, bare)
+        msg_id = request.msg.msg_id
+        self._unconfirmed.pop(msg_id, None)
+        self._unconfirmed[msg_id] = _Unconfirmed(request, self._epoch, cell=cell)
+        while len(self._unconfirmed) > self.max_queue:
+            self._unconfirmed.popitem(last=False)
 
     def _limited(self, msg: Message) -> list[Action]:
         """Remote output through the output limits: shown, or spooled with a notice."""
@@ -599,6 +826,7 @@ class Relay:
             self._inflight[request.msg.msg_id] = request
             if request.msg.msg_type == "execute_request":
                 self._open_cells[request.msg.msg_id] = request
+        self._track(request)
         return [SendToRemote(request)]
 
     def _comm_event(self, msg: Message) -> None:
@@ -712,6 +940,7 @@ class Relay:
         waiting = [*self._inflight.values(), *self._queue]
         self._inflight.clear()
         self._queue.clear()
+        self._unconfirmed.clear()
         actions: list[Action] = []
         for request in waiting:
             actions.extend(self._fail(request, error))

@@ -198,8 +198,7 @@ class RemoteChannels(asyncio.Protocol):
         self._ws.send_request(handshake)
         self._flush()
         response = await self._opened
-        self._check_upgrade(response)
-        self.subprotocol = self._ws.subprotocol
+        self._check_upgrade(response)  # the subprotocol was set as the response was parsed
 
     def _check_upgrade(self, response: Response) -> None:
         assert self._ws is not None
@@ -249,9 +248,20 @@ class RemoteChannels(asyncio.Protocol):
         for event in ws.events_received():
             if isinstance(event, Frame):
                 self._frame(event)
-            elif isinstance(event, Response) and not self._opened.done():
-                self._opened.set_result(event)
+            elif isinstance(event, Response):
+                self._handshake_done(event)
         self._flush()  # pongs, the answer to a close, the close after a protocol error
+
+    def _handshake_done(self, response: Response) -> None:
+        """The server's answer to the upgrade arrived. The subprotocol is taken from it here,
+        before the frames that came in the same read are parsed: a server that writes its
+        first messages right behind the 101 (a loaded machine, a replay after a reconnect)
+        would otherwise have them read as legacy frames and dropped as malformed."""
+        ws = self._ws
+        if ws is not None and ws.handshake_exc is None:
+            self.subprotocol = ws.subprotocol
+        if not self._opened.done():
+            self._opened.set_result(response)
 
     def eof_received(self) -> bool | None:
         if self._ws is not None:
@@ -343,8 +353,8 @@ class RemoteChannels(asyncio.Protocol):
         return time.monotonic() - self.last_heard
 
     def _open(self) -> ClientProtocol | None:
-        ws = self._ws
-        if self._transport is None or ws is None or ws.state is not State.OPEN:
+        ws, transport = self._ws, self._transport
+        if transport is None or transport.is_closing() or ws is None or ws.state is not State.OPEN:
             return None
         return ws
 
@@ -397,11 +407,18 @@ class RemoteChannels(asyncio.Protocol):
         return data[0] if len(data) == 1 else b"".join(data)
 
     def _pump(self) -> None:
-        """Write frames from the queue's head while the socket takes them whole."""
+        """Write frames from the queue's head while the socket takes them whole.
+
+        A message counts as written only if the transport is still open after its last frame:
+        a transport whose socket already failed (a reset) drops what it is handed without an
+        error, and is closing from then on. Such a message stays in the queue, and its future
+        fails when the connection is lost, so the sender queues it again. (Written is still not
+        delivered: bytes in the kernel's buffer die with a reset too; the relay keeps each
+        request until the remote kernel shows it has it.)"""
         queue = self._queue
         while queue and not self._paused:
             transport = self._transport
-            if transport is None:
+            if transport is None or transport.is_closing():
                 return
             frames, future = queue[0]
             try:
@@ -417,6 +434,8 @@ class RemoteChannels(asyncio.Protocol):
                     future.set_result(None)
                 continue
             transport.write(frame)
+            if transport.is_closing():
+                return  # the write may have been dropped: connection_lost fails the future
 
     def _flush(self) -> None:
         """Write what the protocol has to say by itself (control frames); an empty chunk is its

@@ -306,13 +306,15 @@ class RemoteSupervisor:
             # now would move "the last message seen" past what that outage may have lost).
             return
         self._release()
+        self.perform(self.relay.resend_answers())
         if result is not None:
             self._unverified = None
         if look_again and result is not None and result.messages:
             self._unverified = result.end
             self.spawn(self._second_look(channels, result.end, outage_id))
-        if not complete:
-            self.spawn(self._check_lost_replies(channels))
+        # Whatever the journal said: a request written into the lost socket is settled only
+        # once the kernel has answered everything sent before the probe.
+        self.spawn(self._check_lost_replies(channels))
 
     async def _second_look(
         self, channels: RemoteChannels, after: dict[str, str | None], outage_id: int
@@ -426,7 +428,7 @@ class RemoteSupervisor:
         but no ``idle`` is ended with a notice. (The server's REST ``execution_state`` cannot
         tell: its own kernel_info on a new connection makes a busy kernel look idle.)
         """
-        waiting = self.relay.unanswered_cells()
+        waiting = self.relay.awaiting_probe()
         open_cells = self.relay.open_cells()
         if not waiting and not open_cells:
             return
@@ -434,10 +436,10 @@ class RemoteSupervisor:
             return
         if self._held is not None:
             return  # another outage began: its own check follows its recovery
-        still = [r for r in self.relay.unanswered_cells() if r in waiting]
+        # Requests the kernel never confirmed are sent again or answered (the relay decides).
         self.perform(
-            self.relay.fail_requests(
-                still,
+            self.relay.settle_after_probe(
+                waiting,
                 error
                 or ReplyLostError(
                     "The connection dropped and nothing kept this cell's result: it (and"
