@@ -45,7 +45,7 @@ from cgpu_kernel.core.actions import (
     ShutdownRemote,
     SpoolOutput,
 )
-from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
+from cgpu_kernel.core.limits import OutputLimiter, Show, SpoolFailure, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 from cgpu_kernel.exceptions import CgpuError, RemoteKernelGoneError
 
@@ -326,6 +326,13 @@ class Relay:
             log.warning("%s", text)
             return []
         return [self._notice(request.msg, text)]
+
+    def spool_failed(self, failure: SpoolFailure) -> list[Action]:
+        """A ``SpoolOutput`` could not be written in full (a full disk, no permission): the
+        output limits count the loss and tell the cell (``proxy.kernel`` calls this)."""
+        if self.limiter is None:
+            return []
+        return [Publish(d.msg) for d in self.limiter.spool_failed(failure) if isinstance(d, Show)]
 
     # --- internals ----------------------------------------------------------------------------
 

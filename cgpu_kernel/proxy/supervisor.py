@@ -207,6 +207,8 @@ class RemoteSupervisor:
                     self.perform(self.relay.outage_over(outage, complete=True))
             stalled = await self._watch(channels)
             self.channels = None
+            if channels.sink_error is not None:  # a bug handling a message: end the run
+                raise channels.sink_error
             if self.stopping():
                 return
             lost_at = loop.time()
