@@ -120,9 +120,11 @@ def _reclaim(args: argparse.Namespace) -> int:
             print("No remote kernels left behind by dead cgpu kernels.")
             return 0
         failures = 0
+        # the same trust as the kernels that started them: a private CA for an https server
+        ca_certs = args.ca_certs or os.environ.get("CGPU_CA_CERTS") or None
         for url in urls:
             token_file = args.token_file or os.environ.get("CGPU_TOKEN_FILE", "")
-            client = JupyterServerClient(url, read_token(token_file))
+            client = JupyterServerClient(url, read_token(token_file), ca_certs=ca_certs)
             try:
                 done = await registry.reclaim_orphans(client)
             finally:
@@ -256,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reclaim", help="delete remote kernels left running by cgpu kernels that were killed"
     )
     reclaim.add_argument("--token-file", help="token file (else CGPU_TOKEN)")
+    reclaim.add_argument(
+        "--ca-certs",
+        help="CA bundle (PEM) to verify an https server with (else CGPU_CA_CERTS)",
+    )
     reclaim.set_defaults(func=_reclaim)
 
     outputs = commands.add_parser(

@@ -53,6 +53,8 @@ class Reconnector:
         self.budget = budget
         self.auth_hint = auth_hint
         self.backoff = backoff
+        #: the server's last answer about the kernel (None before the first), for notices
+        self.last_health: KernelHealth | None = None
 
     async def run(
         self, deadline: float, stalled: RemoteChannels | None
@@ -65,7 +67,7 @@ class Reconnector:
         delays, attempt = self.backoff.delays(), 0
         while self.still_wanted():
             attempt += 1
-            health = await self.backend.kernel_health()
+            health = self.last_health = await self.backend.kernel_health()
             if not self.still_wanted():
                 return None
             if await self._revived(stalled):

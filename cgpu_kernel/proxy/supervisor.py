@@ -342,10 +342,16 @@ class RemoteSupervisor:
         started = loop.time()
         deadline = started + self.reconnect_budget
         notice_after = self.outage_notice_after
+        attempts: Reconnector  # made below, before the notice can fire
         notice = (
             loop.call_later(
                 notice_after,
-                lambda: self.perform(self.relay.outage_notice(loop.time() - started)),
+                lambda: self.perform(
+                    self.relay.outage_notice(
+                        loop.time() - started,
+                        attempts.last_health.value if attempts.last_health else None,
+                    )
+                ),
             )
             if notice_after > 0
             else None
