@@ -358,7 +358,12 @@ def test_legacy_text_and_binary_frames(monkeypatch: pytest.MonkeyPatch) -> None:
     run(test)
 
 
-def test_a_failing_sink_does_not_stop_the_next_message(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_sink_ends_the_connection_with_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sink that raises is a bug that lost a message: not swallowed, the connection stops and
+    keeps the error for the supervisor, which ends the run with it (issue 20, item 5)."""
+
     async def test() -> None:
         server = MemoryServer([V1_SUBPROTOCOL])
         channels = await opened(monkeypatch, server)
@@ -373,7 +378,9 @@ def test_a_failing_sink_does_not_stop_the_next_message(monkeypatch: pytest.Monke
         server.send_binary(to_ws_v1(message("boom")))
         server.send_binary(to_ws_v1(message("next")))
         await settle()
-        assert got == ["boom", "next"]
+        assert got == ["boom"]
+        assert isinstance(channels.sink_error, RuntimeError)
+        await asyncio.wait_for(channels.closed.wait(), 5)
 
     run(test)
 

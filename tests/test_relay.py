@@ -490,3 +490,74 @@ def test_output_recovered_late_is_said_to_be_late() -> None:
     (notice,) = relay.late_output(1, complete=False, parent=execute.header)
     assert isinstance(notice, Publish) and "may still be missing" in notice.msg.content["text"]
     assert notice.msg.parent_header["msg_id"] == execute.msg_id
+
+
+# --- two frontends reusing one msg_id (issue 20, item 10) -----------------------------------
+
+
+def same_id(msg: Message, channel: str = "shell", **content: Any) -> Message:
+    """Another frontend's request that happens to carry ``msg``'s ``msg_id``."""
+    header = dict(make_header(msg.msg_type, "other-frontend"), msg_id=msg.msg_id)
+    return Message.build(channel, header, {}, {}, content)
+
+
+def test_two_frontends_reusing_one_msg_id_both_get_their_reply() -> None:
+    relay = connected_relay()
+    first = request("execute_request", code="1")
+    second = same_id(first, code="2")
+    relay.frontend_message("shell", NOTEBOOK, first)
+    relay.frontend_message("shell", CONSOLE, second)
+    assert len(relay.inflight) == 2  # the second did not take the first one's place
+    # the remote answers in the order it was sent: the first reply is the notebook's
+    out = relay.remote_message(reply_to(first, "execute_reply", status="ok", n=1))
+    assert isinstance(out[0], SendToFrontend) and out[0].identities == NOTEBOOK
+    out = relay.remote_message(reply_to(second, "execute_reply", status="ok", n=2))
+    assert isinstance(out[0], SendToFrontend) and out[0].identities == CONSOLE
+    assert out[0].msg.content["n"] == 2
+    assert relay.inflight == []
+
+
+def test_a_shared_msg_id_on_control_and_shell_is_routed_by_channel() -> None:
+    relay = connected_relay()
+    on_shell = request("execute_request", code="1")
+    on_control = same_id(on_shell, "control")
+    on_control = Message.build(
+        "control", dict(on_control.header, msg_type="debug_request"), {}, {}, {}
+    )
+    relay.frontend_message("shell", NOTEBOOK, on_shell)
+    relay.frontend_message("control", CONSOLE, on_control)
+    out = relay.remote_message(reply_to(on_control, "debug_reply", "control"))
+    assert isinstance(out[0], SendToFrontend)
+    assert (out[0].channel, out[0].identities) == ("control", CONSOLE)
+    assert [r.msg for r in relay.inflight] == [on_shell]
+
+
+def test_a_failed_send_forgets_only_that_frontends_request() -> None:
+    relay = connected_relay()
+    first = request("execute_request", code="1")
+    second = same_id(first, code="2")
+    relay.frontend_message("shell", NOTEBOOK, first)
+    (send,) = relay.frontend_message("shell", CONSOLE, second)
+    assert isinstance(send, SendToRemote)
+    relay.send_failed(send.request, connection_alive=False)
+    assert [r.identities for r in relay.inflight] == [NOTEBOOK]
+    assert [r.identities for r in relay.queued] == [CONSOLE]
+
+
+@pytest.mark.parametrize(
+    ("health", "says"),
+    [
+        (None, "not known yet"),
+        ("unreachable", "The server does not answer"),
+        ("alive", "The server says the kernel is still running"),
+    ],
+)
+def test_outage_notice_says_only_what_the_server_answered(health: str | None, says: str) -> None:
+    """A killed server takes its kernel with it: "keeps running" is said only when the server
+    said the kernel is alive (issue 20, item 10)."""
+    relay = connected_relay()
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="train()"))
+    relay.remote_disconnected()
+    (notice,) = relay.outage_notice(6.0, health)
+    text = notice.msg.content["text"]
+    assert says in text and "keeps running" not in text

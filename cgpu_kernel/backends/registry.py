@@ -66,9 +66,15 @@ def records() -> list[dict[str, Any]]:
 
 
 def owner_alive(data: dict[str, Any]) -> bool:
+    """Whether the proxy that wrote ``data`` still runs: its pid exists, was started when the
+    record says (not a reused pid), and is not a zombie -- a SIGKILLed proxy its frontend has
+    not reaped yet (nbclient and papermill reap only when they exit) is dead, and its remote
+    kernel is reclaimed."""
     try:
         process = psutil.Process(int(data["pid"]))
-        return bool(abs(process.create_time() - float(data.get("create_time", 0))) < 1.0)
+        if abs(process.create_time() - float(data.get("create_time", 0))) >= 1.0:
+            return False
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
     except (psutil.Error, ValueError, TypeError):
         return False
 

@@ -161,6 +161,8 @@ def _reclaim(args: argparse.Namespace) -> int:
             print("No remote kernels left behind by dead cgpu kernels.")
             return 0
         failures = 0
+        # the same trust as the kernels that started them: a private CA for an https server
+        ca_certs = args.ca_certs or os.environ.get("CGPU_CA_CERTS") or None
         for url in urls:
             # --token-file, CGPU_TOKEN_FILE, the token file of the kernelspec for this server,
             # else CGPU_TOKEN (read_token's fallback)
@@ -170,7 +172,7 @@ def _reclaim(args: argparse.Namespace) -> int:
                 or kernelspec.token_file_for_url(url)
                 or ""
             )
-            client = JupyterServerClient(url, read_token(token_file))
+            client = JupyterServerClient(url, read_token(token_file), ca_certs=ca_certs)
             try:
                 done = await registry.reclaim_orphans(client)
             finally:
@@ -338,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         help="token file (default: CGPU_TOKEN_FILE, else the token file of the installed"
         " kernelspec for that server, else CGPU_TOKEN)",
+    )
+    reclaim.add_argument(
+        "--ca-certs",
+        help="CA bundle (PEM) to verify an https server with (else CGPU_CA_CERTS)",
     )
     reclaim.set_defaults(func=_reclaim)
 

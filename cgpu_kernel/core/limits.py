@@ -70,6 +70,23 @@ class Spool:
 Decision = Show | Spool
 
 
+@dataclass(frozen=True)
+class SpoolFailure:
+    """A :class:`Spool` decision the shell could not carry out in full (``proxy.spool`` makes
+    these; :meth:`OutputLimiter.spool_failed` turns them into what the cell is told).
+
+    ``saved`` of the write's bytes reached the file and ``lost`` did not, because of ``reason``
+    (the OS's words and the path: a full disk, no write permission, a folder that cannot be
+    made). ``first`` is False for a write to a file that had already failed (not attempted).
+    """
+
+    name: str
+    saved: int
+    lost: int
+    reason: str
+    first: bool = True
+
+
 class OutputOptions(Protocol):
     """The options :meth:`Budgets.from_options` reads (``proxy.options.ProxyKernel`` has them);
     a protocol, so the sans-I/O core does not import the traitlets configuration."""
@@ -164,6 +181,7 @@ class _Cell:
     """What one execution has shown and held back so far."""
 
     key: str
+    parent_header: JsonDict = field(default_factory=dict)  # the cell's request, for notices
     stream_shown: int = 0  # characters on finished lines shown
     open_line: int = 0  # characters on the line still being written
     rich_shown: int = 0
@@ -174,6 +192,9 @@ class _Cell:
     tail: str = ""
     rich_count: int = 0
     files: list[str] = field(default_factory=list)
+    spooled: int = 0  # bytes handed to the spool (file bytes: rich output decoded)
+    lost: int = 0  # of those, bytes the spool could not write
+    lost_reasons: dict[str, str] = field(default_factory=dict)  # file name -> why
 
 
 class OutputLimiter:
@@ -191,9 +212,9 @@ class OutputLimiter:
             return [Show(msg)]
         msg_type = msg.msg_type
         if msg_type == "stream":
-            return self._stream(self._cell(parent), msg)
+            return self._stream(self._cell(parent, msg), msg)
         if msg_type in RICH_TYPES:
-            return self._rich(self._cell(parent), msg)
+            return self._rich(self._cell(parent, msg), msg)
         if msg_type == "clear_output":
             cell = self._cells.get(parent)
             if cell is not None:
@@ -204,10 +225,12 @@ class OutputLimiter:
             return [*self._summary(cell, msg), Show(msg)] if cell else [Show(msg)]
         return [Show(msg)]
 
-    def _cell(self, parent: str) -> _Cell:
+    def _cell(self, parent: str, output: Message) -> _Cell:
         cell = self._cells.get(parent)
         if cell is None:
-            cell = self._cells[parent] = _Cell(key=parent[:24].replace("/", "_"))
+            cell = self._cells[parent] = _Cell(
+                key=parent[:24].replace("/", "_"), parent_header=output.parent_header
+            )
         return cell
 
     # --- streams --------------------------------------------------------------------------
@@ -246,8 +269,8 @@ class OutputLimiter:
             spool = self._spool_name(cell, name)
             cell.held_bytes += len(data)
             cell.stream_held += len(data)
+            cell.spooled += len(data)
             self._remember_tail(cell, held)
-            decisions.append(Spool(spool, data))
             if not cell.told:
                 cell.told = True
                 decisions.append(
@@ -260,6 +283,8 @@ class OutputLimiter:
                         )
                     )
                 )
+            # after the notice: a write that fails is told right after it, not before
+            decisions.append(Spool(spool, data))
         return decisions
 
     def _remember_tail(self, cell: _Cell, text: str) -> None:
@@ -285,6 +310,7 @@ class OutputLimiter:
             name, payload = self._rich_file(cell, mime, value)
             names.append(name)
             cell.files.append(name)
+            cell.spooled += len(payload)
             decisions.append(Spool(name, payload))
         cell.held_bytes += size
         cell.held_items += 1
@@ -324,11 +350,14 @@ class OutputLimiter:
     def _summary(self, cell: _Cell, idle: Message) -> list[Decision]:
         if cell.held_bytes == 0:
             return []
-        files = ", ".join(self._where(name) for name in cell.files)
         parts = [f"[cgpu-kernel: {human(cell.held_bytes)} of output held back"]
         if cell.held_items:
             parts.append(f" ({cell.held_items} rich output(s))")
-        parts.append(f", saved in full to {files}." if files else ".")
+        if cell.lost:
+            parts.append(self._losses(cell))
+        else:
+            files = ", ".join(self._where(name) for name in cell.files)
+            parts.append(f", saved in full to {files}." if files else ".")
         lines = cell.tail.splitlines(keepends=True)
         if len(lines) > 1 and len(cell.tail) >= self.budgets.tail_bytes:
             lines = lines[1:]  # the first line was cut by the character budget
@@ -345,6 +374,40 @@ class OutputLimiter:
         }
         notice = self._notice(idle, "".join(parts) + tail, "stdout", newline=False, detail=detail)
         return [Show(notice)]
+
+    def _losses(self, cell: _Cell) -> str:
+        """What the summary says when the spool failed: exact bytes saved and lost, each
+        failed file and why, so the user never reads "saved in full" for bytes not on disk."""
+        saved = cell.spooled - cell.lost
+        failed = "; ".join(
+            f"{self._where(name)}: {reason}" for name, reason in cell.lost_reasons.items()
+        )
+        kept = [self._where(name) for name in cell.files if name not in cell.lost_reasons]
+        intact = f" ({', '.join(kept)} in full)" if kept else ""
+        return (
+            f"; {human(saved)} ({saved} bytes) of it saved{intact}, {human(cell.lost)}"
+            f" ({cell.lost} bytes) LOST because the spool could not be written: {failed}."
+            " A failed file keeps the output's first bytes, in order."
+        )
+
+    def spool_failed(self, failure: SpoolFailure) -> list[Decision]:
+        """The shell could not write a :class:`Spool` decision in full: count what was lost
+        against its cell and, the first time in that cell, tell it at once (the summary at its
+        end gives the totals). Called by the relay for ``proxy.kernel``."""
+        cell = next((c for c in self._cells.values() if failure.name in c.files), None)
+        if cell is None:
+            return []  # the cell already ended: nothing of it is spooled after its summary
+        cell.lost += failure.lost
+        first_in_cell = not cell.lost_reasons
+        cell.lost_reasons.setdefault(failure.name, failure.reason)
+        if not first_in_cell or not failure.first:
+            return []
+        text = (
+            f"[cgpu-kernel: could not save held-back output to {self._where(failure.name)}:"
+            f" {failure.reason}. Output that cannot be saved is lost; the summary at the end of"
+            " the cell says how much, and its last lines are still shown.]"
+        )
+        return [Show(stream_notice(self.session, cell.parent_header, text))]
 
     def _spool_name(self, cell: _Cell, stream: str) -> str:
         name = f"{cell.key}-{stream}.txt"

@@ -59,7 +59,7 @@ from cgpu_kernel.core.actions import (
     SpoolOutput,
 )
 from cgpu_kernel.core.journal import LostMessage
-from cgpu_kernel.core.limits import OutputLimiter, Show, stream_notice
+from cgpu_kernel.core.limits import OutputLimiter, Show, SpoolFailure, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 from cgpu_kernel.exceptions import (
     CgpuError,
@@ -193,6 +193,56 @@ class _Unconfirmed:
     cell: str | None = None
 
 
+class _InflightRequests:
+    """Requests sent to the remote and not yet answered, found again by their ``msg_id``.
+
+    Two frontends may send the same ``msg_id`` (each numbers its own messages; nothing makes
+    ids unique across clients). ipykernel tells them apart by the ROUTER identity; the remote
+    sees one WebSocket, so here requests sharing an id are kept in the order they were sent,
+    and a reply goes to the oldest one on its channel: the remote kernel answers each channel
+    in order, so that is the identity whose request it answers.
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, list[Request]] = {}
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._by_id
+
+    def add(self, request: Request) -> None:
+        self._by_id.setdefault(request.msg.msg_id, []).append(request)
+
+    def get(self, msg_id: str, channel: str | None = None) -> Request | None:
+        """The oldest request with ``msg_id`` (on ``channel`` when one of them is)."""
+        requests = self._by_id.get(msg_id)
+        if not requests:
+            return None
+        if channel is not None:
+            for request in requests:
+                if request.channel == channel:
+                    return request
+        return requests[0]
+
+    def remove(self, request: Request) -> bool:
+        """Forget ``request`` (this very one, not another frontend's with the same id)."""
+        requests = self._by_id.get(request.msg.msg_id)
+        if not requests:
+            return False
+        for index, candidate in enumerate(requests):
+            if candidate is request:
+                del requests[index]
+                if not requests:
+                    del self._by_id[request.msg.msg_id]
+                return True
+        return False
+
+    def values(self) -> list[Request]:
+        return [request for requests in self._by_id.values() for request in requests]
+
+    def clear(self) -> None:
+        self._by_id.clear()
+
+
 class Relay:
     """The routing state machine. One per proxy kernel process."""
 
@@ -213,7 +263,7 @@ class Relay:
         self.max_queue = max_queue
         self.state = RemoteState.CONNECTING
         self.last_error: CgpuError | None = None
-        self._inflight: dict[str, Request] = {}
+        self._inflight = _InflightRequests()
         self._queue: deque[Request] = deque()
         self._seen = _RecentIds(dedupe_window)
         self._kernel_info: JsonDict | None = None
@@ -471,15 +521,30 @@ class Relay:
         ``connection_alive`` says whether the proxy has a working connection now (the failure
         was on an older one): then the request goes out at once, otherwise it waits in order.
         """
-        self._inflight.pop(request.msg.msg_id, None)
+        self._inflight.remove(request)
         self._unconfirmed.pop(request.msg.msg_id, None)
         if connection_alive and self.state is RemoteState.CONNECTED:
             return self._forward(request)
         self._queue.append(request)
         return self.remote_disconnected()
 
-    def outage_notice(self, seconds: float) -> list[Action]:
-        """The connection has been down for ``seconds``: tell the cells waiting on it, once."""
+    def outage_notice(self, seconds: float, kernel_health: str | None = None) -> list[Action]:
+        """The connection has been down for ``seconds``: tell the cells waiting on it, once.
+
+        ``kernel_health`` is the server's last answer about the kernel (``backends.base.
+        KernelHealth``'s value: "alive", "unreachable"...; None before the first check). The
+        notice says only what that answer shows: a killed server takes its kernels with it, so
+        "unreachable" is no sign the cell still runs.
+        """
+        if kernel_health == "alive":
+            known = "The server says the kernel is still running."
+        elif kernel_health == "unreachable":
+            known = (
+                "The server does not answer, so whether the kernel (and this cell) still runs is"
+                " not known."
+            )
+        else:
+            known = "Whether the kernel (and this cell) still runs is not known yet."
         actions: list[Action] = []
         for request in self._waiting_cells():
             if request.msg.msg_id not in self._told_outage:
@@ -488,7 +553,7 @@ class Relay:
                     self._notice(
                         request.msg,
                         f"cgpu-kernel: lost the connection to {self.remote_description}"
-                        f" {seconds:.0f} s ago; reconnecting. The cell keeps running remotely.",
+                        f" {seconds:.0f} s ago; reconnecting. {known}",
                     )
                 )
         return actions
@@ -552,7 +617,7 @@ class Relay:
             if entry is None or entry.epoch >= self._epoch:
                 unanswered.append(request)
                 continue
-            self._inflight.pop(msg_id, None)
+            self._inflight.remove(request)
             msg_type = request.msg.msg_type
             if not msg_type.endswith("_request"):
                 comms.append(msg_type)
@@ -564,10 +629,7 @@ class Relay:
         if comms:
             actions.extend(self._comms_lost_in_flight(comms))
         for request in unanswered:
-            if (
-                request.msg.msg_type == "execute_request"
-                and self._inflight.pop(request.msg.msg_id, None) is not None
-            ):
+            if request.msg.msg_type == "execute_request" and self._inflight.remove(request):
                 actions.extend(self._fail(request, error))
         return actions
 
@@ -607,7 +669,7 @@ class Relay:
         actions: list[Action] = []
         for request in requests:
             self._unconfirmed.pop(request.msg.msg_id, None)
-            if self._inflight.pop(request.msg.msg_id, None) is not None:
+            if self._inflight.remove(request):
                 actions.extend(self._fail(request, error))
         return actions
 
@@ -658,12 +720,14 @@ class Relay:
             log.warning("remote sent %s on unknown channel %r; not forwarded", msg, msg.channel)
             return []
         parent_id = msg.parent_id
-        request = self._inflight.get(parent_id) if parent_id else None
+        # the oldest request with that id on the reply's channel (stdin: the executing cell's)
+        reply_channel = None if msg.channel == "stdin" else msg.channel
+        request = self._inflight.get(parent_id, reply_channel) if parent_id else None
         if request is None:
             log.debug("remote %s answers no request of ours; not forwarded", msg)
             return []
         if msg.channel != "stdin" and msg.msg_type.endswith("_reply"):
-            del self._inflight[request.msg.msg_id]
+            self._inflight.remove(request)
             if msg.msg_type == "kernel_info_reply":
                 self._kernel_info = msg.content
             if self._asking.get(request.identities) == request.msg.msg_id:
@@ -723,6 +787,13 @@ class Relay:
         }
         content: JsonDict = {"data": data, "metadata": {}, "transient": {}}
         return [Publish(self._make("iopub", "display_data", content, request.msg))]
+
+    def spool_failed(self, failure: SpoolFailure) -> list[Action]:
+        """A ``SpoolOutput`` could not be written in full (a full disk, no permission): the
+        output limits count the loss and tell the cell (``proxy.kernel`` calls this)."""
+        if self.limiter is None:
+            return []
+        return [Publish(d.msg) for d in self.limiter.spool_failed(failure) if isinstance(d, Show)]
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -823,7 +894,7 @@ class Relay:
         # Only a *_request gets a reply that forgets it again: comm_open/msg/close never do, and
         # holding them (buffers and all) would leak.
         if request.channel != "stdin" and request.msg.msg_type.endswith("_request"):
-            self._inflight[request.msg.msg_id] = request
+            self._inflight.add(request)
             if request.msg.msg_type == "execute_request":
                 self._open_cells[request.msg.msg_id] = request
         self._track(request)
@@ -851,7 +922,8 @@ class Relay:
         requests, never sent again, and its sender told (see :meth:`remote_closed`)."""
         size = sent.size
         self.refused_size = size if self.refused_size is None else min(self.refused_size, size)
-        self._inflight.pop(sent.msg_id, None)
+        if sent.request is not None:
+            self._inflight.remove(sent.request)
         self._queue = deque(r for r in self._queue if r.msg.msg_id != sent.msg_id)
         suggested = -(-2 * size // (100 * MIB)) * 100  # twice the size, in 100s of MiB
         error = RemoteMessageTooBigError(

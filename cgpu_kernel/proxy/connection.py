@@ -113,6 +113,8 @@ class RemoteChannels(asyncio.Protocol):
         # mark the failure as seen, so asyncio does not report it as lost.
         self._opened.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._sink: MessageSink | None = None
+        #: what the sink raised, if it did (``supervisor`` re-raises it: the run ends)
+        self.sink_error: Exception | None = None
         self._held: list[Message] = []
         self._partial: list[Buffer] = []  # a fragmented message being received
         self._partial_opcode = Opcode.BINARY
@@ -308,10 +310,15 @@ class RemoteChannels(asyncio.Protocol):
         if sink is None:
             self._held.append(msg)
             return
+        if self.sink_error is not None:
+            return  # the run is ending with that error (below); nothing more is handled
         try:
             sink(msg)
-        except Exception:
-            log.exception("handling a message from %s failed", self.where)
+        except Exception as exc:
+            # Not swallowed: a bug in the relay or its shell, and this message reached no one.
+            # The connection stops and the supervisor ends the run with the error, loudly.
+            self.sink_error = exc
+            self.abort()
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -23,7 +23,7 @@ import zmq
 from jupyter_client.session import Session
 
 from cgpu_kernel.core.wire import DELIMITER, Buffer, Message, zmq_frames
-from cgpu_kernel.exceptions import MalformedMessageError
+from cgpu_kernel.exceptions import ConfigurationError, MalformedMessageError
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,57 @@ SubscribeCallback = Callable[[bytes], None]
 
 
 def socket_address(info: dict[str, Any], port: int) -> str:
-    transport = info.get("transport", "tcp")
-    ip = info.get("ip", "127.0.0.1")
+    """The ZMQ address of one socket from the connection file's ``transport`` and ``ip``.
+
+    An ``ip`` that is missing or empty (some launchers write ``"ip": ""``) means loopback, as
+    jupyter_client's default; an ``ipc`` transport without a path, or a transport ZMQ cannot
+    bind here, is a :class:`~cgpu_kernel.exceptions.ConfigurationError` naming the file's
+    fields instead of a traceback from deep in ZMQ.
+    """
+    transport = info.get("transport") or "tcp"
+    ip = info.get("ip")
     if transport == "ipc":
+        if not ip or not isinstance(ip, str):
+            raise ConfigurationError(
+                'The connection file has "transport": "ipc" but no "ip" (the socket path'
+                " prefix). Give one, or use the tcp transport."
+            )
         return f"ipc://{ip}-{port}"
-    return f"{transport}://{ip}:{port}"
+    if transport != "tcp":
+        raise ConfigurationError(
+            f'The connection file\'s "transport" is {transport!r}; cgpu-kernel binds "tcp"'
+            ' or "ipc".'
+        )
+    if not ip:
+        ip = "127.0.0.1"
+    elif not isinstance(ip, str):
+        raise ConfigurationError(f'The connection file\'s "ip" is {ip!r}, not an address.')
+    return f"tcp://{ip}:{port}"
+
+
+def _port(info: dict[str, Any], channel: str) -> int:
+    """The connection file's ``<channel>_port``, or a clear error when it is missing or bad."""
+    value = info.get(f"{channel}_port")
+    try:
+        port = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigurationError(
+            f'The connection file\'s "{channel}_port" is {value!r}, not a port number.'
+        ) from None
+    if not 0 < port < 65536:
+        raise ConfigurationError(f'The connection file\'s "{channel}_port" {port} is no port.')
+    return port
+
+
+def _bind(socket: zmq.Socket[Any], address: str) -> None:
+    """Bind, turning ZMQ's refusal (address in use, not an address of this machine) into a
+    clear error that names the address."""
+    try:
+        socket.bind(address)
+    except zmq.ZMQError as exc:
+        raise ConfigurationError(
+            f"Could not listen on {address} (from the connection file): {exc}."
+        ) from None
 
 
 def _nothing() -> None:
@@ -113,7 +159,7 @@ class FrontendSockets:
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             socket.sndhwm = 0  # see iopub below
             socket.linger = 1000
-            socket.bind(socket_address(self.info, int(self.info[f"{channel}_port"])))
+            _bind(socket, socket_address(self.info, _port(self.info, channel)))
             self.sockets[channel] = socket
         iopub = self.context.socket(zmq.XPUB)
         iopub.setsockopt(zmq.XPUB_VERBOSE, 1)
@@ -121,10 +167,10 @@ class FrontendSockets:
         # read yet. The output limits and coalescing keep this queue short; it must never lose.
         iopub.sndhwm = 0
         iopub.linger = 1000
-        iopub.bind(socket_address(self.info, int(self.info["iopub_port"])))
+        _bind(iopub, socket_address(self.info, _port(self.info, "iopub")))
         self.sockets["iopub"] = iopub
         ready = threading.Event()
-        address = socket_address(self.info, int(self.info["hb_port"]))
+        address = socket_address(self.info, _port(self.info, "hb"))
         threading.Thread(
             target=_heartbeat, args=(self._hb_context, address, ready), daemon=True
         ).start()

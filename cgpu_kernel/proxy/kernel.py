@@ -235,7 +235,9 @@ class ProxyKernelRun:
                 case Publish():
                     self._publish(action.msg)
                 case SpoolOutput():
-                    self.spool.write(action.name, action.data)
+                    failure = self.spool.write(action.name, action.data)
+                    if failure is not None:  # a full disk, no permission: the cell is told
+                        self.perform(self.relay.spool_failed(failure))
                 case InterruptRemote():
                     self._spawn(self._interrupt(action.request))
                 case ShutdownRemote():

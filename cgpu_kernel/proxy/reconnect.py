@@ -64,6 +64,8 @@ class Reconnector:
         self.auth_hint = auth_hint
         self.backoff = backoff
         self.streak = streak if streak is not None else FailureStreak(backoff)
+        #: the server's last answer about the kernel (None before the first), for notices
+        self.last_health: KernelHealth | None = None
 
     async def run(
         self,
@@ -102,7 +104,7 @@ class Reconnector:
         deadline = min(deadline, streak.deadline(self.budget, started))
         while self.still_wanted() and loop.time() < deadline:
             attempt += 1
-            health = await self.backend.kernel_health()
+            health = self.last_health = await self.backend.kernel_health()
             if not self.still_wanted():
                 return None
             if await self._revived(stalled):

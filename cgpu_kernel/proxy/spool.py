@@ -8,13 +8,15 @@ total size when a kernel starts, or with ``cgpu-kernel outputs clean``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
+from cgpu_kernel.core.limits import SpoolFailure
 from cgpu_kernel.paths import default_spool_root
 
 if TYPE_CHECKING:
@@ -26,12 +28,22 @@ OPEN_FILES = 8
 
 
 class SpoolWriter:
-    """Appends held-back output to files in one run's folder, created on first use."""
+    """Appends held-back output to files in one run's folder, created on first use.
+
+    Each file is written with ``os.write`` straight to its descriptor (no Python buffer), so the
+    bytes on disk are known exactly: a write that fails (a full disk, a folder that cannot be
+    made or written) is reported as a :class:`~cgpu_kernel.core.limits.SpoolFailure` saying
+    how much reached the file and why the rest did not, never raised into the relay. After a
+    failure nothing more is written to that file: what it holds stays the output's exact first
+    bytes, in order, rather than a file with a hole in the middle.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._files: OrderedDict[str, IO[bytes]] = OrderedDict()
+        self._files: OrderedDict[str, int] = OrderedDict()  # name -> open descriptor
+        self._failed: dict[str, str] = {}  # name -> why it could not be written
         self.written = 0
+        self.lost = 0
 
     @classmethod
     def from_options(cls, options: ProxyKernel, run_id: str) -> SpoolWriter:
@@ -49,27 +61,69 @@ class SpoolWriter:
             log.warning("could not clean old saved outputs in %s: %s", root, exc)
         return cls(root / (time.strftime("%Y%m%d-%H%M%S") + "-" + run_id))
 
-    def write(self, name: str, data: bytes) -> None:
-        handle = self._files.get(name)
-        if handle is None:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = self.folder / Path(name).name
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            handle = self._files[name] = os.fdopen(descriptor, "ab")
-            while len(self._files) > OPEN_FILES:
-                self._files.popitem(last=False)[1].close()
-        else:
+    def write(self, name: str, data: bytes) -> SpoolFailure | None:
+        """Append ``data`` to the file ``name``; None when all of it is on disk, else what was
+        saved and lost and why (``proxy.kernel`` hands that to the relay, which tells the cell).
+        """
+        reason = self._failed.get(name)
+        if reason is not None:
+            self.lost += len(data)
+            return SpoolFailure(name, saved=0, lost=len(data), reason=reason, first=False)
+        saved = 0
+        try:
+            descriptor = self._open(name)
+            view = memoryview(data)
+            while saved < len(data):
+                saved += os.write(descriptor, view[saved:])
+        except OSError as exc:
+            reason = _reason(exc, self.folder / Path(name).name)
+            self._failed[name] = reason
+            self._close(name)
+            self.written += saved
+            self.lost += len(data) - saved
+            log.error("could not save held-back output: %s", reason)
+            return SpoolFailure(name, saved=saved, lost=len(data) - saved, reason=reason)
+        self.written += saved
+        return None
+
+    def _open(self, name: str) -> int:
+        descriptor = self._files.get(name)
+        if descriptor is not None:
             self._files.move_to_end(name)
-        handle.write(data)
-        self.written += len(data)
+            return descriptor
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.folder / Path(name).name
+        descriptor = self._files[name] = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+        )
+        while len(self._files) > OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return descriptor
+
+    def _close(self, name: str) -> None:
+        descriptor = self._files.pop(name, None)
+        if descriptor is not None:
+            os.close(descriptor)
 
     def flush(self) -> None:
-        for handle in self._files.values():
-            handle.flush()
+        """Nothing is buffered in this process (every write goes to the OS at once); kept for
+        the iopub publisher, which calls it before each status message."""
 
     def close(self) -> None:
         while self._files:
-            self._files.popitem()[1].close()
+            os.close(self._files.popitem()[1])
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    """Why a spool file could not be written, in the user's words: the OS's reason and the
+    file (a full disk, a folder without write permission, a folder that cannot be made)."""
+    cause = exc.strerror or type(exc).__name__
+    where = exc.filename or path
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{cause} (writing {where}; free space there or set --spool-dir)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{cause} ({where}; give write access there or set --spool-dir)"
+    return f"{cause} ({where})"
 
 
 def spooled_files(root: Path | None = None) -> list[Path]:

@@ -236,6 +236,8 @@ class RemoteSupervisor:
                 self.spawn(self._recover(channels, outage, self._outages, look_again=quiet))
             ended = await self._watch(channels)
             self.channels = None
+            if channels.sink_error is not None:  # a bug handling a message: end the run
+                raise channels.sink_error
             if self.stopping():
                 return
             lost_at = loop.time()
@@ -462,10 +464,16 @@ class RemoteSupervisor:
         started = loop.time()
         deadline = started + self.reconnect_budget
         notice_after = self.outage_notice_after
+        attempts: Reconnector  # made below, before the notice can fire
         notice = (
             loop.call_later(
                 notice_after,
-                lambda: self.perform(self.relay.outage_notice(loop.time() - started)),
+                lambda: self.perform(
+                    self.relay.outage_notice(
+                        loop.time() - started,
+                        attempts.last_health.value if attempts.last_health else None,
+                    )
+                ),
             )
             if notice_after > 0
             else None
