@@ -492,7 +492,12 @@ def test_categories_and_suggestions(jupyter_spec: str) -> None:
     assert outcomes.pip_package("sklearn.svm") == "scikit-learn"
     assert outcomes.pip_package("PIL.Image") == "Pillow"
     assert outcomes.pip_package("torch") == "torch"
-    assert runner.resolve_kernel(None)[0] == kernelspec.list_specs()[0]["name"]
+    # the documented default: cgpu-local when installed, else the first local-backend one
+    specs = kernelspec.list_specs()
+    assert runner.resolve_kernel(None)[0] == runner.default_kernel(specs)
+    names = [str(spec["name"]) for spec in specs]
+    if "cgpu-local" in names:
+        assert runner.default_kernel(specs) == "cgpu-local"
 
 
 def test_kernel_timeout_defaults_to_the_kernelspecs_own() -> None:
