@@ -43,6 +43,11 @@ service cannot be reached from the test machines. What it reproduces, and from w
   ``/api/...`` and the kernel channels WebSocket to a REAL jupyter-server. Optionally it closes
   a WebSocket when the token that opened it expires (the harshest thing a real proxy could do).
   ``api/colab/resources`` answers in VSC's shape (``memory``, ``gpus[{memoryUsedBytes, ...}]``).
+* ``v1/user-info`` (VSC ``client/v1/index.ts`` ``getUserInfo``, schema in ``api.ts``
+  ``UserInfoSchema``; on Google's API host, so no ``authuser``): by default refused with 403
+  ``USER_PROJECT_DENIED``, as CLI AGENTS.md found that host answering ordinary user tokens; with
+  ``user_info`` set, that answer. Assignments carry ``subTier`` (``api.ts``: 0 unknown, 1 Pro,
+  2 Pro+) from ``sub_tier``.
 
 :data:`COLAB_REQUEST_HELPER` is code for the *remote* ipykernel that sends ``colab_request``
 the way colabtools does (CT ``google/colab/_message.py``): on **iopub**, a ``parent_header``
@@ -216,7 +221,10 @@ class ColabDouble:
         self.close_websockets_on_expiry = False
         self.list_proxy_info = True  # False: listings lack runtimeProxyInfo
         self.credentials_mode = "authorized"  # or "needs_user", "error"
+        self.user_info: dict[str, Any] | None = None  # None: v1/user-info refused (403)
+        self.sub_tier = 0
         # state and counters
+        self.user_info_queries: list[str] = []
         self.runtimes: dict[str, Runtime] = {}
         self.proxy_tokens: dict[str, ProxyToken] = {}
         self.xsrf: dict[str, str] = {}  # token -> what it allows
@@ -296,6 +304,8 @@ class ColabDouble:
         self.close_websockets_on_expiry = False
         self.list_proxy_info = True
         self.credentials_mode = "authorized"
+        self.user_info = None
+        self.sub_tier = 0
         self.runtimes.clear()
         self.proxy_tokens.clear()
         self.keep_alives.clear()
@@ -338,7 +348,7 @@ class ColabDouble:
             "endpoint": runtime.endpoint,
             "fit": 5400,
             "sub": 1,
-            "subTier": 0,
+            "subTier": self.sub_tier,
             "outcome": 4,
             "variant": 0 if accelerator == "NONE" else 2 if accelerator in TPUS else 1,
             "machineShape": 1 if runtime.shape == "hm" or accelerator in HIGHMEM_ONLY else 0,
@@ -371,6 +381,7 @@ class ColabDouble:
                 (r"/tun/m/unassign/([^/]+)", UnassignHandler, kwargs),
                 (r"/tun/m/credentials-propagation/([^/]+)", PropagationHandler, kwargs),
                 (r"/tun/m/([^/]+)/keep-alive/", KeepAliveHandler, kwargs),
+                (r"/v1/user-info", UserInfoHandler, kwargs),
                 (r"/consent/([^/]+)/([^/]+)", ConsentHandler, kwargs),
                 (r"/token", OAuthTokenHandler, kwargs),
                 (r"/o/oauth2/auth", OAuthConsentHandler, kwargs),
@@ -422,6 +433,32 @@ class ColabHandler(web.RequestHandler):
         token = self.request.headers.get("X-Goog-Colab-Token", "")
         if self.double.xsrf.pop(token, None) != purpose:
             raise web.HTTPError(400, "bad XSRF token")
+
+
+class UserInfoHandler(ColabHandler):
+    """``v1/user-info`` on Google's API host (VSC ``getUserInfo``): no ``authuser`` there."""
+
+    def prepare(self) -> None:
+        self.double.calls.append((self.request.method or "", self.request.path))
+        self.double.user_info_queries.append(self.request.query)
+        auth = self.request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.double.access_tokens:
+            raise web.HTTPError(401)
+
+    def get(self) -> None:
+        if self.double.user_info is None:
+            self.set_status(403, "Forbidden")
+            self.finish(
+                {
+                    "error": {
+                        "code": 403,
+                        "status": "PERMISSION_DENIED",
+                        "details": [{"reason": "USER_PROJECT_DENIED"}],
+                    }
+                }
+            )
+            return
+        self.finish(self.double.user_info)
 
 
 class AssignHandler(ColabHandler):

@@ -12,10 +12,12 @@ backend is wired into ``proxy.kernel`` and ``kernelspec``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
+import queue
 import re
 import stat
 import threading
@@ -792,8 +794,12 @@ def test_cli_status_and_release(
         code, out = cli("status", "--colab-url", colab.url, "--json")
         (row,) = json.loads(out)
         assert row["kernels"] == 1 and row["idle"] != "?"
-        code, out = cli("auth", "status")
+        code, out = cli("auth", "status", "--colab-url", colab.url)
         assert code == 0 and ACCESS_TOKEN not in out
+        assert "did not say this account's tier (HTTP 403" in out
+        colab.user_info = PRO_USER_INFO
+        code, out = cli("auth", "status", "--colab-url", colab.url)
+        assert code == 0 and "has Colab Pro and may ask for T4, L4, V5E1" in out
         assert cli("release", "--colab-url", colab.url, endpoint) == (0, f"{endpoint}: released\n")
         assert colab.released == [endpoint]
     finally:
@@ -962,6 +968,58 @@ def test_400_and_412_have_their_meanings_and_fall_back(
         finally:
             await lenient.shutdown_kernel()
             await lenient.close()
+
+    run(scenario())
+
+
+PRO_USER_INFO = {
+    # VSC ``api.ts`` ``UserInfoSchema``: enum names on Google's API host
+    "subscriptionTier": "SUBSCRIPTION_TIER_PRO",
+    "paidComputeUnitsBalance": 87.5,
+    "eligibleAccelerators": [
+        {"variant": "VARIANT_GPU", "models": ["t4", "L4"]},
+        {"variant": "VARIANT_TPU", "models": ["V5E1"]},
+    ],
+    "ineligibleAccelerators": [{"variant": "VARIANT_GPU", "models": ["H100"]}],
+}
+
+
+def test_a_refusal_says_what_the_account_may_ask_for_when_colab_tells(
+    colab: ColabDouble,
+) -> None:
+    """colab-vscode asks ``v1/user-info`` for the tier and the eligible accelerators; a refusal
+    carries them. The host may refuse our token (the double's default, per CLI AGENTS.md):
+    then the refusal is the same, without the sentence, and nothing fails because of it."""
+    colab.not_entitled.add("H100")
+    for info, expected in ((PRO_USER_INFO, True), (None, False)):
+        colab.user_info = info
+        backend = make_backend(colab, gpu="H100")
+        with pytest.raises(ColabNotEntitledError) as refused:
+            run(backend.start_kernel())
+        run(backend.close())
+        message = str(refused.value)
+        assert "entitlement" in message
+        said = "Colab says this account has Colab Pro and may ask for T4, L4, V5E1 (not: H100)"
+        assert (said in message) is expected, message
+        assert ("87.5 paid compute units left" in message) is expected
+        assert ("GET", "/v1/user-info") in colab.calls
+    # asked on Google's API host, which takes no authuser (VSC ``issueRequest``)
+    assert colab.user_info_queries and all("authuser" not in q for q in colab.user_info_queries)
+    assert colab.runtimes == {}
+
+
+def test_the_assignment_names_the_tier(colab: ColabDouble) -> None:
+    """``subTier`` in an assignment (VSC ``api.ts``: 1 Pro, 2 Pro+, else unknown)."""
+    colab.sub_tier = 2
+
+    async def scenario() -> None:
+        backend = make_backend(colab)
+        try:
+            await backend.start_kernel()
+            assert backend.assignment is not None and backend.assignment.tier == "Colab Pro+"
+        finally:
+            await backend.shutdown_kernel()
+            await backend.close()
 
     run(scenario())
 
@@ -1201,3 +1259,52 @@ def test_kernelspec_attaches_to_an_existing_runtime_and_leaves_it(
     time.sleep(1.0)
     assert list(colab.runtimes) == [runtime.endpoint] and colab.released == []
     assert ("POST", "/tun/m/assign") not in colab.calls[calls_before:], "it assigned one"
+
+
+@needs_wiring
+def test_kernelspec_idle_warning_reaches_the_frontend(
+    colab: ColabDouble, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before keep-alive stops (colab-vscode ``keep-alive.ts`` asks the user first) the notice
+    goes to the frontend once: in the output of the last cell sent, which frontends that show
+    late output (``jupyter console``) display, with how to keep the runtime."""
+    monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
+    name = install_spec(
+        kernel_dir,
+        "cgpu-test-colab-idle",
+        "colab",
+        extra=[
+            f"--ProxyKernel.colab_url={colab.url}",
+            "--ProxyKernel.keep_alive_interval=0.5",
+            "--ProxyKernel.idle_timeout=6",  # warned 1.5 s (a quarter) before it stops
+        ],
+    )
+    km, kc = start_kernel(name)
+    try:
+        reply, _ = run_cell(kc, "print('in use')", timeout=120)
+        cell = reply["parent_header"]["msg_id"]
+        notices: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not notices:
+            with contextlib.suppress(queue.Empty):
+                msg = kc.get_iopub_msg(timeout=1)
+                text = msg["content"].get("text", "")
+                if msg["msg_type"] == "stream" and "keep-alive" in text:
+                    notices.append(msg)
+        assert notices, "the coming stop was never told to the frontend"
+        (notice,) = notices
+        assert notice["parent_header"]["msg_id"] == cell
+        assert "stops in" in notice["content"]["text"]
+        assert "--option idle-timeout=SECONDS" in notice["content"]["text"]
+        # once per idle stretch: no second notice while it stays idle
+        time.sleep(3)
+        again = []
+        while True:
+            try:
+                again.append(kc.get_iopub_msg(timeout=0.5))
+            except queue.Empty:
+                break
+        assert not [m for m in again if "keep-alive" in m["content"].get("text", "")]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()

@@ -561,3 +561,22 @@ def test_outage_notice_says_only_what_the_server_answered(health: str | None, sa
     (notice,) = relay.outage_notice(6.0, health)
     text = notice.msg.content["text"]
     assert says in text and "keeps running" not in text
+
+
+def test_an_announcement_goes_to_running_cells_else_the_last_cell() -> None:
+    """``announce`` (Colab's coming keep-alive stop): no cell sent yet, the log only; a running
+    cell gets it; with none running, the last cell sent (frontends that show late output)."""
+    relay = connected_relay()
+    assert relay.announce("soon") == []
+    first = request("execute_request", code="1")
+    relay.frontend_message("shell", NOTEBOOK, first)
+    (running,) = relay.announce("soon")
+    assert isinstance(running, Publish) and running.msg.parent_header == first.header
+    assert running.msg.content == {"name": "stderr", "text": "soon\n"}
+    relay.remote_message(reply_to(first, "execute_reply", status="ok"))
+    second = request("execute_request", code="2")
+    relay.frontend_message("shell", CONSOLE, second)
+    relay.remote_message(reply_to(second, "execute_reply", status="ok"))
+    relay.frontend_message("shell", NOTEBOOK, request("complete_request", code="x"))
+    (late,) = relay.announce("soon")
+    assert isinstance(late, Publish) and late.msg.parent_header == second.header

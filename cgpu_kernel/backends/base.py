@@ -145,6 +145,11 @@ class Backend(abc.ABC):
         """
         return False
 
+    def announce_to(self, announce: Callable[[str], None]) -> None:  # noqa: B027 - optional
+        """Receive the proxy's way to tell the user something outside any request (called once
+        by ``proxy.kernel`` at start). The Colab backend says here, before its keep-alive
+        stops, that the runtime may be reclaimed and how to keep it."""
+
     def observe(self, msg: Message) -> None:  # noqa: B027 - optional hook, nothing by default
         """See a message from the remote kernel (every one, before the relay routes it).
 

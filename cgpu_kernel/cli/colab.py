@@ -63,9 +63,12 @@ def register(commands: Any) -> None:
         "--port", type=int, default=0, help="loopback port for the redirect (default: any free)"
     )
     login.set_defaults(func=_auth_login)
-    actions.add_parser("status", help="say where the Google credentials come from").set_defaults(
-        func=_auth_status
+    auth_status = actions.add_parser(
+        "status",
+        help="say where the Google credentials come from, and the account's Colab tier",
     )
+    _add_colab_url(auth_status)
+    auth_status.set_defaults(func=_auth_status)
     actions.add_parser("logout", help="forget the stored Google sign-in").set_defaults(
         func=_auth_logout
     )
@@ -111,7 +114,28 @@ def _auth_status(args: argparse.Namespace) -> int:
     print(info["detail"])
     if "file" in info:
         print(f"store: {info['file']}")
-    return 0 if info["source"] not in ("none", "error") else 1
+    if info["source"] in ("none", "error"):
+        return 1
+    print(asyncio.run(_tier(args.colab_url)))
+    return 0
+
+
+async def _tier(colab_url: str) -> str:
+    """The account's tier and what it may ask for, or why that is not known (Google's API
+    host may refuse our tokens: google-colab-cli AGENTS.md). Never fails the command."""
+    api = _api(colab_url)
+    try:
+        return (await api.user_info()).describe()
+    except RemoteError as exc:
+        why = f"HTTP {exc.status}" if exc.status else "no answer"
+        return (
+            f"Colab's user-info service ({api.gapi_url}) did not say this account's tier"
+            f" ({why}; it often refuses tokens that are not Google's own clients'). A refused"
+            " accelerator's error names what Colab allows when it can, and the kernel's log"
+            " names the tier of each runtime it is assigned."
+        )
+    finally:
+        api.close()
 
 
 def _auth_logout(args: argparse.Namespace) -> int:

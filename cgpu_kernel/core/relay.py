@@ -286,6 +286,7 @@ class Relay:
         # the cell that last asked each frontend for input (an answer without a parent header,
         # as jupyter_client's ``input()`` sends, answers that one)
         self._asking: dict[tuple[bytes, ...], str] = {}
+        self._last_cell: JsonDict | None = None  # the header of the last cell a frontend sent
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -314,6 +315,8 @@ class Relay:
         """A verified message arrived from a frontend on ``channel``."""
         request = Request(channel, identities, msg)
         msg_type = msg.msg_type
+        if msg_type == "execute_request" and channel == "shell":
+            self._last_cell = msg.header
         if msg_type == "interrupt_request" and channel in ("control", "shell"):
             return self._interrupt(request)
         if msg_type == "shutdown_request" and channel in ("control", "shell"):
@@ -787,6 +790,19 @@ class Relay:
         }
         content: JsonDict = {"data": data, "metadata": {}, "transient": {}}
         return [Publish(self._make("iopub", "display_data", content, request.msg))]
+
+    def announce(self, text: str) -> list[Action]:
+        """Something the user should know while perhaps no cell runs (the backend says so:
+        Colab's keep-alive is about to stop). In every running cell; else in the output of the
+        last cell sent, which frontends that show output arriving after a cell finished
+        (``jupyter console``) display; and always in the log."""
+        log.warning("%s", text)
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(r.msg, text) for r in running]
+        if self._last_cell is not None:
+            return [Publish(stream_notice(self.session, self._last_cell, text))]
+        return []
 
     def spool_failed(self, failure: SpoolFailure) -> list[Action]:
         """A ``SpoolOutput`` could not be written in full (a full disk, no permission): the

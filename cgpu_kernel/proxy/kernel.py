@@ -112,6 +112,7 @@ class ProxyKernelRun:
             stopping=lambda: self._stopping,
             connected=self.tracker.connected,
         )
+        backend.announce_to(lambda text: self.perform(self.relay.announce(text)))
         self._stopped = asyncio.Event()
         self._stopping = False
         self._shutting_down = False

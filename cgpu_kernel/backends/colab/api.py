@@ -21,11 +21,13 @@ from tornado.httpclient import AsyncHTTPClient
 
 from cgpu_kernel.backends.colab.models import (
     DEFAULT_COLAB_URL,
+    DEFAULT_GAPI_URL,
     OUTCOME_DENIED,
     OUTCOMES_NO_QUOTA,
     AccessTokens,
     Assignment,
     RuntimeProxy,
+    UserInfo,
     assignment_query,
     check_name,
     check_service_url,
@@ -123,9 +125,16 @@ class ColabAPI:
         ca_certs: str | None = None,
         request_timeout: float = 60.0,
         keep_alive_timeout: float = KEEP_ALIVE_TIMEOUT,
+        gapi_url: str | None = None,
     ) -> None:
         self.tokens = tokens
         self.base_url = check_service_url(base_url, "Colab")
+        #: Where ``v1/user-info`` is asked: Google's API host for the real Colab, the same
+        #: server as ``base_url`` for any other (a test double serves both).
+        self.gapi_url = check_service_url(
+            gapi_url or (DEFAULT_GAPI_URL if self.base_url == DEFAULT_COLAB_URL else base_url),
+            "Colab API",
+        )
         self.client_agent = client_agent or CLIENT_AGENT
         self.tls = TLSOptions(validate_cert, ca_certs)
         self.request_timeout = request_timeout
@@ -140,14 +149,20 @@ class ColabAPI:
         headers: dict[str, str] | None = None,
         *,
         timeout: float | None = None,
+        base: str | None = None,
+        authuser: bool = True,
     ) -> Any:
         """One call; decoded JSON. A refused access token is refreshed and retried once.
 
-        ``timeout`` (seconds) overrides ``request_timeout`` for this call. A 403, or a 400
-        whose reason names the client, also says which setting changes the client agent.
+        ``timeout`` (seconds) overrides ``request_timeout`` for this call; ``base`` the
+        service's base URL (``gapi_url`` for user-info); ``authuser=0`` goes on Colab's own
+        host's calls only (colab-vscode ``issueRequest``). A 403, or a 400 whose reason names the
+        client, also says which setting changes the client agent.
         """
-        url = self.base_url + path + "?" + urlencode({"authuser": "0", **(query or {})})
-        where = f"Colab ({self.base_url}{path})"
+        base = base or self.base_url
+        own = {"authuser": "0"} if authuser else {}
+        url = base + path + "?" + urlencode({**own, **(query or {})})
+        where = f"Colab ({base}{path})"
         request_timeout = self.request_timeout if timeout is None else timeout
         for attempt in range(2):
             token = await self.tokens.access_token(refresh=attempt > 0)
@@ -293,6 +308,20 @@ class ColabAPI:
     async def unassign(self, endpoint: str) -> None:
         """``GET`` then XSRF ``POST`` of ``tun/m/unassign/<endpoint>`` (both Google clients)."""
         await self._xsrf_post(f"tun/m/unassign/{quote(check_name(endpoint, 'endpoint'))}")
+
+    async def user_info(self, *, timeout: float = 10.0) -> UserInfo:
+        """The account's tier and the accelerators it may ask for.
+
+        ``GET v1/user-info`` on Google's API host (colab-vscode ``client/v1/index.ts``
+        ``getUserInfo``, schema in ``api.ts``). google-colab-cli found that host refusing
+        ordinary user tokens (AGENTS.md, ``USER_PROJECT_DENIED``): callers treat any error as
+        "not known" and say so, never as a failure of what they were doing.
+        """
+        return UserInfo.parse(
+            await self.call(
+                "GET", "v1/user-info", timeout=timeout, base=self.gapi_url, authuser=False
+            )
+        )
 
     async def keep_alive(self, endpoint: str) -> bool:
         """One keep-alive ping; True when answered, False when the answer did not come.

@@ -231,14 +231,29 @@ class ColabBackend(Backend):
                 continue
             break
         else:
-            if len(refused) == 1:
-                raise refused[0]
-            tried = ", ".join(label(a) for a in [self.gpu, *self.fallback])
-            raise type(refused[-1])(
-                f"Colab assigned none of the accelerators allowed ({tried}). The last refusal:"
-                f" {refused[-1]}"
-            )
+            last = refused[-1]
+            text = str(last)
+            if len(refused) > 1:
+                tried = ", ".join(label(a) for a in [self.gpu, *self.fallback])
+                text = (
+                    f"Colab assigned none of the accelerators allowed ({tried}). The last"
+                    f" refusal: {text}"
+                )
+            raise type(last)(text + await self._entitlements()) from None
         return assignment
+
+    async def _entitlements(self) -> str:
+        """What the account may ask for, to add to a refusal; "" when Colab does not say.
+
+        colab-vscode asks ``v1/user-info`` for this; its host may refuse our tokens
+        (google-colab-cli AGENTS.md), so a refusal here only leaves the sentence out.
+        """
+        try:
+            info = await self.api.user_info()
+        except RemoteError as exc:
+            log.info("Colab's user-info was not available (%s)", exc)
+            return ""
+        return " " + info.describe()
 
     async def assign(self) -> Assignment:
         """Get a runtime: ``colab_endpoint``'s, the one already assigned to this notebook hash,
@@ -257,10 +272,11 @@ class ColabBackend(Backend):
             assignment.proxy = fresh
         how = "reusing" if assignment.reused else "assigned"
         log.info(
-            "%s Colab runtime %s (%s)",
+            "%s Colab runtime %s (%s; tier %s)",
             "attached to" if assignment.attached else how,
             assignment.endpoint,
             label(assignment.accelerator),
+            assignment.tier,
         )
         self.assignment = assignment
         self.runtime = JupyterBackend(
@@ -502,6 +518,11 @@ class ColabBackend(Backend):
     def intercepts(self, msg: Message) -> bool:
         """``colab_request`` is ours to answer (:meth:`answer_kernel_request`); pure."""
         return msg.msg_type == "colab_request"
+
+    def announce_to(self, announce: Callable[[str], None]) -> None:
+        """The coming keep-alive stop goes to the user, not only the log (colab-vscode
+        ``keep-alive.ts`` asks the user before it stops)."""
+        self.keepalive.announce = announce
 
     def observe(self, msg: Message) -> None:
         """Every remote message: a user's cell running is use (keep-alive)."""

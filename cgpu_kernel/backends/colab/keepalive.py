@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from cgpu_kernel.backends.colab.api import ColabAPI
 from cgpu_kernel.core.wire import Message
@@ -43,6 +44,8 @@ class KeepAlive:
         self._last_activity = time.monotonic()
         self._busy = False
         self._activity: asyncio.Event | None = None
+        #: How the coming stop is told to the user (the proxy's ``announce``); else the log.
+        self.announce: Callable[[str], None] = lambda text: log.warning("%s", text)
 
     def note_activity(self) -> None:
         """The user did something (sent a cell): keep the runtime alive, resuming keep-alive."""
@@ -74,12 +77,11 @@ class KeepAlive:
         if self.warned or idle < self.idle_timeout - self.warn_before:
             return
         self.warned = True
-        log.warning(
-            "no cell has run for %.0f s: keep-alive for the Colab runtime stops in %.0f s, and"
-            " Colab may then reclaim it (its variables would be lost). Run a cell to keep it, or"
-            " raise idle_timeout (`--option idle-timeout=SECONDS`, CGPU_IDLE_TIMEOUT)",
-            idle,
-            max(left, 0.0),
+        self.announce(
+            f"cgpu-kernel: no cell has run for {_minutes(idle)}: keep-alive for the Colab runtime"
+            f" stops in {_minutes(max(left, 0.0))}, and Colab may then reclaim it (its variables"
+            " would be lost). Run a cell to keep it, or raise idle_timeout (`--option"
+            " idle-timeout=SECONDS`, CGPU_IDLE_TIMEOUT)."
         )
 
     async def run(self, endpoint: str) -> None:
@@ -117,3 +119,8 @@ class KeepAlive:
                     log.debug("keep-alive sent; Colab did not answer it (it often does not)")
             # the rhythm is kept from each ping's start: a silent runtime does not stretch it
             await asyncio.sleep(max(0.0, started + self.interval - time.monotonic()))
+
+
+def _minutes(seconds: float) -> str:
+    """``12 min`` (``40 s`` under two minutes), as a notice reads."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"

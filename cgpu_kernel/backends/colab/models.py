@@ -19,6 +19,10 @@ from urllib.parse import urlsplit, urlunsplit
 from cgpu_kernel.exceptions import ColabAPIChangedError, ConfigurationError, RemoteProtocolError
 
 DEFAULT_COLAB_URL = "https://colab.research.google.com/"
+#: The host of colab-vscode's ``v1/user-info`` (``client/v1/index.ts`` ``getUserInfo``). It may
+#: refuse ordinary user tokens (google-colab-cli AGENTS.md: ``USER_PROJECT_DENIED``), so what it
+#: says is a bonus, never a requirement.
+DEFAULT_GAPI_URL = "https://colab.pa.googleapis.com/"
 XSSI_PREFIX = b")]}'"
 #: Accelerators Colab offers (google-colab-cli ``client.py``'s accelerator names, colab-vscode's
 #: tests); others are passed through as typed (uppercased). ``V28`` (TPU v2-8) is older.
@@ -178,6 +182,8 @@ class Assignment:
     idle_timeout: float | None = None
     #: Named by endpoint (``colab_endpoint``), not assigned by this kernel: never released.
     attached: bool = False
+    #: The account's tier as the assignment says it (``subTier``), "unknown" when it does not.
+    tier: str = "unknown"
 
     @classmethod
     def parse(
@@ -195,6 +201,7 @@ class Assignment:
             proxy=RuntimeProxy.parse(data.get("runtimeProxyInfo"), colab_url),
             reused=reused,
             idle_timeout=float(fit) if isinstance(fit, int | float) else None,
+            tier=tier_name(data.get("subTier")),
         )
 
 
@@ -209,3 +216,64 @@ def safe_link(url: str) -> str | None:
     if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in LOOPBACK):
         return url
     return None
+
+
+#: Subscription tiers as users read them. ``subTier`` in an assignment is a number (``/tun/m``),
+#: ``subscriptionTier`` in user-info an enum name (colab-vscode ``api.ts`` ``normalizeSubTier``).
+_TIERS: dict[object, str] = {
+    1: "Colab Pro",
+    2: "Colab Pro+",
+    "SUBSCRIPTION_TIER_PRO": "Colab Pro",
+    "SUBSCRIPTION_TIER_PRO_PLUS": "Colab Pro+",
+    "SUBSCRIPTION_TIER_NONE": "no subscription (free)",
+}
+
+
+def tier_name(value: object) -> str:
+    """A tier as users read it; anything unknown (0, ``UNSPECIFIED``, absent) is "unknown"."""
+    return _TIERS.get(value, "unknown")
+
+
+@dataclass
+class UserInfo:
+    """What Colab says this account may ask for (colab-vscode ``api.ts`` ``UserInfoSchema``)."""
+
+    tier: str
+    eligible: list[str]
+    ineligible: list[str]
+    #: Paid compute units left, when Colab says.
+    compute_units: float | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> UserInfo:
+        if not isinstance(data, dict) or "subscriptionTier" not in data:
+            raise ColabAPIChangedError("Colab's user-info answer has no subscriptionTier")
+        balance = data.get("paidComputeUnitsBalance")
+        return cls(
+            tier=tier_name(data.get("subscriptionTier")),
+            eligible=_accelerator_models(data.get("eligibleAccelerators")),
+            ineligible=_accelerator_models(data.get("ineligibleAccelerators")),
+            compute_units=float(balance) if isinstance(balance, int | float) else None,
+        )
+
+    def describe(self) -> str:
+        """One sentence for an error or ``auth status``: the tier and what it allows."""
+        text = f"Colab says this account has {self.tier}"
+        if self.eligible:
+            text += f" and may ask for {', '.join(self.eligible)}"
+        if self.ineligible:
+            text += f" (not: {', '.join(self.ineligible)})"
+        if self.compute_units is not None:
+            text += f"; {self.compute_units:g} paid compute units left"
+        return text + "."
+
+
+def _accelerator_models(items: Any) -> list[str]:
+    """``[{variant, models: [...]}, ...]`` as accelerator names (``none`` never listed)."""
+    names: list[str] = []
+    for item in items if isinstance(items, list) else []:
+        models = item.get("models") if isinstance(item, dict) else None
+        for model in models if isinstance(models, list) else []:
+            if isinstance(model, str) and model.upper() not in names:
+                names.append(model.upper())
+    return names
