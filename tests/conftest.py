@@ -250,6 +250,30 @@ def install_remote_spec(kernel_dir: Path, name: str, server: RemoteServer, **kwa
     )
 
 
+def install_spec_via(
+    kernel_dir: Path,
+    name: str,
+    url: str,
+    server: RemoteServer,
+    *extra: str,
+    outage_notice_after: float = 1,
+) -> str:
+    """A kernelspec whose remote is ``server`` reached through ``url`` (a fault-injecting relay
+    or a front door in front of it), with liveness fast enough for fault tests."""
+    return install_spec(
+        kernel_dir,
+        name,
+        "jupyter",
+        url=url,
+        token_file=server.token_file,
+        extra=[
+            "--ping-interval=0.5",
+            f"--outage-notice-after={outage_notice_after:g}",
+            *extra,
+        ],
+    )
+
+
 @pytest.fixture(scope="session")
 def jupyter_spec(kernel_dir: Path, jupyter_server: RemoteServer) -> str:
     """A kernelspec whose remote is the session's jupyter-server."""

@@ -34,7 +34,7 @@ from cgpu_kernel.core.relay import Relay
 from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import ReplyLostError
 
-from .conftest import RemoteServer, install_spec, run_cell, start_kernel, stdout_of
+from .conftest import RemoteServer, install_spec_via, run_cell, start_kernel, stdout_of
 from .faults import FaultyPath
 
 NOTEBOOK = (b"notebook",)
@@ -360,26 +360,20 @@ def inflight_rounds(
     }
 
 
-def spec_through(
-    kernel_dir: Path, name: str, path: FaultyPath, server: RemoteServer, journal: bool
-) -> str:
-    return install_spec(
-        kernel_dir,
-        name,
-        "jupyter",
-        url=path.url,
-        token_file=server.token_file,
-        extra=["--ping-interval=0.5", "--outage-notice-after=0", f"--output-journal={journal}"],
-    )
-
-
 @pytest.fixture
 def through_path(
     kernel_dir: Path, jupyter_server: RemoteServer, request: pytest.FixtureRequest
 ) -> Iterator[tuple[KernelManager, BlockingKernelClient, FaultyPath, bool]]:
     journal = bool(request.param)
     with FaultyPath(jupyter_server.port) as path:
-        name = spec_through(kernel_dir, f"cgpu-inflight-{journal}", path, jupyter_server, journal)
+        name = install_spec_via(
+            kernel_dir,
+            f"cgpu-inflight-{journal}",
+            path.url,
+            jupyter_server,
+            f"--output-journal={journal}",
+            outage_notice_after=0,
+        )
         km, kc = start_kernel(name)
         try:
             yield km, kc, path, journal
@@ -464,7 +458,14 @@ def test_the_replay_right_behind_the_handshake_is_not_dropped(
     (its stderr) says whether any was."""
     log_path = tmp_path / "proxy.log"
     with LateReadingPath(jupyter_server.port) as path, log_path.open("wb") as log:
-        name = spec_through(kernel_dir, "cgpu-inflight-replay", path, jupyter_server, False)
+        name = install_spec_via(
+            kernel_dir,
+            "cgpu-inflight-replay",
+            path.url,
+            jupyter_server,
+            "--output-journal=False",
+            outage_notice_after=0,
+        )
         km, kc = start_kernel(name, stderr=log)
         try:
             msg_id = kc.execute(

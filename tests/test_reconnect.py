@@ -22,7 +22,7 @@ from .conftest import (
     assert_heartbeat_answers,
     collect_iopub,
     install_remote_spec,
-    install_spec,
+    install_spec_via,
     run_cell,
     start_jupyter_server,
     start_kernel,
@@ -40,19 +40,6 @@ PRINT_LINES = (
 def path(jupyter_server: RemoteServer) -> Iterator[FaultyPath]:
     with FaultyPath(jupyter_server.port) as faulty:
         yield faulty
-
-
-def spec_through(
-    kernel_dir: Path, name: str, faulty: FaultyPath, server: RemoteServer, *extra: str
-) -> str:
-    return install_spec(
-        kernel_dir,
-        name,
-        "jupyter",
-        url=faulty.url,
-        token_file=server.token_file,
-        extra=["--ping-interval=0.5", "--outage-notice-after=1", *extra],
-    )
 
 
 @contextlib.contextmanager
@@ -74,7 +61,7 @@ def kernel_through(
 def proxy_through(
     kernel_dir: Path, path: FaultyPath, jupyter_server: RemoteServer
 ) -> Iterator[tuple[KernelManager, BlockingKernelClient, FaultyPath]]:
-    spec = spec_through(kernel_dir, "cgpu-test-faulty", path, jupyter_server)
+    spec = install_spec_via(kernel_dir, "cgpu-test-faulty", path.url, jupyter_server)
     with kernel_through(spec, path) as (km, kc):
         yield km, kc, path
 
@@ -140,7 +127,7 @@ def test_cuts_lose_nothing_through_other_servers(
     control message and its buffers pass through both."""
     server: RemoteServer = request.getfixturevalue(server_fixture)
     with FaultyPath(server.port) as faulty:
-        spec = spec_through(kernel_dir, f"cgpu-test-{server_fixture}", faulty, server)
+        spec = install_spec_via(kernel_dir, f"cgpu-test-{server_fixture}", faulty.url, server)
         with kernel_through(spec, faulty) as (_, kc):
             reply, outputs = print_lines_under_faults(kc, faulty.reset, times=4, seed=5)
             assert reply["content"]["status"] == "ok", reply["content"]
@@ -204,8 +191,8 @@ def test_without_the_journal_cuts_never_duplicate_or_reorder(
     """--no-output-journal (or a kernel that cannot hold one): the server's replay only. Lines
     written at the instant of a cut may be missing, but never twice, never out of order, and a
     cell whose reply was lost is answered, not left busy."""
-    spec = spec_through(
-        kernel_dir, "cgpu-test-nojournal", path, jupyter_server, "--output-journal=False"
+    spec = install_spec_via(
+        kernel_dir, "cgpu-test-nojournal", path.url, jupyter_server, "--output-journal=False"
     )
     with kernel_through(spec, path) as (_, kc):
         reply, outputs = print_lines_under_faults(
@@ -272,8 +259,8 @@ def test_requests_sent_during_an_outage_run_once_after(
 def test_reconnect_budget_runs_out_then_kernel_is_usable(
     kernel_dir: Path, path: FaultyPath, jupyter_server: RemoteServer
 ) -> None:
-    name = spec_through(
-        kernel_dir, "cgpu-test-budget", path, jupyter_server, "--reconnect-budget=2"
+    name = install_spec_via(
+        kernel_dir, "cgpu-test-budget", path.url, jupyter_server, "--reconnect-budget=2"
     )
     with kernel_through(name, path) as (_, kc):
         run_cell(kc, "kept = 'variables survive a failed reconnection'")

@@ -47,7 +47,7 @@ from .conftest import (
     RemoteServer,
     collect_iopub,
     install_remote_spec,
-    install_spec,
+    install_spec_via,
     run_cell,
     start_jupyter_server,
     start_kernel,
@@ -181,19 +181,6 @@ def proxy_kernel(spec: str) -> Iterator[tuple[KernelManager, BlockingKernelClien
 def door(jupyter_server: RemoteServer) -> Iterator[FrontDoor]:
     with FrontDoor(jupyter_server.port) as relay:
         yield relay
-
-
-def spec_behind(
-    kernel_dir: Path, name: str, door: FrontDoor, server: RemoteServer, *extra: str
-) -> str:
-    return install_spec(
-        kernel_dir,
-        name,
-        "jupyter",
-        url=door.url,
-        token_file=server.token_file,
-        extra=["--ping-interval=0.5", "--outage-notice-after=1", *extra],
-    )
 
 
 def reply_to(kc: BlockingKernelClient, msg_id: str, deadline: float) -> dict[str, Any]:
@@ -411,8 +398,8 @@ def test_a_comm_message_over_the_limit_is_reported_in_the_cells(
 def test_a_server_that_closes_at_once_gets_backoff_then_a_clear_error(
     kernel_dir: Path, door: FrontDoor, jupyter_server: RemoteServer, failure: str, seen_as: str
 ) -> None:
-    spec = spec_behind(
-        kernel_dir, "cgpu-test-closes-at-once", door, jupyter_server, "--reconnect-budget=10"
+    spec = install_spec_via(
+        kernel_dir, "cgpu-test-closes-at-once", door.url, jupyter_server, "--reconnect-budget=10"
     )
     with proxy_kernel(spec) as (km, kc):
         run_cell(kc, "x = 7")
@@ -447,7 +434,7 @@ def test_a_server_that_closes_at_once_gets_backoff_then_a_clear_error(
 def test_a_502_from_a_reverse_proxy_while_reconnecting_is_not_a_lost_kernel(
     kernel_dir: Path, door: FrontDoor, jupyter_server: RemoteServer
 ) -> None:
-    spec = spec_behind(kernel_dir, "cgpu-test-bad-gateway", door, jupyter_server)
+    spec = install_spec_via(kernel_dir, "cgpu-test-bad-gateway", door.url, jupyter_server)
     with proxy_kernel(spec) as (_km, kc):
         run_cell(kc, "x = 42")
         kernels = jupyter_server.kernel_ids()
