@@ -26,13 +26,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_notebook
 
-from cgpu_kernel import kernelspec
 from cgpu_kernel.backends import registry
-from cgpu_kernel.cli import _checked_option
-from cgpu_kernel.core.actions import Publish
-from cgpu_kernel.core.relay import Relay
-from cgpu_kernel.core.wire import Message, make_header
-from cgpu_kernel.exceptions import ConfigurationError
 
 from .conftest import (
     RemoteServer,
@@ -87,18 +81,6 @@ class TestProxyOnEnterpriseGateway(_PythonSamples, jkt.KernelTests):
 
 
 # --- KERNEL_* variables in the start request ---------------------------------------------------
-
-
-def test_install_option_takes_kernel_variables_and_refuses_credentials() -> None:
-    """``install --option KERNEL_IMAGE=...`` becomes the kernel's ``--kernel-env``; a name that
-    looks like a credential, or that is no KERNEL_* name, is refused before anything is
-    written."""
-    assert _checked_option("KERNEL_IMAGE=registry/py:3.11") == (
-        "--kernel-env=KERNEL_IMAGE=registry/py:3.11"
-    )
-    for bad in ("KERNEL_AUTH_TOKEN=x", "KERNEL_DB_PASSWORD=x", "KERNEL_IMAGE", "KERNEL_-=1"):
-        with pytest.raises(ConfigurationError, match="--option"):
-            _checked_option(bad)
 
 
 def test_kernel_env_reaches_the_remote_kernel_and_the_token_never_does(
@@ -212,25 +194,6 @@ def test_a_slow_launch_shows_progress_and_honours_kernel_launch_timeout(
     assert "up\n" in told
     assert "still starting" in told
     assert "waiting up to 50 s" in told  # KERNEL_LAUNCH_TIMEOUT and the channels' slack
-
-
-def test_startup_progress_goes_to_waiting_cells_only_while_starting() -> None:
-    """The relay's side of the progress notices (no sockets): only while a kernel is being
-    started, only to cells waiting for it."""
-    relay = Relay("proxy", remote_description="the gateway's kernel")
-    relay.start()
-    assert relay.startup_progress(10, 60) == []  # nobody waiting yet
-    header = make_header("execute_request", "frontend")
-    cell = Message.build("shell", header, {}, {}, {"code": "1", "silent": False})
-    relay.frontend_message("shell", (b"notebook",), cell)
-    (notice,) = relay.startup_progress(10.4, 60)
-    assert isinstance(notice, Publish)
-    assert notice.msg.parent_header["msg_id"] == cell.msg_id
-    assert notice.msg.content["text"] == (
-        "cgpu-kernel: still starting the gateway's kernel: 10 s so far (waiting up to 60 s)...\n"
-    )
-    relay.remote_connected()
-    assert relay.startup_progress(20, 60) == []  # up: nothing more to say
 
 
 # --- the kernel's life: notebooks, interrupt, restart, shutdown -------------------------------
@@ -387,10 +350,3 @@ def test_a_kernel_culled_by_the_gateway_is_gone_not_a_network_fault(
         finally:
             kc.stop_channels()
             km.shutdown_kernel()
-
-
-def test_kernelspec_argv_carries_kernel_env_not_secrets() -> None:
-    argv = kernelspec.make_argv(
-        "jupyter", url="http://127.0.0.1:1/", extra=[_checked_option("KERNEL_NAMESPACE=team")]
-    )
-    assert kernelspec.argv_option(argv, "--kernel-env") == "KERNEL_NAMESPACE=team"
