@@ -37,7 +37,12 @@ from .conftest import (
     start_kernel,
     stdout_of,
 )
-from .enterprise_gateway import enterprise_gateway, start_enterprise_gateway, venv_or_skip
+from .enterprise_gateway import (
+    UNAUTHORIZED,
+    enterprise_gateway,
+    start_enterprise_gateway,
+    venv_or_skip,
+)
 from .faults import FaultyPath
 from .test_conformance import _PythonSamples
 from .test_reconnect import LINES, kernel_through, numbered_lines, print_lines_under_faults
@@ -141,6 +146,22 @@ def test_a_bad_kernel_launch_timeout_is_said_in_the_cell(
         km.shutdown_kernel()
     assert reply["content"]["status"] == "error"
     assert "KERNEL_LAUNCH_TIMEOUT='soon'" in reply["content"]["evalue"]
+
+
+def test_a_user_the_gateway_refuses_is_told_why(kernel_dir: Path, gateway: RemoteServer) -> None:
+    """EG answers 403 to a start for a user in EG_UNAUTHORIZED_USERS (root, as EG ships): the
+    token was fine, so the cell says what the gateway refuses and what to change."""
+    env = dict(os.environ, KERNEL_USERNAME=UNAUTHORIZED)
+    km, kc = start_kernel(install_remote_spec(kernel_dir, "cgpu-test-eg-refused", gateway), env=env)
+    try:
+        reply, _ = run_cell(kc, "1")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert reply["content"]["status"] == "error"
+    said = reply["content"]["evalue"]
+    assert "accepted our token but refused to start a kernel" in said
+    assert f"KERNEL_USERNAME={UNAUTHORIZED!r}" in said and "EG_UNAUTHORIZED_USERS" in said
 
 
 # --- a slow launch (a pod being scheduled) -----------------------------------------------------

@@ -277,7 +277,12 @@ class JupyterBackend(Backend):
         # A gateway answers once the kernel is launched (a pod scheduled, its image pulled):
         # the request may take as long as the launch is allowed to.
         timeout = max(self.client.request_timeout, (self.launch_timeout or 0.0) + LAUNCH_SLACK)
-        model = await self.client.call("POST", "api/kernels", body, timeout=timeout)
+        try:
+            model = await self.client.call("POST", "api/kernels", body, timeout=timeout)
+        except RemoteAuthError as exc:
+            if exc.status != 403:
+                raise
+            raise self._start_refused(exc) from None
         if not isinstance(model, dict) or not isinstance(model.get("id"), str):
             raise RemoteProtocolError(
                 f"{safe_url(self.base_url)} started a kernel but did not say its id."
@@ -287,6 +292,22 @@ class JupyterBackend(Backend):
             registry.record(self.base_url, self.kernel_id)
         log.info("started remote kernel %s on %s", self.kernel_id, safe_url(self.base_url))
         return self.kernel_id
+
+    def _start_refused(self, exc: RemoteAuthError) -> RemoteAuthError:
+        """A 403 on the start request, just after the same token listed the kernelspecs: the
+        credentials are fine, the gateway refuses this start (Enterprise Gateway does for a
+        user it does not authorize, or past its kernel limits)."""
+        user = self.kernel_env.get("KERNEL_USERNAME", "?")
+        return RemoteAuthError(
+            f"{safe_url(self.base_url)} accepted our token but refused to start a kernel"
+            f" (HTTP 403) for KERNEL_USERNAME={user!r}. Enterprise Gateway refuses users in"
+            " EG_UNAUTHORIZED_USERS (root by default) or missing from EG_AUTHORIZED_USERS, and"
+            " any start past its max_kernels or max_kernels_per_user: set KERNEL_USERNAME in the"
+            " frontend's environment (or --option KERNEL_USERNAME=...), shut down other"
+            " kernels, or ask the gateway's admin.",
+            url=exc.url,
+            status=403,
+        )
 
     def _kernel_path(self) -> str:
         if self.kernel_id is None:
