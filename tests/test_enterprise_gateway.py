@@ -284,7 +284,7 @@ def test_restart_and_shutdown_leave_no_kernels_on_the_gateway(
 
 def test_cuts_lose_nothing_through_the_gateway(kernel_dir: Path, gateway: RemoteServer) -> None:
     """Connections reset mid-cell between the proxy and the gateway: every line once, in
-    order (the gateway speaks jupyter_server 1's legacy WebSocket protocol)."""
+    order (the gateway's WebSocket is jupyter_server 1.24's)."""
     with FaultyPath(gateway.port) as faulty:
         name = install_spec(
             kernel_dir,
