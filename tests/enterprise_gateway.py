@@ -113,15 +113,21 @@ def build_venv() -> Path:
         return venv
 
 
+#: Why the venv could not be built, once tried in this test run (not tried again per test).
+_build_failure: list[str] = []
+
+
 def venv_or_skip() -> Path:
     """The gateway's venv; the test is skipped, saying why, only when it cannot be built."""
-    try:
-        return build_venv()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(
-            f"Enterprise Gateway {EG_VERSION} needs its own venv (it pins jupyter_client<7,"
-            f" jupyter_server<2, pyzmq<25) and it could not be built: {exc}"
-        )
+    if not _build_failure:
+        try:
+            return build_venv()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            _build_failure.append(str(exc))
+    pytest.skip(
+        f"Enterprise Gateway {EG_VERSION} needs its own venv (it pins jupyter_client<7,"
+        f" jupyter_server<2, pyzmq<25) and it could not be built: {_build_failure[0]}"
+    )
 
 
 def write_gateway_kernelspecs(venv: Path, folder: Path, *, slow_start: float = 0.0) -> Path:
