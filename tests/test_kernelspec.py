@@ -216,3 +216,26 @@ def test_remote_kernel_env_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
         ProxyKernel(kernel_env_from_frontend=["KERNEL_GATEWAY_TOKEN"])
     with pytest.raises(TraitError, match="KERNEL_"):
         ProxyKernel(kernel_env={"CGPU_TOKEN": "x"})
+
+
+def test_run_waits_as_long_as_the_gateway_may_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cgpu-kernel run`` gives a new kernel as long as the proxy itself waits: the kernelspec's
+    KERNEL_LAUNCH_TIMEOUT (else the environment's) plus the channels' slack, when longer."""
+    from cgpu_kernel.run.runner import first_start_timeout
+
+    monkeypatch.delenv("KERNEL_LAUNCH_TIMEOUT", raising=False)
+    argv = kernelspec.make_argv(
+        "jupyter",
+        url="http://127.0.0.1:1/",
+        extra=["--kernel-env=KERNEL_IMAGE=x", "--kernel-env", "KERNEL_LAUNCH_TIMEOUT=300"],
+    )
+    assert kernelspec.argv_kernel_env(argv) == {
+        "KERNEL_IMAGE": "x",
+        "KERNEL_LAUNCH_TIMEOUT": "300",
+    }
+    assert first_start_timeout({"argv": argv}, None) == (330.0, [])
+    assert first_start_timeout({"argv": argv}, 500) == (500, ["--startup-timeout=500"])
+    plain = kernelspec.make_argv("jupyter", url="http://127.0.0.1:1/")
+    assert first_start_timeout({"argv": plain}, None)[0] == 60
+    monkeypatch.setenv("KERNEL_LAUNCH_TIMEOUT", "100")
+    assert first_start_timeout({"argv": plain}, None)[0] == 130
