@@ -280,8 +280,8 @@ class JupyterBackend(Backend):
         try:
             model = await self.client.call("POST", "api/kernels", body, timeout=timeout)
         except RemoteAuthError as exc:
-            if exc.status != 403:
-                raise
+            if exc.status != 403 or not self.kernel_env:
+                raise  # (Colab's runtime and the local server get no env: not a gateway)
             raise self._start_refused(exc) from None
         if not isinstance(model, dict) or not isinstance(model.get("id"), str):
             raise RemoteProtocolError(
