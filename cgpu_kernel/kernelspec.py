@@ -65,6 +65,26 @@ def argv_option(argv: list[str], *names: str) -> str | None:
     return found
 
 
+#: How a kernel argv names a variable for the remote kernel's start request.
+KERNEL_ENV_OPTIONS = ("--kernel-env", "--ProxyKernel.kernel_env")
+
+
+def argv_kernel_env(argv: list[str]) -> dict[str, str]:
+    """The ``KERNEL_*`` variables a kernel argv bakes in (every ``--kernel-env NAME=VALUE``,
+    which, unlike other options, repeat): ``run`` reads ``KERNEL_LAUNCH_TIMEOUT`` here."""
+    found: dict[str, str] = {}
+    for index, arg in enumerate(argv):
+        name, equals, value = arg.partition("=")
+        if arg in KERNEL_ENV_OPTIONS and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif not (equals and name in KERNEL_ENV_OPTIONS):
+            continue
+        key, sep, setting = value.partition("=")
+        if sep:
+            found[key] = setting
+    return found
+
+
 def without_option(argv: list[str], *names: str) -> list[str]:
     """``argv`` minus every ``NAME VALUE`` / ``NAME=VALUE`` for ``names`` (read as above)."""
     kept: list[str] = []

@@ -167,3 +167,75 @@ def test_install_bakes_options_into_argv(tmp_path: Path) -> None:
     assert {"--gpu=L4", "--high-memory=True", "--startup-timeout=300"} <= set(argv)
     wrong = cli("install", "--prefix", str(prefix), "--gpu", "T4")
     assert wrong.returncode == 2 and "for the colab backend" in wrong.stderr
+
+
+def test_install_bakes_kernel_variables_and_refuses_credentials(tmp_path: Path) -> None:
+    """``--option KERNEL_IMAGE=...`` (a variable for the gateway's start request) becomes the
+    kernel's ``--kernel-env``; a credential-like or malformed name installs nothing."""
+    prefix = tmp_path / "prefix"
+    done = cli(
+        "install", "--prefix", str(prefix), "--name", "eg", "--backend", "jupyter",
+        "--url", "http://127.0.0.1:1/", "--option", "KERNEL_IMAGE=registry/py:3.11",
+        "--option", "KERNEL_NAMESPACE=team-a",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    argv = json.loads((prefix / "share/jupyter/kernels/eg/kernel.json").read_text())["argv"]
+    assert {
+        "--kernel-env=KERNEL_IMAGE=registry/py:3.11",
+        "--kernel-env=KERNEL_NAMESPACE=team-a",
+    } <= set(argv)
+    for bad in ("KERNEL_AUTH_TOKEN=x", "KERNEL_DB_PASSWORD=x", "KERNEL_IMAGE", "KERNEL_-=1"):
+        refused = cli("install", "--prefix", str(prefix), "--name", "bad", "--option", bad)
+        assert refused.returncode == 2 and "--option" in refused.stderr, bad
+    assert not (prefix / "share/jupyter/kernels/bad").exists()
+
+
+def test_remote_kernel_env_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernelspec's variables win over the frontend's allow-listed ones; nothing off the
+    list, and never the token, is sent; KERNEL_USERNAME defaults to the local user."""
+    import getpass
+
+    from traitlets import TraitError
+
+    from cgpu_kernel.proxy.options import ProxyKernel
+
+    monkeypatch.setenv("CGPU_TOKEN", "secret-token")
+    monkeypatch.setenv("KERNEL_NAMESPACE", "from-frontend")
+    monkeypatch.setenv("KERNEL_IMAGE", "frontend/image")
+    monkeypatch.setenv("KERNEL_UNLISTED", "x")
+    monkeypatch.delenv("KERNEL_USERNAME", raising=False)
+    options = ProxyKernel(kernel_env={"KERNEL_NAMESPACE": "from-spec"})
+    assert options.remote_kernel_env() == {
+        "KERNEL_NAMESPACE": "from-spec",
+        "KERNEL_IMAGE": "frontend/image",
+        "KERNEL_USERNAME": getpass.getuser(),
+    }
+    monkeypatch.setenv("KERNEL_USERNAME", "alice")
+    assert ProxyKernel().remote_kernel_env()["KERNEL_USERNAME"] == "alice"
+    with pytest.raises(TraitError, match="credential"):
+        ProxyKernel(kernel_env_from_frontend=["KERNEL_GATEWAY_TOKEN"])
+    with pytest.raises(TraitError, match="KERNEL_"):
+        ProxyKernel(kernel_env={"CGPU_TOKEN": "x"})
+
+
+def test_run_waits_as_long_as_the_gateway_may_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cgpu-kernel run`` gives a new kernel as long as the proxy itself waits: the kernelspec's
+    KERNEL_LAUNCH_TIMEOUT (else the environment's) plus the channels' slack, when longer."""
+    from cgpu_kernel.run.runner import first_start_timeout
+
+    monkeypatch.delenv("KERNEL_LAUNCH_TIMEOUT", raising=False)
+    argv = kernelspec.make_argv(
+        "jupyter",
+        url="http://127.0.0.1:1/",
+        extra=["--kernel-env=KERNEL_IMAGE=x", "--kernel-env", "KERNEL_LAUNCH_TIMEOUT=300"],
+    )
+    assert kernelspec.argv_kernel_env(argv) == {
+        "KERNEL_IMAGE": "x",
+        "KERNEL_LAUNCH_TIMEOUT": "300",
+    }
+    assert first_start_timeout({"argv": argv}, None) == (330.0, [])
+    assert first_start_timeout({"argv": argv}, 500) == (500, ["--startup-timeout=500"])
+    plain = kernelspec.make_argv("jupyter", url="http://127.0.0.1:1/")
+    assert first_start_timeout({"argv": plain}, None)[0] == 60
+    monkeypatch.setenv("KERNEL_LAUNCH_TIMEOUT", "100")
+    assert first_start_timeout({"argv": plain}, None)[0] == 130

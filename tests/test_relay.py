@@ -580,3 +580,22 @@ def test_an_announcement_goes_to_running_cells_else_the_last_cell() -> None:
     relay.frontend_message("shell", NOTEBOOK, request("complete_request", code="x"))
     (late,) = relay.announce("soon")
     assert isinstance(late, Publish) and late.msg.parent_header == second.header
+
+
+def test_startup_progress_goes_to_waiting_cells_only_while_starting() -> None:
+    """The relay's side of the progress notices (no sockets): only while a kernel is being
+    started, only to cells waiting for it."""
+    relay = Relay("proxy", remote_description="the gateway's kernel")
+    relay.start()
+    assert relay.startup_progress(10, 60) == []  # nobody waiting yet
+    header = make_header("execute_request", "frontend")
+    cell = Message.build("shell", header, {}, {}, {"code": "1", "silent": False})
+    relay.frontend_message("shell", (b"notebook",), cell)
+    (notice,) = relay.startup_progress(10.4, 60)
+    assert isinstance(notice, Publish)
+    assert notice.msg.parent_header["msg_id"] == cell.msg_id
+    assert notice.msg.content["text"] == (
+        "cgpu-kernel: still starting the gateway's kernel: 10 s so far (waiting up to 60 s)...\n"
+    )
+    relay.remote_connected()
+    assert relay.startup_progress(20, 60) == []  # up: nothing more to say

@@ -19,6 +19,10 @@ from typing import Any, Protocol
 
 from cgpu_kernel.core.wire import Message
 
+#: Seconds on top of a backend's ``launch_timeout`` for the start request and the proxy's
+#: startup deadline (the gateway answers after the launch; the channels still have to open).
+LAUNCH_SLACK = 30.0
+
 
 class KernelHealth(Enum):
     """What the remote server says about our kernel, asked after a connection dropped."""
@@ -99,12 +103,19 @@ class BackendOptions(Protocol):
         """Which Colab runtime is this notebook's (the option, else the connection file)."""
         ...
 
+    def remote_kernel_env(self) -> dict[str, str]:
+        """The ``KERNEL_*`` variables of the remote kernel's start request (never the token)."""
+        ...
+
 
 class Backend(abc.ABC):
     """How one proxy kernel finds, starts, and stops its remote kernel."""
 
     #: Shown to the user in notices and errors; never contains a secret.
     description: str = "the remote kernel"
+    #: Seconds the remote server was told it may take to launch a kernel (a gateway's
+    #: ``KERNEL_LAUNCH_TIMEOUT``), or None: the proxy's startup deadline is at least that.
+    launch_timeout: float | None = None
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> Backend:

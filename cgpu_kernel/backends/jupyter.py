@@ -16,7 +16,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from cgpu_kernel.backends import registry
-from cgpu_kernel.backends.base import Backend, BackendOptions, KernelHealth, WebSocketTarget
+from cgpu_kernel.backends.base import (
+    LAUNCH_SLACK,
+    Backend,
+    BackendOptions,
+    KernelHealth,
+    WebSocketTarget,
+)
 from cgpu_kernel.backends.http import (
     USER_AGENT,
     Service,
@@ -62,6 +68,24 @@ def normalize_base_url(url: str) -> str:
         )
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def parse_launch_timeout(kernel_env: dict[str, str]) -> float | None:
+    """Seconds the gateway may take to launch the kernel, from ``KERNEL_LAUNCH_TIMEOUT`` (which
+    Enterprise Gateway honours); None when not given."""
+    raw = kernel_env.get("KERNEL_LAUNCH_TIMEOUT")
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigurationError(
+            f"KERNEL_LAUNCH_TIMEOUT={raw!r} is not a number of seconds: set it to how long the"
+            " gateway may take to launch a kernel, e.g. 300, or unset it."
+        )
+    return seconds
 
 
 class JupyterServerClient:
@@ -185,11 +209,16 @@ class JupyterBackend(Backend):
         validate_cert: bool = True,
         ca_certs: str | None = None,
         record_for_reclaim: bool = True,
+        kernel_env: dict[str, str] | None = None,
     ) -> None:
         self.client = JupyterServerClient(
             base_url, token, validate_cert=validate_cert, ca_certs=ca_certs
         )
         self.kernel_name = kernel_name
+        #: the start request's ``env``: KERNEL_* variables a gateway passes to its process
+        #: proxy (Enterprise Gateway: user, namespace, image, launch timeout, ...)
+        self.kernel_env = dict(kernel_env or {})
+        self.launch_timeout = parse_launch_timeout(self.kernel_env)
         self.kernel_id: str | None = None
         self.record_for_reclaim = record_for_reclaim
         self.description = f"the {kernel_name!r} kernel at {safe_url(self.client.base_url)}"
@@ -208,6 +237,7 @@ class JupyterBackend(Backend):
             options.remote_kernel,
             validate_cert=options.validate_cert,
             ca_certs=options.ca_certs or None,
+            kernel_env=options.remote_kernel_env(),
         )
 
     @property
@@ -241,7 +271,18 @@ class JupyterBackend(Backend):
                 f" {self.kernel_name!r}. Available: {', '.join(names) or 'none'}. Reinstall with"
                 " --remote-kernel set to one of them."
             )
-        model = await self.client.call("POST", "api/kernels", {"name": self.kernel_name})
+        body: dict[str, Any] = {"name": self.kernel_name}
+        if self.kernel_env:
+            body["env"] = self.kernel_env
+        # A gateway answers once the kernel is launched (a pod scheduled, its image pulled):
+        # the request may take as long as the launch is allowed to.
+        timeout = max(self.client.request_timeout, (self.launch_timeout or 0.0) + LAUNCH_SLACK)
+        try:
+            model = await self.client.call("POST", "api/kernels", body, timeout=timeout)
+        except RemoteAuthError as exc:
+            if exc.status != 403 or not self.kernel_env:
+                raise  # (Colab's runtime and the local server get no env: not a gateway)
+            raise self._start_refused(exc) from None
         if not isinstance(model, dict) or not isinstance(model.get("id"), str):
             raise RemoteProtocolError(
                 f"{safe_url(self.base_url)} started a kernel but did not say its id."
@@ -251,6 +292,22 @@ class JupyterBackend(Backend):
             registry.record(self.base_url, self.kernel_id)
         log.info("started remote kernel %s on %s", self.kernel_id, safe_url(self.base_url))
         return self.kernel_id
+
+    def _start_refused(self, exc: RemoteAuthError) -> RemoteAuthError:
+        """A 403 on the start request, just after the same token listed the kernelspecs: the
+        credentials are fine, the gateway refuses this start (Enterprise Gateway does for a
+        user it does not authorize, or past its kernel limits)."""
+        user = self.kernel_env.get("KERNEL_USERNAME", "?")
+        return RemoteAuthError(
+            f"{safe_url(self.base_url)} accepted our token but refused to start a kernel"
+            f" (HTTP 403) for KERNEL_USERNAME={user!r}. Enterprise Gateway refuses users in"
+            " EG_UNAUTHORIZED_USERS (root by default) or missing from EG_AUTHORIZED_USERS, and"
+            " any start past its max_kernels or max_kernels_per_user: set KERNEL_USERNAME in the"
+            " frontend's environment (or --option KERNEL_USERNAME=...), shut down other"
+            " kernels, or ask the gateway's admin.",
+            url=exc.url,
+            status=403,
+        )
 
     def _kernel_path(self) -> str:
         if self.kernel_id is None:

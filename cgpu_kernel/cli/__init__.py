@@ -26,7 +26,7 @@ from cgpu_kernel.backends.jupyter import JupyterServerClient
 from cgpu_kernel.config import trait_reference
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 from cgpu_kernel.proxy import spool
-from cgpu_kernel.proxy.options import ProxyKernel, read_token
+from cgpu_kernel.proxy.options import ProxyKernel, check_kernel_variable, read_token
 
 # Two imports stay inside functions, for start-up time only (no cycle needs them): the proxy
 # process (`proxy.app`, ~0.1 s) is only for `python -m cgpu_kernel -f ...`, and `cli.demo`
@@ -39,8 +39,21 @@ COMMAND_MODULES = ("cgpu_kernel.run.cli", "cgpu_kernel.cli.colab")
 
 
 def _checked_option(option: str) -> str:
-    """``NAME=VALUE`` for ``install --option``, validated now rather than at kernel start."""
+    """``NAME=VALUE`` for ``install --option``, validated now rather than at kernel start.
+
+    A ``KERNEL_*`` name is a variable for the remote kernel's start request (``kernel_env``),
+    which Enterprise Gateway's process proxies read: ``KERNEL_IMAGE=...`` becomes
+    ``--kernel-env=KERNEL_IMAGE=...``.
+    """
     name, sep, value = option.strip().lstrip("-").partition("=")
+    if name.startswith("KERNEL_"):
+        try:
+            check_kernel_variable(name)
+        except ValueError as exc:
+            raise ConfigurationError(f"--option {option!r}: {exc}") from None
+        if not sep:
+            raise ConfigurationError(f"--option {option!r}: give {name}=VALUE.")
+        return f"--kernel-env={name}={value}"
     trait = ProxyKernel.class_traits(config=True).get(name.replace("-", "_"))
     if trait is None or not sep:
         raise ConfigurationError(
@@ -308,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="any kernel option baked into the kernelspec, e.g. max-output-bytes=5000000"
-        " (repeatable; `cgpu-kernel config-reference` lists them)",
+        " (repeatable; `cgpu-kernel config-reference` lists them), or a KERNEL_* variable for"
+        " the remote kernel's start request, e.g. KERNEL_IMAGE=... for Enterprise Gateway",
     )
     install.set_defaults(func=_install)
 

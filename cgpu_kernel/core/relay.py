@@ -429,6 +429,18 @@ class Relay:
         """Whether a message with ``msg_id`` already reached the relay (recently)."""
         return msg_id in self._seen
 
+    def startup_progress(self, seconds: float, deadline: float) -> list[Action]:
+        """The remote kernel has been starting for ``seconds`` (of at most ``deadline``): tell
+        the cells waiting for it that it still is, so a slow launch (a gateway scheduling a
+        pod) does not look like a hang. Called by the supervisor's timer while it starts one."""
+        if self.state is not RemoteState.CONNECTING:
+            return []
+        text = (
+            f"cgpu-kernel: still starting {self.remote_description}: {seconds:.0f} s so far"
+            f" (waiting up to {deadline:.0f} s)..."
+        )
+        return [self._notice(r.msg, text) for r in self._waiting_cells()]
+
     def late_output(self, count: int, *, complete: bool, parent: JsonDict) -> list[Action]:
         """After an outage, the journal found ``count`` messages the server dropped later (it
         fell behind while forwarding its backlog); they were just delivered, out of order.

@@ -8,11 +8,14 @@ option table is generated from them. The remote server's token is not an option:
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from traitlets import Bool, Enum, Float, Int, Unicode
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.backends.colab.backend import ColabBackend
@@ -22,6 +25,46 @@ from cgpu_kernel.config import EnvConfigurable
 from cgpu_kernel.exceptions import ConfigurationError
 
 TOKEN_ENV = "CGPU_TOKEN"  # noqa: S105 - the variable's name, not a secret
+
+#: The ``KERNEL_*`` variables passed on from the frontend's environment by default: the ones
+#: Enterprise Gateway's process proxies read (who, where, which image, how long to wait).
+KERNEL_ENV_FROM_FRONTEND = (
+    "KERNEL_USERNAME",
+    "KERNEL_NAMESPACE",
+    "KERNEL_IMAGE",
+    "KERNEL_EXECUTOR_IMAGE",
+    "KERNEL_LAUNCH_TIMEOUT",
+    "KERNEL_WORKING_DIR",
+    "KERNEL_SERVICE_ACCOUNT_NAME",
+    "KERNEL_UID",
+    "KERNEL_GID",
+    "KERNEL_CPUS",
+    "KERNEL_MEMORY",
+    "KERNEL_GPUS",
+    "KERNEL_CPUS_LIMIT",
+    "KERNEL_MEMORY_LIMIT",
+    "KERNEL_GPUS_LIMIT",
+)
+#: Words that mark a variable as a credential: such a name is never sent as a kernel variable.
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+def check_kernel_variable(name: str) -> str:
+    """``name`` if it may be sent in the start request's ``env``, else a ``ValueError`` saying
+    why: only ``KERNEL_*`` names (what gateways pass on to the kernel), never one that names a
+    credential (it would land in kernel.json and the remote kernel's environment)."""
+    if not name.startswith("KERNEL_") or not name[len("KERNEL_") :].replace("_", "").isalnum():
+        raise ValueError(
+            f"{name!r} is not a KERNEL_* variable name (KERNEL_ then letters, digits and"
+            " underscores): only those are sent to the gateway in the kernel's start request."
+        )
+    if any(word in name.upper() for word in SECRET_WORDS):
+        raise ValueError(
+            f"{name!r} looks like a credential: it would be written into the kernelspec and the"
+            " remote kernel's environment, so it is refused. Give the server's token in"
+            f" {TOKEN_ENV} or a token file."
+        )
+    return name
 
 
 def read_token(token_file: str) -> str | None:
@@ -174,6 +217,29 @@ class ProxyKernel(EnvConfigurable):
     ca_certs = Unicode(
         "", config=True, help="CA bundle for a remote server with a private certificate."
     ).tag(env="CGPU_CA_CERTS")
+    kernel_env = Dict(
+        value_trait=Unicode(),
+        default_value={},
+        config=True,
+        help="""KERNEL_* variables sent with the remote kernel's start request (jupyter
+        backend), which Enterprise Gateway's process proxies read, e.g. KERNEL_IMAGE or
+        KERNEL_NAMESPACE: `cgpu-kernel install --option KERNEL_IMAGE=...` bakes one in. They
+        win over the same names in the frontend's environment; names that look like
+        credentials are refused.""",
+    )
+    kernel_env_from_frontend = List(
+        Unicode(),
+        default_value=list(KERNEL_ENV_FROM_FRONTEND),
+        config=True,
+        help="""KERNEL_* variables passed on from the frontend's environment when set there
+        (jupyter backend). KERNEL_USERNAME defaults to the local user when set nowhere.""",
+    )
+    startup_progress_interval = Float(
+        15.0,
+        config=True,
+        help="""Seconds between the notices in a waiting cell while the remote kernel is still
+        starting (a cluster may take minutes to schedule a pod). 0 turns them off.""",
+    ).tag(env="CGPU_STARTUP_PROGRESS_INTERVAL")
 
     colab_url = Unicode(
         "https://colab.research.google.com/",
@@ -247,6 +313,40 @@ class ProxyKernel(EnvConfigurable):
         e.g. one started in a browser) instead of assigning one; it is never released at
         shutdown.""",
     ).tag(env="CGPU_COLAB_ENDPOINT")
+
+    @validate("kernel_env")
+    def _valid_kernel_env(self, proposal: dict[str, Any]) -> dict[str, str]:
+        value = {str(k): str(v) for k, v in proposal["value"].items()}
+        for name in value:
+            try:
+                check_kernel_variable(name)
+            except ValueError as exc:
+                raise TraitError(f"kernel_env: {exc}") from None
+        return value
+
+    @validate("kernel_env_from_frontend")
+    def _valid_kernel_env_from_frontend(self, proposal: dict[str, Any]) -> list[str]:
+        names = [str(name) for name in proposal["value"]]
+        for name in names:
+            try:
+                check_kernel_variable(name)
+            except ValueError as exc:
+                raise TraitError(f"kernel_env_from_frontend: {exc}") from None
+        return names
+
+    def remote_kernel_env(self) -> dict[str, str]:
+        """The ``env`` of the remote kernel's start request: the allow-listed ``KERNEL_*``
+        variables of the frontend's environment, then ``kernel_env`` (the kernelspec's) over
+        them, and ``KERNEL_USERNAME`` the local user when neither says. Nothing else of the
+        environment, so never the token."""
+        env = {
+            name: os.environ[name] for name in self.kernel_env_from_frontend if os.environ.get(name)
+        }
+        env.update(self.kernel_env)
+        if not env.get("KERNEL_USERNAME"):
+            with contextlib.suppress(KeyError, OSError):  # no name for this uid (a container)
+                env["KERNEL_USERNAME"] = getpass.getuser()
+        return env
 
     def token_provider(self) -> Callable[[], str | None]:
         """Reads the remote server's token anew on each call (see :func:`read_token`)."""

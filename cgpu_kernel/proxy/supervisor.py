@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from cgpu_kernel.backends.base import Backend
+from cgpu_kernel.backends.base import LAUNCH_SLACK, Backend
 from cgpu_kernel.core.actions import Action
 from cgpu_kernel.core.backoff import FailureStreak
 from cgpu_kernel.core.relay import Relay, RemoteState
@@ -77,6 +77,7 @@ class RemoteSupervisor:
         ping_interval: float,
         outage_notice_after: float,
         max_message_size: int,
+        startup_progress_interval: float = 0.0,
     ) -> None:
         self.backend = backend
         self.relay = relay
@@ -91,6 +92,7 @@ class RemoteSupervisor:
         self.ping_interval = ping_interval
         self.outage_notice_after = outage_notice_after
         self.max_message_size = max_message_size
+        self.startup_progress_interval = startup_progress_interval
         #: the working connection, None while there is none
         self.channels: RemoteChannels | None = None
         self._want_remote = asyncio.Event()
@@ -120,7 +122,8 @@ class RemoteSupervisor:
         connected: Callable[[], None],
     ) -> RemoteSupervisor:
         """The supervisor under ``--startup-timeout``, ``--reconnect-budget``,
-        ``--ping-interval``, ``--outage-notice-after`` and ``--max-message-size``."""
+        ``--ping-interval``, ``--outage-notice-after``, ``--max-message-size`` and
+        ``--startup-progress-interval``."""
         return cls(
             backend,
             relay,
@@ -135,6 +138,7 @@ class RemoteSupervisor:
             ping_interval=options.ping_interval,
             outage_notice_after=options.outage_notice_after,
             max_message_size=options.max_message_size,
+            startup_progress_interval=options.startup_progress_interval,
         )
 
     def want(self) -> None:
@@ -153,21 +157,48 @@ class RemoteSupervisor:
             self._want_remote.clear()
             if self.stopping():
                 return
+            deadline = self.startup_deadline()
+            progress = asyncio.ensure_future(self._startup_progress(deadline))
             try:
-                channels = await asyncio.wait_for(self._open_remote(), self.startup_timeout)
+                channels = await asyncio.wait_for(self._open_remote(), deadline)
             except asyncio.TimeoutError:
-                self._remote_failed(
-                    StartupTimeoutError(
-                        f"{self.backend.description} was not ready within"
-                        f" {self.startup_timeout:g} s. Run the cell again to retry, or"
-                        " raise --startup-timeout (CGPU_STARTUP_TIMEOUT)."
-                    )
-                )
+                self._remote_failed(StartupTimeoutError(self._startup_timeout_text(deadline)))
                 continue
             except CgpuError as exc:
                 self._remote_failed(exc)
                 continue
+            finally:
+                progress.cancel()
             await self._serve(channels)
+
+    def startup_deadline(self) -> float:
+        """Seconds a remote kernel may take to be ready: ``--startup-timeout``, or longer when
+        the gateway was told it may take longer to launch one (``KERNEL_LAUNCH_TIMEOUT``)."""
+        launch = self.backend.launch_timeout
+        if launch is None:
+            return self.startup_timeout
+        return max(self.startup_timeout, launch + LAUNCH_SLACK)
+
+    def _startup_timeout_text(self, deadline: float) -> str:
+        text = f"{self.backend.description} was not ready within {deadline:g} s. Run the cell"
+        if self.backend.launch_timeout is not None:
+            return text + (
+                " again to retry, or raise KERNEL_LAUNCH_TIMEOUT (the kernelspec's --option"
+                " KERNEL_LAUNCH_TIMEOUT=..., or the frontend's environment)."
+            )
+        return text + " again to retry, or raise --startup-timeout (CGPU_STARTUP_TIMEOUT)."
+
+    async def _startup_progress(self, deadline: float) -> None:
+        """While a remote kernel is being started: every ``startup_progress_interval`` seconds,
+        a line in the waiting cells saying it still is (a pod can take minutes)."""
+        interval = self.startup_progress_interval
+        if interval <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            self.perform(self.relay.startup_progress(loop.time() - started, deadline))
 
     def _remote_failed(self, error: CgpuError) -> None:
         log.error("%s", error)

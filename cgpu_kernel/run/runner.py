@@ -25,6 +25,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import KernelManager
 
 from cgpu_kernel import kernelspec
+from cgpu_kernel.backends.base import LAUNCH_SLACK
 from cgpu_kernel.backends.http import safe_url
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 from cgpu_kernel.run import history, sessions
@@ -203,16 +204,25 @@ def first_start_timeout(spec: dict[str, Any], requested: float | None) -> tuple[
     """How long a new kernel may take, and the proxy arguments that say so.
 
     ``--kernel-timeout`` when given (passed on to the proxy as ``--startup-timeout``); else the
-    kernelspec's own ``--startup-timeout`` (a Colab kernelspec's is 300 s), else 60 s.
+    kernelspec's own ``--startup-timeout`` (a Colab kernelspec's is 300 s), else 60 s. Either
+    way at least as long as the proxy itself waits when a gateway was told its launch may take
+    longer (``KERNEL_LAUNCH_TIMEOUT`` in the kernelspec, else in this environment).
     """
-    if requested:
-        return requested, [f"--startup-timeout={requested:g}"]
     argv = [str(a) for a in spec.get("argv", [])]
+    raw_launch = kernelspec.argv_kernel_env(argv).get(
+        "KERNEL_LAUNCH_TIMEOUT", os.environ.get("KERNEL_LAUNCH_TIMEOUT", "")
+    )
+    try:
+        launch = float(raw_launch) + LAUNCH_SLACK if raw_launch else 0.0
+    except ValueError:
+        launch = 0.0  # the proxy says what is wrong with it, in the cell
+    if requested:
+        return max(requested, launch), [f"--startup-timeout={requested:g}"]
     value = kernelspec.argv_option(argv, "--startup-timeout", "--ProxyKernel.startup_timeout")
     try:
-        return (float(value) if value else FIRST_START_TIMEOUT), []
+        return max(float(value) if value else FIRST_START_TIMEOUT, launch), []
     except ValueError:
-        return FIRST_START_TIMEOUT, []
+        return max(FIRST_START_TIMEOUT, launch), []
 
 
 def token_advice(name: str, spec: dict[str, Any]) -> str:
