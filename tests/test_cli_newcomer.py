@@ -425,3 +425,67 @@ def test_logs_has_a_header_row(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert row.split() == ["2026-01-01T00:00:00+00:00", "cgpu-local", "run", "ok", "12", "ms",
                            "3", "B", "0"]  # fmt: skip
+
+
+# --- 13. jupyter console's normal exit is not a crash ---------------------------------------------
+
+#: The installed ``jupyter`` command, next to this interpreter (what a user types).
+JUPYTER = str(Path(sys.executable).parent / "jupyter")
+SIMPLE_PROMPT = r"In \[\d+\]: "
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def console(kernel: str, tmp_path: Path, *, simple: bool = True) -> pexpect.spawn:
+    """``jupyter console --kernel KERNEL`` in a terminal; ``simple`` is the plain prompt
+    (no prompt_toolkit, so no ``is_complete_request`` either)."""
+    extra = ["--ZMQTerminalInteractiveShell.simple_prompt=True"] if simple else []
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env["TERM"] = "dumb" if simple else "xterm"
+    child = pexpect.spawn(
+        JUPYTER,
+        ["console", f"--kernel={kernel}", *extra],
+        cwd=str(tmp_path),
+        env=env,
+        encoding="utf-8",
+        timeout=90,
+        dimensions=(40, 300),
+    )
+    child.logfile_read = (tmp_path / "console.log").open("w")
+    return child
+
+
+def transcript(tmp_path: Path) -> str:
+    return ANSI.sub("", (tmp_path / "console.log").read_text()).replace("\r", "")
+
+
+def test_console_exit_is_quiet_and_a_crashed_console_is_still_told(
+    local: str, tmp_path: Path
+) -> None:
+    child = console(local, tmp_path)
+    try:
+        child.expect(SIMPLE_PROMPT)
+        child.sendline("print(6 * 7)")
+        child.expect_exact("42")
+        child.expect(SIMPLE_PROMPT)
+        child.sendline("exit")
+        child.expect(pexpect.EOF)  # the proxy (holding the terminal too) has exited as well
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.terminate(force=True)
+        child.logfile_read.close()
+    normal = transcript(tmp_path)
+    assert "Shutting down kernel" in normal
+    assert "is gone" not in normal and "WARNING" not in normal, normal[-2000:]
+
+    crashed = console(local, tmp_path)  # a frontend killed outright: the proxy says why it ends
+    try:
+        crashed.expect(SIMPLE_PROMPT)
+        os.kill(crashed.pid, 9)
+        crashed.expect(pexpect.EOF)
+    finally:
+        crashed.terminate(force=True)
+        crashed.logfile_read.close()
+    assert re.search(
+        r"WARNING .* the frontend process \d+ is gone; shutting down", transcript(tmp_path)
+    )
