@@ -113,6 +113,7 @@ class JupyterServerClient:
                 " certificate is valid."
             ),
             auth_error=self._refused,
+            timeout_option="--request-timeout (CGPU_REQUEST_TIMEOUT)",
         )
 
     def _refused(self, status: int, url: str) -> RemoteAuthError:
@@ -185,9 +186,14 @@ class JupyterBackend(Backend):
         validate_cert: bool = True,
         ca_certs: str | None = None,
         record_for_reclaim: bool = True,
+        request_timeout: float = 30.0,
     ) -> None:
         self.client = JupyterServerClient(
-            base_url, token, validate_cert=validate_cert, ca_certs=ca_certs
+            base_url,
+            token,
+            validate_cert=validate_cert,
+            ca_certs=ca_certs,
+            request_timeout=request_timeout,
         )
         self.kernel_name = kernel_name
         self.kernel_id: str | None = None
@@ -196,7 +202,8 @@ class JupyterBackend(Backend):
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> JupyterBackend:
-        """``--url``, ``--remote-kernel``, the token (file or CGPU_TOKEN) and the TLS options."""
+        """``--url``, ``--remote-kernel``, the token (file or CGPU_TOKEN), the TLS options and
+        ``--request-timeout``."""
         if not options.url:
             raise ConfigurationError(
                 "The jupyter backend needs the server's URL: reinstall the kernelspec with"
@@ -208,6 +215,7 @@ class JupyterBackend(Backend):
             options.remote_kernel,
             validate_cert=options.validate_cert,
             ca_certs=options.ca_certs or None,
+            request_timeout=options.request_timeout,
         )
 
     @property

@@ -93,6 +93,10 @@ FALLBACK_LANGUAGE_INFO: JsonDict = {
 }
 
 
+#: The key of a fallback ``kernel_info_reply`` that carries why the remote is not connected.
+REMOTE_ERROR_KEY = "cgpu_kernel_remote_error"
+
+
 class RemoteState(Enum):
     CONNECTING = "connecting"  # first connection (or a fresh kernel) on its way
     CONNECTED = "connected"
@@ -1051,9 +1055,7 @@ class Relay:
 
     def _fallback_kernel_info(self) -> JsonDict:
         banner = f"cgpu-kernel {__version__}: proxy to {self.remote_description}"
-        if self.last_error is not None:
-            banner += f"\n(not connected: {self.last_error})"
-        return {
+        content: JsonDict = {
             "status": "ok",
             "protocol_version": PROTOCOL_VERSION,
             "implementation": "cgpu-kernel",
@@ -1062,6 +1064,15 @@ class Relay:
             "banner": banner,
             "help_links": [],
         }
+        if self.last_error is not None:
+            content["banner"] = banner + f"\n(not connected: {self.last_error})"
+            # `cgpu-kernel run` reads this to end a run whose remote never started, rather
+            # than sending the code into a second attempt (and waiting twice as long).
+            content[REMOTE_ERROR_KEY] = {
+                "ename": self.last_error.ename,
+                "evalue": str(self.last_error),
+            }
+        return content
 
     @staticmethod
     def _error_content(error: CgpuError) -> JsonDict:
