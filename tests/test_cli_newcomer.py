@@ -561,3 +561,43 @@ def test_a_hung_server_names_the_limit_it_hit_and_logs_the_wall_time(
     assert error["name"] == "RemoteStartupTimeout"
     assert "was not ready within 2 s" in error["message"]
     assert "raise --startup-timeout (CGPU_STARTUP_TIMEOUT)" in error["message"]
+
+
+# --- 14. jupyter console against an unreachable server --------------------------------------------
+
+#: The full prompt (prompt_toolkit, which asks is_complete_request on Enter), colours and all.
+_ESC = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
+FULL_PROMPT = rf"In \[{_ESC}\d+{_ESC}\]: "
+
+
+def test_console_against_an_unreachable_server_stays_usable_and_exits(
+    kernel_dir: Path, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/"
+    name = install_spec(kernel_dir, "cgpu-console-dead", "jupyter", url=dead)
+    child = console(name, tmp_path, simple=False)
+    try:
+        child.expect_exact("(not connected: Could not reach")  # the banner says why
+        child.expect(FULL_PROMPT)
+        child.sendline("print(6 * 7)")
+        child.expect_exact("RemoteUnreachable")
+        child.expect(FULL_PROMPT)
+        child.sendline("for i in range(2):")  # a local is_complete: the block stays open
+        child.expect_exact("...:")
+        child.sendline("print(i)")
+        child.sendline("")
+        child.expect_exact("RemoteUnreachable")
+        child.expect(FULL_PROMPT)
+        child.sendline("exit")  # answered here: the console leaves
+        child.expect(pexpect.EOF, timeout=60)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.terminate(force=True)
+        child.logfile_read.close()
+    text = transcript(tmp_path)
+    assert "is_complete" not in text  # no warning about an invalid or missing reply
+    banner, cells = text.split("In [", 1)
+    assert banner.count(f"Could not reach the Jupyter server at {dead}") == 2  # log, banner
+    assert cells.count("Could not reach the Jupyter server") == 2  # once per cell
+    assert "Shutting down kernel" in cells and "is gone" not in cells
