@@ -22,7 +22,13 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.conftest import RemoteServer, free_port, install_spec, start_kernel
+from tests.conftest import (
+    RemoteServer,
+    free_port,
+    install_remote_spec,
+    install_spec,
+    start_kernel,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The console script pip installed next to this interpreter (what a user types).
@@ -601,3 +607,54 @@ def test_console_against_an_unreachable_server_stays_usable_and_exits(
     assert banner.count(f"Could not reach the Jupyter server at {dead}") == 2  # log, banner
     assert cells.count("Could not reach the Jupyter server") == 2  # once per cell
     assert "Shutting down kernel" in cells and "is gone" not in cells
+
+
+# --- 17. status: every kernelspec, whatever its backend -------------------------------------------
+
+
+def test_status_shows_every_kernelspec_its_target_reachability_and_kernels(
+    local: str, kernel_dir: Path, jupyter_server: RemoteServer
+) -> None:
+    reachable = install_remote_spec(kernel_dir, "cgpu-status-up", jupyter_server)
+    dead = f"http://127.0.0.1:{free_port()}/"
+    install_spec(kernel_dir, "cgpu-status-down", "jupyter", url=dead)
+    before = jupyter_server.kernel_ids()
+    remote_km, remote_kc = start_kernel(reachable)
+    local_km, local_kc = start_kernel(local)
+    try:
+        [remote_id] = jupyter_server.kernel_ids() - before
+        local_pid = local_km.provisioner.pid  # type: ignore[union-attr]
+        done = cgpu("status", "--json")
+        assert done.returncode == 1, done.stderr  # one target does not answer
+        rows = {row["name"]: row for row in json.loads(done.stdout)["kernelspecs"]}
+        up = rows[reachable]
+        assert (up["backend"], up["target"], up["reachable"]) == (
+            "jupyter", jupyter_server.url, True
+        )  # fmt: skip
+        assert {"id": remote_id, "name": "python3", "state": "idle"} in up["kernels"]
+        assert jupyter_server.token not in done.stdout.decode()
+        down = rows["cgpu-status-down"]
+        assert (down["target"], down["reachable"], down["kernels"]) == (dead, False, [])
+        assert f"Could not reach the Jupyter server at {dead}" in down["detail"]
+        assert "Connection refused" in down["detail"]
+        mine = rows[local]
+        assert (mine["backend"], mine["reachable"]) == ("local", None)
+        assert mine["target"] == "private server on 127.0.0.1, started with each kernel"
+        # (proxies of other cgpu-local kernels on this machine, with the same command, count too)
+        assert {"pid": local_pid, "state": "running"} in mine["kernels"]
+
+        text = cgpu("status")
+        assert text.returncode == 1
+        lines = {line.split()[0]: line.split() for line in text.stdout.decode().splitlines()}
+        assert lines["KERNELSPEC"] == ["KERNELSPEC", "BACKEND", "TARGET", "REACHABLE", "KERNELS"]
+        assert lines[reachable][:4] == [reachable, "jupyter", jupyter_server.url, "yes"]
+        assert "python3 idle" in " ".join(lines[reachable][4:])
+        assert lines["cgpu-status-down"] == ["cgpu-status-down", "jupyter", dead, "no", "-"]
+        assert lines[local][:4] == [local, "local", "private", "server"]
+        assert "running" in lines[local]
+        assert re.search(rf"\(pid [0-9, ]*\b{local_pid}\b", " ".join(lines[local]))
+        assert lines["cgpu-status-down:"][1:4] == ["Could", "not", "reach"]  # why, below
+    finally:
+        for km, kc in ((remote_km, remote_kc), (local_km, local_kc)):
+            kc.stop_channels()
+            km.shutdown_kernel()
