@@ -251,9 +251,9 @@ class ProxyKernel(EnvConfigurable):
     colab_endpoint = Unicode(
         "",
         config=True,
-        help="""Attach to this existing Colab runtime (an endpoint `cgpu-kernel status --colab` lists,
-        e.g. one started in a browser) instead of assigning one; it is never released at
-        shutdown.""",
+        help="""Attach to this existing Colab runtime (an endpoint `cgpu-kernel status --colab`
+        lists, e.g. one started in a browser) instead of assigning one; it is never released
+        at shutdown.""",
     ).tag(env="CGPU_COLAB_ENDPOINT")
 
     def token_provider(self) -> Callable[[], str | None]:
