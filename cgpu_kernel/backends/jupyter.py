@@ -76,8 +76,11 @@ class JupyterServerClient:
         ca_certs: str | None = None,
         extra_headers: dict[str, str] | None = None,
         request_timeout: float = 30.0,
+        timeout_option: str = "--request-timeout (CGPU_REQUEST_TIMEOUT)",
     ) -> None:
         self.base_url = normalize_base_url(base_url)
+        #: how the user raises ``request_timeout``, named when it runs out ("": not at all)
+        self.timeout_option = timeout_option
         self._token = token
         self.last_token_used: str | None = None
         self.validate_cert = validate_cert
@@ -113,7 +116,7 @@ class JupyterServerClient:
                 " certificate is valid."
             ),
             auth_error=self._refused,
-            timeout_option="--request-timeout (CGPU_REQUEST_TIMEOUT)",
+            timeout_option=self.timeout_option,
         )
 
     def _refused(self, status: int, url: str) -> RemoteAuthError:

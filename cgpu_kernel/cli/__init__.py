@@ -121,7 +121,7 @@ def _check_server(url: str | None, token: str | None, remote_kernel: str | None)
         )
 
     async def check() -> None:
-        client = JupyterServerClient(url, token, request_timeout=15.0)
+        client = JupyterServerClient(url, token, request_timeout=15.0, timeout_option="")
         try:
             specs = await client.call("GET", "api/kernelspecs")
         finally:

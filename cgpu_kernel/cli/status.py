@@ -149,6 +149,7 @@ async def _jupyter(
             validate_cert=(verify or "true").lower() not in ("false", "0", "no"),
             ca_certs=ca_certs or os.environ.get("CGPU_CA_CERTS") or None,
             request_timeout=timeout,
+            timeout_option="`cgpu-kernel status --timeout`",
         )
     except CgpuError as exc:
         row.detail = str(exc)
