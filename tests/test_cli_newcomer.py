@@ -11,15 +11,24 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 
-from tests.conftest import RemoteServer, free_port, install_spec, start_kernel
+from tests.conftest import (
+    RemoteServer,
+    free_port,
+    install_remote_spec,
+    install_spec,
+    start_kernel,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The console script pip installed next to this interpreter (what a user types).
@@ -421,7 +430,231 @@ def test_logs_has_a_header_row(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     header, row = done.stdout.decode().splitlines()
     assert header.split() == [
-        "time", "kernel", "source", "status", "category", "duration", "output", "reconnects"
+        "time", "kernel", "source", "status", "category", "duration", "wall", "output",
+        "reconnects",
     ]  # fmt: skip
     assert row.split() == ["2026-01-01T00:00:00+00:00", "cgpu-local", "run", "ok", "12", "ms",
-                           "3", "B", "0"]  # fmt: skip
+                           "-", "3", "B", "0"]  # fmt: skip
+
+
+# --- 13. jupyter console's normal exit is not a crash ---------------------------------------------
+
+#: The installed ``jupyter`` command, next to this interpreter (what a user types).
+JUPYTER = str(Path(sys.executable).parent / "jupyter")
+SIMPLE_PROMPT = r"In \[\d+\]: "
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def console(kernel: str, tmp_path: Path, *, simple: bool = True) -> pexpect.spawn:
+    """``jupyter console --kernel KERNEL`` in a terminal; ``simple`` is the plain prompt
+    (no prompt_toolkit, so no ``is_complete_request`` either)."""
+    extra = ["--ZMQTerminalInteractiveShell.simple_prompt=True"] if simple else []
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    env["TERM"] = "dumb" if simple else "xterm"
+    child = pexpect.spawn(
+        JUPYTER,
+        ["console", f"--kernel={kernel}", *extra],
+        cwd=str(tmp_path),
+        env=env,
+        encoding="utf-8",
+        timeout=90,
+        dimensions=(40, 300),
+    )
+    child.logfile_read = (tmp_path / "console.log").open("w")
+    return child
+
+
+def transcript(tmp_path: Path) -> str:
+    return ANSI.sub("", (tmp_path / "console.log").read_text()).replace("\r", "")
+
+
+def test_console_exit_is_quiet_and_a_crashed_console_is_still_told(
+    local: str, tmp_path: Path
+) -> None:
+    child = console(local, tmp_path)
+    try:
+        child.expect(SIMPLE_PROMPT)
+        child.sendline("print(6 * 7)")
+        child.expect_exact("42")
+        child.expect(SIMPLE_PROMPT)
+        child.sendline("exit")
+        child.expect(pexpect.EOF)  # the proxy (holding the terminal too) has exited as well
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.terminate(force=True)
+        child.logfile_read.close()
+    normal = transcript(tmp_path)
+    assert "Shutting down kernel" in normal
+    assert "is gone" not in normal and "WARNING" not in normal, normal[-2000:]
+
+    crashed = console(local, tmp_path)  # a frontend killed outright: the proxy says why it ends
+    try:
+        crashed.expect(SIMPLE_PROMPT)
+        os.kill(crashed.pid, 9)
+        crashed.expect(pexpect.EOF)
+    finally:
+        crashed.terminate(force=True)
+        crashed.logfile_read.close()
+    assert re.search(
+        r"WARNING .* the frontend process \d+ is gone; shutting down", transcript(tmp_path)
+    )
+
+
+# --- 7. a server that never answers: which limit, and the real wall time --------------------------
+
+
+@pytest.fixture
+def hung_server() -> Iterator[str]:
+    """Accepts TCP connections and never answers (a hung remote)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def test_a_hung_server_names_the_limit_it_hit_and_logs_the_wall_time(
+    kernel_dir: Path, hung_server: str, tmp_path: Path
+) -> None:
+    history_file = tmp_path / "history.jsonl"
+    env = {"CGPU_HISTORY_FILE": str(history_file)}
+    install_spec(kernel_dir, "cgpu-hung", "jupyter", url=hung_server)
+    begun = time.monotonic()
+    done = cgpu(
+        "run", "--json", "--kernel", "cgpu-hung", "1", env={**env, "CGPU_REQUEST_TIMEOUT": "3"}
+    )
+    wall_ms = (time.monotonic() - begun) * 1000
+    document = json.loads(done.stdout)
+    assert done.returncode == 21, done.stderr  # a connection error
+    assert document["error"]["name"] == "RemoteUnreachable"
+    assert (
+        f"Could not reach the Jupyter server at {hung_server}: it accepted the connection but sent"
+        " no answer within 3 s (the request timeout; raise it with --request-timeout"
+        " (CGPU_REQUEST_TIMEOUT))."
+    ) in document["error"]["message"]
+    # one attempt, not a second one for the code: the run ends with the start's error
+    assert document["notices"] == [] and document["executionCount"] is None
+    [record] = json.loads(cgpu("logs", "--json", env=env).stdout)
+    assert 3000 <= record["total_ms"] <= wall_ms  # the whole run, start to end
+    assert record["total_ms"] == document["timing"]["total_ms"]
+    table = cgpu("logs", env=env).stdout.decode().splitlines()
+    assert table[0].split()[5:7] == ["duration", "wall"]
+    assert f"{record['total_ms']:.0f} ms" in table[1]
+
+    # the startup deadline, shorter than the request timeout (an option in the kernelspec)
+    install_spec(kernel_dir, "cgpu-hung-deadline", "jupyter", url=hung_server,
+                 extra=["--startup-timeout=2", "--request-timeout=30"])  # fmt: skip
+    deadline = cgpu("run", "--json", "--kernel", "cgpu-hung-deadline", "1", env=env)
+    error = json.loads(deadline.stdout)["error"]
+    assert error["name"] == "RemoteStartupTimeout"
+    assert "was not ready within 2 s" in error["message"]
+    assert "raise --startup-timeout (CGPU_STARTUP_TIMEOUT)" in error["message"]
+
+
+# --- 14. jupyter console against an unreachable server --------------------------------------------
+
+#: The full prompt (prompt_toolkit, which asks is_complete_request on Enter), colours and all.
+_ESC = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"
+FULL_PROMPT = rf"In \[{_ESC}\d+{_ESC}\]: "
+
+
+def test_console_against_an_unreachable_server_stays_usable_and_exits(
+    kernel_dir: Path, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/"
+    name = install_spec(kernel_dir, "cgpu-console-dead", "jupyter", url=dead)
+    child = console(name, tmp_path, simple=False)
+    try:
+        child.expect_exact("(not connected: Could not reach")  # the banner says why
+        child.expect(FULL_PROMPT)
+        child.sendline("print(6 * 7)")
+        child.expect_exact("RemoteUnreachable")
+        child.expect(FULL_PROMPT)
+        child.sendline("for i in range(2):")  # a local is_complete: the block stays open
+        child.expect_exact("...:")
+        child.sendline("print(i)")
+        child.sendline("")
+        child.expect_exact("RemoteUnreachable")
+        child.expect(FULL_PROMPT)
+        child.sendline("exit")  # answered here: the console leaves
+        child.expect(pexpect.EOF, timeout=60)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.terminate(force=True)
+        child.logfile_read.close()
+    text = transcript(tmp_path)
+    assert "is_complete" not in text  # no warning about an invalid or missing reply
+    banner, cells = text.split("In [", 1)
+    assert banner.count(f"Could not reach the Jupyter server at {dead}") == 2  # log, banner
+    assert cells.count("Could not reach the Jupyter server") == 2  # once per cell
+    assert "Shutting down kernel" in cells and "is gone" not in cells
+
+
+# --- 17. status: every kernelspec, whatever its backend -------------------------------------------
+
+
+def test_status_shows_every_kernelspec_its_target_reachability_and_kernels(
+    local: str, kernel_dir: Path, jupyter_server: RemoteServer
+) -> None:
+    reachable = install_remote_spec(kernel_dir, "cgpu-status-up", jupyter_server)
+    dead = f"http://127.0.0.1:{free_port()}/"
+    install_spec(kernel_dir, "cgpu-status-down", "jupyter", url=dead)
+    before = jupyter_server.kernel_ids()
+    remote_km, remote_kc = start_kernel(reachable)
+    local_km, local_kc = start_kernel(local)
+    try:
+        [remote_id] = jupyter_server.kernel_ids() - before
+        local_pid = local_km.provisioner.pid  # type: ignore[union-attr]
+        done = cgpu("status", "--json")
+        assert done.returncode == 1, done.stderr  # one target does not answer
+        rows = {row["name"]: row for row in json.loads(done.stdout)["kernelspecs"]}
+        up = rows[reachable]
+        assert (up["backend"], up["target"], up["reachable"]) == (
+            "jupyter", jupyter_server.url, True
+        )  # fmt: skip
+        assert {"id": remote_id, "name": "python3", "state": "idle"} in up["kernels"]
+        assert jupyter_server.token not in done.stdout.decode()
+        down = rows["cgpu-status-down"]
+        assert (down["target"], down["reachable"], down["kernels"]) == (dead, False, [])
+        assert f"Could not reach the Jupyter server at {dead}" in down["detail"]
+        assert "Connection refused" in down["detail"]
+        mine = rows[local]
+        assert (mine["backend"], mine["reachable"]) == ("local", None)
+        assert mine["target"] == "private server on 127.0.0.1, started with each kernel"
+        # (proxies of other cgpu-local kernels on this machine, with the same command, count too)
+        assert {"pid": local_pid, "state": "running"} in mine["kernels"]
+
+        text = cgpu("status")
+        assert text.returncode == 1
+        lines = {line.split()[0]: line.split() for line in text.stdout.decode().splitlines()}
+        assert lines["KERNELSPEC"] == ["KERNELSPEC", "BACKEND", "TARGET", "REACHABLE", "KERNELS"]
+        assert lines[reachable][:4] == [reachable, "jupyter", jupyter_server.url, "yes"]
+        assert "python3 idle" in " ".join(lines[reachable][4:])
+        assert lines["cgpu-status-down"] == ["cgpu-status-down", "jupyter", dead, "no", "-"]
+        assert lines[local][:4] == [local, "local", "private", "server"]
+        assert "running" in lines[local]
+        assert re.search(rf"\(pid [0-9, ]*\b{local_pid}\b", " ".join(lines[local]))
+        assert lines["cgpu-status-down:"][1:4] == ["Could", "not", "reach"]  # why, below
+    finally:
+        for km, kc in ((remote_km, remote_kc), (local_km, local_kc)):
+            kc.stop_channels()
+            km.shutdown_kernel()

@@ -780,7 +780,7 @@ def test_cli_status_and_release(
         code = args.func(args)
         return code, capsys.readouterr().out
 
-    assert cli("status", "--colab-url", colab.url) == (
+    assert cli("status", "--colab", "--colab-url", colab.url) == (
         0,
         "No Colab runtimes are assigned to this account.\n",
     )
@@ -789,9 +789,9 @@ def test_cli_status_and_release(
     assert backend.assignment is not None
     endpoint = backend.assignment.endpoint
     try:
-        code, out = cli("status", "--colab-url", colab.url)
+        code, out = cli("status", "--colab", "--colab-url", colab.url)
         assert code == 0 and endpoint in out and "T4" in out and "1.0/15.0 GiB" in out
-        code, out = cli("status", "--colab-url", colab.url, "--json")
+        code, out = cli("status", "--colab", "--colab-url", colab.url, "--json")
         (row,) = json.loads(out)
         assert row["kernels"] == 1 and row["idle"] != "?"
         code, out = cli("auth", "status", "--colab-url", colab.url)
@@ -1236,7 +1236,7 @@ def test_kernelspec_attaches_to_an_existing_runtime_and_leaves_it(
 
     runtime = colab.add_runtime("T4")  # started in Colab in a browser
     monkeypatch.setenv(auth.ACCESS_TOKEN_ENV, ACCESS_TOKEN)
-    args = build_parser().parse_args(["status", "--colab-url", colab.url])
+    args = build_parser().parse_args(["status", "--colab", "--colab-url", colab.url])
     assert args.func(args) == 0
     assert runtime.endpoint in capsys.readouterr().out
     name = install_spec(

@@ -163,7 +163,8 @@ def test_logs_cli(history_file: Path) -> None:
 
     table = logs(path=history_file).stdout.splitlines()
     assert table[0].split() == [
-        "time", "kernel", "source", "status", "category", "duration", "output", "reconnects"
+        "time", "kernel", "source", "status", "category", "duration", "wall", "output",
+        "reconnects",
     ]  # fmt: skip
     assert len(table) == 11  # the header and 10 records
     assert "timeout" in table[5]

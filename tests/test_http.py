@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.httputil import HTTPHeaders
+from tornado.simple_httpclient import HTTPTimeoutError
 
 from cgpu_kernel import __version__
 from cgpu_kernel.backends.colab.api import COLAB_SERVICE
@@ -72,6 +73,23 @@ def test_no_response_is_unreachable() -> None:
         assert error.url == SAFE
         assert "Could not reach the test server" in str(error) and "Check it runs." in str(error)
         _assert_no_secret(error)
+
+
+def test_a_time_out_names_the_limit_it_hit_and_its_seconds() -> None:
+    """tornado says only "Timeout during request" or "Timeout while connecting"."""
+    service = Service("the test server", "Check it runs.", "Check the network.",
+                      timeout_option="--request-timeout")  # fmt: skip
+    silent = error_for(HTTPTimeoutError("Timeout during request"), "GET", URL, service,
+                       connect_timeout=10.0, request_timeout=42.5)  # fmt: skip
+    assert type(silent) is RemoteUnreachableError
+    assert str(silent) == (
+        "Could not reach the test server: it accepted the connection but sent no answer within"
+        " 42.5 s (the request timeout; raise it with --request-timeout). Check it runs."
+    )
+    connecting = error_for(HTTPTimeoutError("Timeout while connecting"), "GET", URL, SERVICE,
+                           connect_timeout=10.0, request_timeout=42.5)  # fmt: skip
+    assert "no connection within 10 s (the connect timeout)" in str(connecting)
+    _assert_no_secret(connecting)
 
 
 @pytest.mark.parametrize(

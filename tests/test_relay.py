@@ -16,7 +16,7 @@ from cgpu_kernel.core.actions import (
     ShutdownRemote,
 )
 from cgpu_kernel.core.journal import LostMessage
-from cgpu_kernel.core.relay import Relay, RemoteState
+from cgpu_kernel.core.relay import REMOTE_ERROR_KEY, Relay, RemoteState, local_is_complete
 from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import RemoteKernelGoneError, RemoteUnreachableError
 
@@ -154,6 +154,93 @@ def test_after_failure_next_request_retries() -> None:
     relay.remote_failed(RemoteUnreachableError("down"))
     out = relay.frontend_message("shell", NOTEBOOK, request("kernel_info_request"))
     assert kinds(out) == ["publish:status", "shell:kernel_info_reply", "publish:status"]
+
+
+def _answered(out: list[Any]) -> Message:
+    """The one reply among ``out``, which must be busy, reply, idle and nothing else."""
+    assert kinds(out)[0] == "publish:status" and kinds(out)[-1] == "publish:status", kinds(out)
+    assert len(out) == 3 and isinstance(out[1], SendToFrontend)
+    return out[1].msg
+
+
+def test_a_failed_remote_leaves_a_console_usable_without_new_attempts() -> None:
+    """Issue 15, point 14: jupyter console against an unreachable server."""
+    relay = Relay("proxy")
+    error = RemoteUnreachableError("Could not reach http://h:1/: refused.")
+    relay.remote_failed(error)
+    answers = {
+        "is_complete_request": request("is_complete_request", code="for i in x:"),
+        "complete_request": request("complete_request", code="pri", cursor_pos=3),
+        "inspect_request": request("inspect_request", code="print", cursor_pos=5, detail_level=0),
+        "history_request": request("history_request", hist_access_type="tail", n=1000),
+        "comm_info_request": request("comm_info_request"),
+    }
+    replies = {}
+    for msg_type, msg in answers.items():
+        out = relay.frontend_message("shell", CONSOLE, msg)
+        assert not any(isinstance(a, ConnectRemote) for a in out), msg_type  # no new attempt
+        replies[msg_type] = _answered(out).content
+    assert replies["is_complete_request"] == {"status": "incomplete", "indent": "    "}
+    assert replies["complete_request"] == {
+        "status": "ok", "matches": [], "cursor_start": 3, "cursor_end": 3, "metadata": {}
+    }  # fmt: skip
+    assert replies["inspect_request"]["found"] is False
+    assert replies["history_request"] == {"status": "ok", "history": []}
+    assert replies["comm_info_request"] == {"status": "ok", "comms": {}}
+    assert relay.state is RemoteState.FAILED
+    # `exit` and `quit` end the console: IPython's ask_exit payload, nothing sent anywhere
+    for code in ("exit", " quit\n", "exit()"):
+        out = relay.frontend_message("shell", CONSOLE, request("execute_request", code=code))
+        reply = _answered(out).content
+        assert reply["status"] == "ok"
+        assert reply["payload"] == [{"source": "ask_exit", "keepkernel": False}]
+    # any other cell tries again, and shows the error once (its error output)
+    retry = relay.frontend_message("shell", CONSOLE, request("execute_request", code="exit(1)"))
+    assert any(isinstance(a, ConnectRemote) for a in retry)
+    out = relay.remote_failed(error)
+    errors = [a for a in out if isinstance(a, Publish) and a.msg.msg_type == "error"]
+    assert len(errors) == 1
+
+
+def test_is_complete_is_answered_locally_whenever_the_remote_is_not_connected() -> None:
+    relay = Relay("proxy")  # connecting: still no queueing for it, a console waits 1 s only
+    out = relay.frontend_message("shell", CONSOLE, request("is_complete_request", code="x = 1"))
+    assert _answered(out).content == {"status": "complete"}
+    assert relay.queued == []
+    # one sent while connected whose remote then fails is never answered with "error"
+    relay.remote_connected()
+    asked = request("is_complete_request", code="if x:")
+    relay.frontend_message("shell", CONSOLE, asked)
+    out = relay.remote_failed(RemoteUnreachableError("down"))
+    assert _answered(out).content == {"status": "incomplete", "indent": "    "}
+    # while connecting, exit waits for the remote like any cell (it may be just slow)
+    relay = Relay("proxy")
+    out = relay.frontend_message("shell", CONSOLE, request("execute_request", code="exit"))
+    assert not any(isinstance(a, SendToFrontend) for a in out)
+
+
+def test_local_is_complete() -> None:
+    assert local_is_complete("print(1)", "python") == {"status": "complete"}
+    assert local_is_complete("def f():\n    if x:", "python") == {
+        "status": "incomplete", "indent": "        "
+    }  # fmt: skip
+    assert local_is_complete("(1,", "python") == {"status": "incomplete", "indent": ""}
+    assert local_is_complete("%time x = 1", "python") == {"status": "unknown"}  # IPython's
+    assert local_is_complete("1 is 1", "python") == {"status": "complete"}  # no SyntaxWarning
+    assert local_is_complete("x <- 1", "r") == {"status": "unknown"}
+
+
+def test_a_failed_start_tells_kernel_info_why() -> None:
+    relay = Relay("proxy")
+    info = request("kernel_info_request")
+    relay.frontend_message("shell", NOTEBOOK, info)
+    out = relay.remote_failed(RemoteUnreachableError("Could not reach http://h:1/: no answer."))
+    content = _answered(out).content
+    assert content[REMOTE_ERROR_KEY] == {
+        "ename": "RemoteUnreachable", "evalue": "Could not reach http://h:1/: no answer."
+    }  # fmt: skip
+    relay.remote_connected()  # a connection that worked forgets the error
+    assert relay.last_error is None
 
 
 def test_lost_kernel_fails_inflight_requests() -> None:

@@ -7,7 +7,8 @@ failures into the error tree (:mod:`cgpu_kernel.exceptions`) with the HTTP statu
 (credentials removed) on the error:
 
 * no response (HTTP 599: refused, DNS, TLS, timeout) or an ``OSError`` ->
-  :exc:`~cgpu_kernel.exceptions.RemoteUnreachableError`;
+  :exc:`~cgpu_kernel.exceptions.RemoteUnreachableError`; a time-out names the limit it hit
+  (the connect or the request timeout, with its seconds and the service's option for it);
 * 401/403 -> the service's :exc:`~cgpu_kernel.exceptions.RemoteAuthError` (``status`` set);
 * any other status -> the service's :exc:`~cgpu_kernel.exceptions.RemoteHTTPError` (``status``
   and the server's reason).
@@ -30,6 +31,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.simple_httpclient import HTTPTimeoutError
 
 from cgpu_kernel import __version__
 from cgpu_kernel.exceptions import (
@@ -114,6 +116,7 @@ class Service:
     got no response, ``network_hint`` a socket or TLS error; ``auth_error(status, url)`` builds
     the error for refused credentials, ``http_error(method, url, status, reason)`` the one for
     any other status. ``redirect_is_refusal``: a 3xx (redirects not followed) means signed out.
+    ``timeout_option``: how to raise this service's request timeout (empty: it has no option).
     """
 
     name: str
@@ -122,6 +125,7 @@ class Service:
     auth_error: Callable[[int, str], CgpuError] = _reject_auth
     http_error: Callable[[str, str, int, str], CgpuError] = RemoteHTTPError
     redirect_is_refusal: bool = False
+    timeout_option: str = ""
 
 
 def server_reason(exc: HTTPClientError) -> str:
@@ -134,9 +138,37 @@ def server_reason(exc: HTTPClientError) -> str:
     return str(message or exc.message)
 
 
-def error_for(exc: BaseException, method: str, url: str, service: Service) -> CgpuError:
-    """The error-tree error for a failed request (``url`` may carry a query: it is dropped)."""
+def timeout_reason(
+    exc: HTTPTimeoutError, service: Service, connect_timeout: float, request_timeout: float
+) -> str:
+    """Which limit a time-out hit, with its seconds: tornado says only "Timeout while
+    connecting" or "Timeout during request"."""
+    if "connecting" in exc.message:
+        return f"no connection within {connect_timeout:g} s (the connect timeout)"
+    raise_it = f"; raise it with {service.timeout_option}" if service.timeout_option else ""
+    return (
+        f"it accepted the connection but sent no answer within {request_timeout:g} s (the"
+        f" request timeout{raise_it})"
+    )
+
+
+def error_for(
+    exc: BaseException,
+    method: str,
+    url: str,
+    service: Service,
+    *,
+    connect_timeout: float | None = None,
+    request_timeout: float | None = None,
+) -> CgpuError:
+    """The error-tree error for a failed request (``url`` may carry a query: it is dropped);
+    ``connect_timeout``/``request_timeout``: the request's limits, named when one is hit."""
     where = safe_url(url)
+    if isinstance(exc, HTTPTimeoutError) and request_timeout is not None:
+        reason = timeout_reason(exc, service, connect_timeout or request_timeout, request_timeout)
+        return RemoteUnreachableError(
+            f"Could not reach {service.name}: {reason}. {service.no_answer_hint}", url=where
+        )
     if isinstance(exc, HTTPClientError):
         if exc.code == 599 or exc.response is None:
             return RemoteUnreachableError(
@@ -161,4 +193,11 @@ async def fetch(
     except (HTTPClientError, OSError, ssl.SSLError) as exc:
         if name is not None:
             service = replace(service, name=name)
-        raise error_for(exc, request.method, request.url, service) from None
+        raise error_for(
+            exc,
+            request.method,
+            request.url,
+            service,
+            connect_timeout=request.connect_timeout,
+            request_timeout=request.request_timeout,
+        ) from None

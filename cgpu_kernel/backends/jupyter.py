@@ -100,8 +100,11 @@ class JupyterServerClient:
         ca_certs: str | None = None,
         extra_headers: dict[str, str] | None = None,
         request_timeout: float = 30.0,
+        timeout_option: str = "--request-timeout (CGPU_REQUEST_TIMEOUT)",
     ) -> None:
         self.base_url = normalize_base_url(base_url)
+        #: how the user raises ``request_timeout``, named when it runs out ("": not at all)
+        self.timeout_option = timeout_option
         self._token = token
         self.last_token_used: str | None = None
         self.validate_cert = validate_cert
@@ -137,6 +140,7 @@ class JupyterServerClient:
                 " certificate is valid."
             ),
             auth_error=self._refused,
+            timeout_option=self.timeout_option,
         )
 
     def _refused(self, status: int, url: str) -> RemoteAuthError:
@@ -210,9 +214,14 @@ class JupyterBackend(Backend):
         ca_certs: str | None = None,
         record_for_reclaim: bool = True,
         kernel_env: dict[str, str] | None = None,
+        request_timeout: float = 30.0,
     ) -> None:
         self.client = JupyterServerClient(
-            base_url, token, validate_cert=validate_cert, ca_certs=ca_certs
+            base_url,
+            token,
+            validate_cert=validate_cert,
+            ca_certs=ca_certs,
+            request_timeout=request_timeout,
         )
         self.kernel_name = kernel_name
         #: the start request's ``env``: KERNEL_* variables a gateway passes to its process
@@ -225,7 +234,8 @@ class JupyterBackend(Backend):
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> JupyterBackend:
-        """``--url``, ``--remote-kernel``, the token (file or CGPU_TOKEN) and the TLS options."""
+        """``--url``, ``--remote-kernel``, the token (file or CGPU_TOKEN), the TLS options and
+        ``--request-timeout``."""
         if not options.url:
             raise ConfigurationError(
                 "The jupyter backend needs the server's URL: reinstall the kernelspec with"
@@ -238,6 +248,7 @@ class JupyterBackend(Backend):
             validate_cert=options.validate_cert,
             ca_certs=options.ca_certs or None,
             kernel_env=options.remote_kernel_env(),
+            request_timeout=options.request_timeout,
         )
 
     @property

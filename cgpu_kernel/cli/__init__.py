@@ -35,7 +35,11 @@ from cgpu_kernel.proxy.options import ProxyKernel, check_kernel_variable, read_t
 
 #: Modules that add subcommands: each has ``register(commands)``, taking the subparsers object
 #: and adding parsers whose ``func`` default runs the command (returns the exit code).
-COMMAND_MODULES = ("cgpu_kernel.run.cli", "cgpu_kernel.cli.colab")
+COMMAND_MODULES = (
+    "cgpu_kernel.run.cli",
+    "cgpu_kernel.cli.colab",
+    "cgpu_kernel.cli.status",
+)
 
 
 def _checked_option(option: str) -> str:
@@ -130,7 +134,7 @@ def _check_server(url: str | None, token: str | None, remote_kernel: str | None)
         )
 
     async def check() -> None:
-        client = JupyterServerClient(url, token, request_timeout=15.0)
+        client = JupyterServerClient(url, token, request_timeout=15.0, timeout_option="")
         try:
             specs = await client.call("GET", "api/kernelspecs")
         finally:

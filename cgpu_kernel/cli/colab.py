@@ -1,6 +1,8 @@
-"""``cgpu-kernel auth | status | release``: Google sign-in and the Colab runtimes of this account.
+"""``cgpu-kernel auth | release``: Google sign-in and the Colab runtimes of this account.
 
-``cli`` imports this module and calls :func:`register` with its subparsers. Every command
+``cli`` imports this module and calls :func:`register` with its subparsers; ``cgpu-kernel
+status`` (:mod:`cgpu_kernel.cli.status`) lists the runtimes with :func:`list_runtimes` and
+:func:`print_runtimes`. Every command
 returns an exit code; errors raise :class:`~cgpu_kernel.exceptions.CgpuError` (one line saying
 what to do). Nothing printed here contains a token.
 """
@@ -41,7 +43,7 @@ def _api(colab_url: str) -> ColabAPI:
 
 
 def register(commands: Any) -> None:
-    """Add ``auth``, ``status`` and ``release`` to the ``cgpu-kernel`` subcommands."""
+    """Add ``auth`` and ``release`` to the ``cgpu-kernel`` subcommands."""
     auth_parser = commands.add_parser("auth", help="sign in to Google for the colab backend")
     actions = auth_parser.add_subparsers(dest="auth_command", required=True, metavar="ACTION")
     login = actions.add_parser(
@@ -67,28 +69,22 @@ def register(commands: Any) -> None:
         "status",
         help="say where the Google credentials come from, and the account's Colab tier",
     )
-    _add_colab_url(auth_status)
+    add_colab_url(auth_status)
     auth_status.set_defaults(func=_auth_status)
     actions.add_parser("logout", help="forget the stored Google sign-in").set_defaults(
         func=_auth_logout
     )
 
-    status = commands.add_parser(
-        "status", help="list this account's Colab runtimes (accelerator, idle time, GPU memory)"
-    )
-    _add_colab_url(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=_status)
-
     release = commands.add_parser("release", help="release (unassign) Colab runtimes")
-    _add_colab_url(release)
+    add_colab_url(release)
     which = release.add_mutually_exclusive_group(required=True)
     which.add_argument("endpoints", nargs="*", default=[], metavar="ENDPOINT")
     which.add_argument("--all", action="store_true", help="release every runtime of the account")
     release.set_defaults(func=_release)
 
 
-def _add_colab_url(parser: argparse.ArgumentParser) -> None:
+def add_colab_url(parser: argparse.ArgumentParser) -> None:
+    """``--colab-url`` (``status`` and ``release``)."""
     parser.add_argument(
         "--colab-url",
         default=os.environ.get(COLAB_URL_ENV) or DEFAULT_COLAB_URL,
@@ -152,9 +148,9 @@ def _auth_logout(args: argparse.Namespace) -> int:
 # --- status and release -----------------------------------------------------------------------
 
 
-def _status(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_list_runtimes(args.colab_url))
-    if args.json:
+def print_runtimes(rows: list[dict[str, Any]], as_json: bool, *, hint: bool = True) -> int:
+    """The runtimes :func:`list_runtimes` found, as a table (or JSON); the exit status."""
+    if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
@@ -175,6 +171,8 @@ def _status(args: argparse.Namespace) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    if not hint:
+        return 0
     print(
         "Attach a kernel to one with `cgpu-kernel install --backend colab --option"
         " colab-endpoint=ENDPOINT` (an attached runtime is never released at shutdown)."
@@ -182,7 +180,8 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _list_runtimes(colab_url: str) -> list[dict[str, Any]]:
+async def list_runtimes(colab_url: str) -> list[dict[str, Any]]:
+    """This account's runtimes, each with its kernels, idle time and GPU memory."""
     api = _api(colab_url)
     try:
         rows = []

@@ -27,6 +27,12 @@ Rules the relay enforces:
 * No request is left without an answer: when the remote fails, is lost, or the proxy shuts down,
   every waiting request gets an error reply naming the reason, with ``busy``/``idle`` around it,
   so no cell stays "busy" forever.
+* While no remote kernel is connected, the requests a frontend needs to stay usable are answered
+  here: ``is_complete_request`` from a local check (never status "error", which the message
+  spec does not allow), and, once the remote failed, ``complete_request``, ``inspect_request``,
+  ``history_request`` and ``comm_info_request`` with empty answers, and a cell that is only
+  ``exit`` or ``quit`` with IPython's ``ask_exit`` payload, so a console can leave. None of them
+  starts a new attempt: only real work does, and it shows the error once.
 * A message the server refuses as too big (it closes with 1009, or the connection drops each
   time that message is being sent) is not sent again: a request gets an error reply, anything
   else (a comm message) a notice in the cell that opened the comm and in the running cell, each
@@ -36,8 +42,10 @@ Rules the relay enforces:
 
 from __future__ import annotations
 
+import codeop
 import html
 import logging
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +99,46 @@ FALLBACK_LANGUAGE_INFO: JsonDict = {
     "codemirror_mode": {"name": "ipython", "version": 3},
     "nbconvert_exporter": "python",
 }
+
+
+#: Cells a console sends to leave; IPython answers them with an ``ask_exit`` payload.
+EXIT_CELLS = frozenset({"exit", "quit", "exit()", "quit()"})
+#: What a frontend gets for each request answered locally once the remote failed.
+EMPTY_REPLIES: dict[str, JsonDict] = {
+    "inspect_request": {"status": "ok", "found": False, "data": {}, "metadata": {}},
+    "history_request": {"status": "ok", "history": []},
+    "comm_info_request": {"status": "ok", "comms": {}},
+}
+
+
+def local_is_complete(code: str, language: str) -> JsonDict:
+    """The ``is_complete_reply`` content for ``code`` without a remote kernel.
+
+    Python is checked with :mod:`codeop` (what the interactive interpreter uses): a block
+    still open is ``incomplete`` with the indent of its next line. Source Python does not
+    compile (IPython magics, ``!ls``) may well be valid for the remote, and other languages
+    are not known here: both are ``unknown``, which frontends treat as "run it".
+    """
+    if language != "python":
+        return {"status": "unknown"}
+    try:
+        with warnings.catch_warnings():  # a SyntaxWarning is the remote kernel's to show
+            warnings.simplefilter("ignore")
+            compiled = codeop.compile_command(code, "<cell>", "exec")
+    except (SyntaxError, OverflowError, ValueError):
+        return {"status": "unknown"}
+    if compiled is not None:
+        return {"status": "complete"}
+    lines = [line for line in code.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    indent = last[: len(last) - len(last.lstrip())]
+    if last.rstrip().endswith(":"):
+        indent += "    "
+    return {"status": "incomplete", "indent": indent}
+
+
+#: The key of a fallback ``kernel_info_reply`` that carries why the remote is not connected.
+REMOTE_ERROR_KEY = "cgpu_kernel_remote_error"
 
 
 class RemoteState(Enum):
@@ -329,6 +377,10 @@ class Relay:
             self._comm_event(msg)
         if msg_type == "kernel_info_request" and self.state is RemoteState.FAILED:
             return self._local_kernel_info(request)
+        if channel == "shell" and self.state is not RemoteState.CONNECTED:
+            local = self._answer_locally(request)
+            if local is not None:
+                return local
         if self.state is RemoteState.CONNECTED:
             return self._forward(request)
         return self._enqueue(request)
@@ -977,6 +1029,58 @@ class Relay:
         text = f"cgpu-kernel: {error}"
         return [Publish(stream_notice(self.session, parent, text)) for parent in parents]
 
+    def _answer_locally(self, request: Request) -> list[Action] | None:
+        """A shell request answered here while no remote kernel is connected (see the rules
+        above), or None when it waits for the remote like any other."""
+        msg = request.msg
+        if msg.msg_type == "is_complete_request":
+            code = str(msg.content.get("code", ""))
+            return self._local_reply(request, local_is_complete(code, self._language()))
+        if self.state is not RemoteState.FAILED:
+            return None
+        if msg.msg_type == "complete_request":
+            cursor = msg.content.get("cursor_pos")
+            at = cursor if isinstance(cursor, int) else len(str(msg.content.get("code", "")))
+            content: JsonDict = {
+                "status": "ok",
+                "matches": [],
+                "cursor_start": at,
+                "cursor_end": at,
+                "metadata": {},
+            }
+            return self._local_reply(request, content)
+        if msg.msg_type in EMPTY_REPLIES:
+            return self._local_reply(request, dict(EMPTY_REPLIES[msg.msg_type]))
+        if msg.msg_type == "execute_request" and self._is_exit(msg):
+            content = {
+                "status": "ok",
+                "execution_count": self._execution_count,
+                "payload": [{"source": "ask_exit", "keepkernel": False}],
+                "user_expressions": {},
+            }
+            return self._local_reply(request, content)
+        return None
+
+    def _is_exit(self, msg: Message) -> bool:
+        """A cell that is only ``exit``/``quit``, with no other cell waiting before it."""
+        code = msg.content.get("code")
+        waiting = any(r.msg.msg_type == "execute_request" for r in self._queue)
+        return isinstance(code, str) and code.strip() in EXIT_CELLS and not waiting
+
+    def _language(self) -> str:
+        """The remote kernel's language when it ever said, else the fallback's (Python)."""
+        info = (self._kernel_info or {}).get("language_info")
+        name = info.get("name") if isinstance(info, dict) else None
+        return str(name or FALLBACK_LANGUAGE_INFO["name"]).lower()
+
+    def _local_reply(self, request: Request, content: JsonDict) -> list[Action]:
+        reply_type = request.msg.msg_type.replace("_request", "_reply")
+        return [
+            self._status("busy", request.msg),
+            self._reply(request, reply_type, content),
+            self._status("idle", request.msg),
+        ]
+
     def _enqueue(self, request: Request) -> list[Action]:
         if len(self._queue) >= self.max_queue:
             return self._fail(
@@ -1054,6 +1158,9 @@ class Relay:
             return []
         if msg.msg_type == "kernel_info_request":
             return self._local_kernel_info(request)
+        if msg.msg_type == "is_complete_request":  # "error" is no status an is_complete has
+            code = str(msg.content.get("code", ""))
+            return self._local_reply(request, local_is_complete(code, self._language()))
         reply_type = msg.msg_type.replace("_request", "_reply")
         content = self._error_content(error)
         actions: list[Action] = []
@@ -1079,9 +1186,7 @@ class Relay:
 
     def _fallback_kernel_info(self) -> JsonDict:
         banner = f"cgpu-kernel {__version__}: proxy to {self.remote_description}"
-        if self.last_error is not None:
-            banner += f"\n(not connected: {self.last_error})"
-        return {
+        content: JsonDict = {
             "status": "ok",
             "protocol_version": PROTOCOL_VERSION,
             "implementation": "cgpu-kernel",
@@ -1090,6 +1195,15 @@ class Relay:
             "banner": banner,
             "help_links": [],
         }
+        if self.last_error is not None:
+            content["banner"] = banner + f"\n(not connected: {self.last_error})"
+            # `cgpu-kernel run` reads this to end a run whose remote never started, rather
+            # than sending the code into a second attempt (and waiting twice as long).
+            content[REMOTE_ERROR_KEY] = {
+                "ename": self.last_error.ename,
+                "evalue": str(self.last_error),
+            }
+        return content
 
     @staticmethod
     def _error_content(error: CgpuError) -> JsonDict:

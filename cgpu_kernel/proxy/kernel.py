@@ -135,7 +135,7 @@ class ProxyKernelRun:
         for loop_coroutine in self.frontend.loops(self.on_frontend, self.on_subscribe):
             self._spawn(loop_coroutine)
         self._spawn(self.remote.run())
-        self._spawn(watch_parent(self.stop))
+        self._spawn(watch_parent(self.stop, lambda: self._shutting_down))
         self._install_signal_handlers()
         self.perform(self.relay.start())
         try:

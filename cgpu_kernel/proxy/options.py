@@ -118,6 +118,14 @@ class ProxyKernel(EnvConfigurable):
         help="""Seconds to wait for the remote kernel to be ready before queued requests fail
         with a clear error. The kernel stays up and the next cell tries again.""",
     ).tag(env="CGPU_STARTUP_TIMEOUT")
+    request_timeout = Float(
+        30.0,
+        config=True,
+        help="""Seconds one REST request to the remote server (list kernelspecs, start,
+        interrupt, delete a kernel) may take before it fails with an error naming this limit.
+        Connecting takes at most 10 s of it. The startup deadline (--startup-timeout) bounds
+        the whole start.""",
+    ).tag(env="CGPU_REQUEST_TIMEOUT")
     reconnect_budget = Float(
         900.0,
         config=True,
@@ -309,9 +317,9 @@ class ProxyKernel(EnvConfigurable):
     colab_endpoint = Unicode(
         "",
         config=True,
-        help="""Attach to this existing Colab runtime (an endpoint `cgpu-kernel status` lists,
-        e.g. one started in a browser) instead of assigning one; it is never released at
-        shutdown.""",
+        help="""Attach to this existing Colab runtime (an endpoint `cgpu-kernel status --colab`
+        lists, e.g. one started in a browser) instead of assigning one; it is never released
+        at shutdown.""",
     ).tag(env="CGPU_COLAB_ENDPOINT")
 
     @validate("kernel_env")

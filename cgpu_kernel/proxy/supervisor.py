@@ -106,6 +106,7 @@ class RemoteSupervisor:
         self._unverified: dict[str, str | None] | None = None
         #: the reconnection schedule across outages (connections that die young keep it going)
         self.reconnect_streak = FailureStreak()
+        self._last_failure: str | None = None  # the last start failure logged, until one works
 
     @classmethod
     def from_options(
@@ -201,7 +202,13 @@ class RemoteSupervisor:
             self.perform(self.relay.startup_progress(loop.time() - started, deadline))
 
     def _remote_failed(self, error: CgpuError) -> None:
-        log.error("%s", error)
+        """Every waiting request gets ``error``; the log says it once while it repeats (the
+        proxy's log shares the terminal with ``jupyter console``, where each cell already
+        shows it), and again at ERROR once it changes or after a connection worked."""
+        text = str(error)
+        level = logging.INFO if text == self._last_failure else logging.ERROR
+        self._last_failure = text
+        log.log(level, "%s", error)
         self.perform(self.relay.remote_failed(error))
 
     async def _open_remote(self) -> RemoteChannels:
@@ -246,6 +253,7 @@ class RemoteSupervisor:
 
     async def _serve(self, channels: RemoteChannels | None) -> None:
         """Relay until the remote is lost for good, reconnecting while it is not."""
+        self._last_failure = None
         if channels is not None:  # a fresh remote kernel: install its journal before any cell
             self._held = None
             self._unverified = None

@@ -243,14 +243,18 @@ def logs_command(args: argparse.Namespace) -> int:
             str(r.get("status", "?")),
             str(r.get("category") or ""),
             _format_ms(r.get("duration_ms")),
+            _format_ms(r.get("total_ms")),
             f"{r.get('output_bytes', 0)} B",
             str(r.get("reconnects", 0)),
         )
         for r in shown
     ]
-    header = ("time", "kernel", "source", "status", "category", "duration", "output", "reconnects")
+    header = (
+        "time", "kernel", "source", "status", "category", "duration", "wall", "output",
+        "reconnects",
+    )  # fmt: skip
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = {5, 6, 7}  # numbers line up on the right
+    right = {5, 6, 7, 8}  # numbers line up on the right
     for row in [header, *rows]:
         cells = [
             cell.rjust(width) if index in right else cell.ljust(width)

@@ -21,6 +21,7 @@ from typing import IO, Any
 from jupyter_client.blocking.client import BlockingKernelClient
 
 from cgpu_kernel.core.limits import NOTICE_METADATA
+from cgpu_kernel.core.relay import REMOTE_ERROR_KEY
 from cgpu_kernel.run.outcomes import RunResult, categorize
 
 #: Seconds an interrupted cell gets to finish before the run gives up on it.
@@ -76,7 +77,8 @@ class Output:
         """A line from the proxy itself (waiting, reconnecting, output held back...)."""
         self.notices.append({"text": text, **detail})
         if self.stream:
-            shown = text if text.lstrip().startswith("[cgpu-kernel") else f"cgpu-kernel: {text}"
+            marked = text.lstrip().startswith(("[cgpu-kernel", "cgpu-kernel:"))
+            shown = text if marked else f"cgpu-kernel: {text}"
             write(sys.stderr, shown if shown.endswith("\n") else shown + "\n")
 
     def read(self, name: str) -> IO[str] | None:
@@ -105,7 +107,12 @@ def write(stream: IO[str], text: str) -> None:
 
 
 def wait_ready(
-    kc: BlockingKernelClient, timeout: float, alive: Callable[[], bool], result: RunResult
+    kc: BlockingKernelClient,
+    timeout: float,
+    alive: Callable[[], bool],
+    result: RunResult,
+    *,
+    fresh: bool = False,
 ) -> bool:
     """Wait until the kernel answers ``kernel_info`` *and* our iopub subscription works.
 
@@ -113,7 +120,10 @@ def wait_ready(
     not the heartbeat, which a loaded machine can miss for a second: that is not a dead kernel.
     An iopub message must follow the reply, else output printed right away could be lost to a
     subscription still on its way; the request is repeated each second until both arrive.
-    On failure, classifies it into ``result`` and returns False.
+    On failure, classifies it into ``result`` and returns False. For a ``fresh`` kernel, a
+    reply saying the remote could not be started (the relay's ``REMOTE_ERROR_KEY``) ends the
+    run with that error at once: sending the code would only start a second attempt, doubling
+    the wait. A reused session's kernel gets that attempt (its remote may be back).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -125,6 +135,11 @@ def wait_ready(
             except queue.Empty:
                 continue
             if msg["msg_type"] == "kernel_info_reply":
+                failed = msg["content"].get(REMOTE_ERROR_KEY)
+                if fresh and isinstance(failed, dict):
+                    ename, evalue = str(failed.get("ename")), str(failed.get("evalue"))
+                    result.fail(categorize(ename, evalue), ename, evalue)
+                    return False
                 try:
                     kc.get_iopub_msg(timeout=0.5)
                 except queue.Empty:

@@ -120,6 +120,7 @@ def record_execution(
     source: str = "kernel",
     session: str | None = None,
     queue_ms: float | None = None,
+    total_ms: float | None = None,
     into: list[dict[str, Any]] | None = None,
 ) -> None:
     """Append one execution's metadata to the history. Never raises.
@@ -128,7 +129,9 @@ def record_execution(
     ``category``: None for ok, else one of :data:`cgpu_kernel.run.outcomes.CATEGORIES`
     (``categorize(ename, evalue)`` turns an error reply into one). ``reconnects``: how many
     times the proxy reconnected while this cell ran. ``startup_ms``: the kernel's startup time,
-    given with the first execution after a start. ``session``: groups the records of one kernel
+    given with the first execution after a start. ``total_ms``: the wall time of a whole
+    ``cgpu-kernel run`` (start, wait, execution, shutdown), which ``duration_ms`` (the
+    execution alone) does not show. ``session``: groups the records of one kernel
     process for "reconnects per session" (default: this process's pid). ``into``: add the
     record to that list instead of writing it (the proxy writes its records in batches, with
     :func:`write_records`).
@@ -150,6 +153,8 @@ def record_execution(
         record["startup_ms"] = round(float(startup_ms), 3)
     if queue_ms is not None:
         record["queue_ms"] = round(float(queue_ms), 3)
+    if total_ms is not None:
+        record["total_ms"] = round(float(total_ms), 3)
     if into is not None:
         into.append(record)
     else:

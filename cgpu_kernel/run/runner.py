@@ -135,6 +135,7 @@ def run(options: RunOptions, output: Output | None = None) -> RunResult:
         source="run",
         session=f"session:{options.session}" if options.session else f"run-{os.getpid()}",
         queue_ms=result.queue_ms,
+        total_ms=result.total_ms,
     )
     return result
 
@@ -307,7 +308,7 @@ def _run_on_fresh_kernel(
         kc = km.client()
         try:
             kc.start_channels()
-            if wait_ready(kc, kernel_timeout + 10, km.is_alive, result):
+            if wait_ready(kc, kernel_timeout + 10, km.is_alive, result, fresh=True):
                 result.startup_ms = (time.monotonic() - launched) * 1000
                 Execution(kc, result, output, options.timeout, km.is_alive).run(options.code)
         finally:
@@ -341,7 +342,7 @@ def _run_in_session(
 
     try:
         kc.start_channels()
-        if not wait_ready(kc, timeout, alive, result):
+        if not wait_ready(kc, timeout, alive, result, fresh=fresh):
             return
         result.startup_ms = (time.monotonic() - begun) * 1000
         Execution(kc, result, output, options.timeout, alive).run(options.code)

@@ -5,7 +5,8 @@
 ``Authorization``, ``X-Colab-Client-Agent``), strips the XSSI prefix, does Colab's XSRF
 two-step for writes, and retries once with a refreshed access token after a 401. What the
 answers mean is parsed in :mod:`.models`; :mod:`.backend` decides what to do with them, and
-``cgpu-kernel status``/``release`` (:mod:`cgpu_kernel.cli.colab`) call it directly.
+``cgpu-kernel status`` (:mod:`cgpu_kernel.cli.status`) and ``release``
+(:mod:`cgpu_kernel.cli.colab`) call it directly.
 
 Each call follows one of Google's own clients (named at the call): colab-vscode
 (``src/colab/client/v1/index.ts``, ``src/colab/headers.ts``) and google-colab-cli
