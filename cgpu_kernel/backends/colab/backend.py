@@ -272,6 +272,9 @@ class ColabBackend(Backend):
             record_for_reclaim=False,
         )
         self.runtime.description = f"the Colab runtime {assignment.endpoint}"
+        # Colab's kernels keep the folder the runtime gives them (/content): no ``path`` sent,
+        # and no %cgpu files until that folder's Contents path is known (see contents_target)
+        self.runtime.kernel_path = None
         self._use_proxy(assignment.proxy)
         self._start_tasks()
         return assignment
