@@ -5,7 +5,8 @@ files``. One :class:`ContentsClient` per :class:`~cgpu_kernel.backends.base.Cont
 every request is built by ``backends.http`` (User-Agent, token in a header, TLS options).
 
 * **Upload**: jupyter-server's chunked save (``PUT /api/contents/PATH`` with ``chunk`` 1, 2,
-  ..., -1 and base64 content; chunk 1 creates or truncates, the others append), read from disk
+  ..., -1 and base64 content; chunk 1 creates or truncates (sent empty), the others append),
+  read from disk
   :data:`CHUNK` bytes at a time, so memory stays bounded whatever the size. The chunks go to a
   temporary name beside the target (``NAME.cgpu-partial-XXXX``, not hidden: the server refuses
   hidden names), then the server's SHA-256 and size (``GET ?content=0&hash=1``, jupyter-server
@@ -161,6 +162,16 @@ class ContentsClient:
             if exc.status == 404:
                 return None
             raise
+        except FileTransferError as exc:
+            if exc.status != 500:
+                raise
+            # jupyter-server answers 500 for a path through a file ("afile/x")
+            raise RemotePathError(
+                f"{self.target.name} could not look up {path} ({exc}). Check that each folder"
+                " on the way is a folder, not a file.",
+                url=exc.url,
+                status=exc.status,
+            ) from None
         return model if isinstance(model, dict) else None
 
     async def check_available(self) -> None:
@@ -237,29 +248,46 @@ class ContentsClient:
         size = 0
         try:
             with open(local, "rb") as source:
-                number = 1
+                # chunk 1 (written through the server's atomic writer, which hides the reason
+                # of a failure) only creates the file; the data goes in appended chunks, whose
+                # failure says why (a full disk: "[Errno 28] No space left on device")
+                await self._put_chunk(partial, b"", 1)
+                number = 2
                 data = source.read(self.chunk)
                 while True:
                     following = source.read(self.chunk) if data else b""
                     last = not following
-                    tag = number if number == 1 or not last else -1  # 1 creates, -1 ends
-                    await self._put_chunk(partial, data, tag)
+                    await self._put_chunk(partial, data, -1 if last else number)
                     digest.update(data)
                     size += len(data)
                     on_bytes(len(data))
                     if last:
-                        if number == 1:
-                            await self._put_chunk(partial, b"", -1)
                         break
                     data, number = following, number + 1
             await self._verify_remote(partial, size, digest.hexdigest())
             if existing is not None:
                 await self.delete(remote)
             await self._call("PATCH", partial, {"path": remote})
-        except BaseException:
-            await _quietly(self.delete(partial))
+        except BaseException as exc:
+            removed = await self._discard(partial)
+            if not removed and isinstance(exc, CgpuError):
+                exc.args = (
+                    f"{exc} The incomplete copy {partial} could not be removed (a server that"
+                    " deletes to its trash needs free space for that too): delete it from a"
+                    f" cell with `import os; os.remove({posixpath.basename(partial)!r})` once"
+                    " there is room.",
+                )
             raise
         return size
+
+    async def _discard(self, partial: str) -> bool:
+        """Remove a failed upload's temporary file; False when the server would not (on a
+        full disk, jupyter-server's delete-to-trash fails: the trash needs space too)."""
+        try:
+            await self.delete(partial)
+        except CgpuError:
+            return False
+        return True
 
     async def _put_chunk(self, path: str, data: bytes, number: int) -> None:
         body = (

@@ -139,15 +139,15 @@ class Progress:
         return "\r" + self.line(now)
 
     def line(self, now: float) -> str:
-        elapsed = max(now - self.start, 1e-6)
-        rate = self.done / elapsed
-        left = self.total - self.done
-        eta = f"ETA {left / rate:.0f} s" if rate > 0 and left > 0 else ""
+        elapsed = now - self.start
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        text = (
-            f"{self.label}{human_bytes(self.done)} / {human_bytes(self.total)}"
-            f" ({percent:.0f}%)  {human_bytes(rate)}/s  {eta}"
-        )
+        text = f"{self.label}{human_bytes(self.done)} / {human_bytes(self.total)} ({percent:.0f}%)"
+        if elapsed >= PROGRESS_INTERVAL:  # a rate over less time says nothing yet
+            rate = self.done / elapsed
+            left = self.total - self.done
+            text += f"  {human_bytes(rate)}/s"
+            if rate > 0 and left > 0:
+                text += f"  ETA {left / rate:.0f} s"
         return text.rstrip().ljust(72)
 
     def summary(self, verb: str, files: int, now: float) -> str:
