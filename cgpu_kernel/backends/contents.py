@@ -33,7 +33,7 @@ import posixpath
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
@@ -45,13 +45,17 @@ from cgpu_kernel.exceptions import (
     ContentsUnsupportedError,
     DiskFullError,
     FileTransferError,
+    LocalPathError,
     RemotePathError,
     TransferVerifyError,
 )
 
-#: Bytes read from disk and sent per chunk (jupyter-server takes a request body up to its
-#: ``max_body_size``, 512 MiB by default; JupyterLab sends 1 MiB): memory stays near 3x this.
-CHUNK = 4 << 20
+#: Bytes sent per chunk, one request each (jupyter-server takes a body up to its
+#: ``max_body_size``, 512 MiB by default, and decodes it whole; JupyterLab sends 1 MiB).
+CHUNK = 8 << 20
+#: Bytes read, hashed and encoded at once while a chunk is sent (a multiple of 3, so the
+#: pieces' base64 joins into the chunk's): what an upload holds in memory.
+PIECE = 3 << 18
 #: A whole download is one response: seconds it may take in all.
 DOWNLOAD_TIMEOUT = 24 * 3600.0
 #: Seconds one chunk (or one small call) may take.
@@ -251,19 +255,19 @@ class ContentsClient:
                 # chunk 1 (written through the server's atomic writer, which hides the reason
                 # of a failure) only creates the file; the data goes in appended chunks, whose
                 # failure says why (a full disk: "[Errno 28] No space left on device")
-                await self._put_chunk(partial, b"", 1)
+                await self._put_chunk(partial, 1, None, 0, digest, on_bytes)
+                total = os.fstat(source.fileno()).st_size
                 number = 2
-                data = source.read(self.chunk)
                 while True:
-                    following = source.read(self.chunk) if data else b""
-                    last = not following
-                    await self._put_chunk(partial, data, -1 if last else number)
-                    digest.update(data)
-                    size += len(data)
-                    on_bytes(len(data))
+                    count = min(self.chunk, total - size)
+                    last = size + count >= total
+                    await self._put_chunk(
+                        partial, -1 if last else number, source, count, digest, on_bytes
+                    )
+                    size += count
                     if last:
                         break
-                    data, number = following, number + 1
+                    number += 1
             await self._verify_remote(partial, size, digest.hexdigest())
             if existing is not None:
                 await self.delete(remote)
@@ -289,13 +293,41 @@ class ContentsClient:
             return False
         return True
 
-    async def _put_chunk(self, path: str, data: bytes, number: int) -> None:
-        body = (
-            b'{"type":"file","format":"base64","chunk":%d,"content":"' % number
-            + base64.b64encode(data)
-            + b'"}'
-        )
-        request = self._request("PUT", self._api(path), body)
+    async def _put_chunk(
+        self,
+        path: str,
+        number: int,
+        source: BinaryIO | None,
+        count: int,
+        digest: Any,
+        on_bytes: OnBytes,
+    ) -> None:
+        """PUT chunk ``number``: the next ``count`` bytes of ``source``, read, hashed and
+        base64-encoded :data:`PIECE` bytes at a time while the body is being sent, so memory
+        holds one piece, never the chunk."""
+        head = b'{"type":"file","format":"base64","chunk":%d,"content":"' % number
+        tail = b'"}'
+        length = len(head) + 4 * -(-count // 3) + len(tail)
+
+        async def produce(write: Callable[[bytes], Any]) -> None:
+            await write(head)
+            left = count
+            while left:
+                piece = source.read(min(PIECE, left)) if source is not None else b""
+                if not piece:
+                    raise LocalPathError(
+                        f"{getattr(source, 'name', 'The file')} got shorter while it was being"
+                        " uploaded. Upload it again once nothing writes to it."
+                    )
+                left -= len(piece)
+                digest.update(piece)
+                await write(base64.b64encode(piece))
+                on_bytes(len(piece))
+            await write(tail)
+
+        request = self._request("PUT", self._api(path), body_producer=produce)
+        request.headers["Content-Length"] = str(length)
+        request.headers["Content-Type"] = "application/json"
         await fetch(self._http, request, self._service(path))
 
     async def _verify_remote(self, path: str, size: int, sha256: str) -> None:
