@@ -178,14 +178,14 @@ def big_round_trip(
     pid = proxy_pid(kernel)
 
     before = reset_peak(pid)
-    content, outputs = cell(kernel, f"%cgpu upload {name}")
+    content, _ = cell(kernel, f"%cgpu upload {name}")
     assert content["status"] == "ok", content
     upload_growth = memory(pid, "VmHWM") - before
     assert (remote_root / name).read_bytes() == data
     assert remote_sha(kernel, name) == sha(data)
 
     before = reset_peak(pid)
-    content, outputs = cell(kernel, f"%cgpu download {name} back-{name}")
+    content, _ = cell(kernel, f"%cgpu download {name} back-{name}")
     assert content["status"] == "ok", content
     download_growth = memory(pid, "VmHWM") - before
     assert (here / f"back-{name}").read_bytes() == data
@@ -311,7 +311,7 @@ def test_a_path_the_server_refuses_leaves_nothing_under_the_final_name(
 ) -> None:
     (remote_root / "afile").write_text("I am a file")
     (here / "payload.bin").write_bytes(b"p" * 1000)
-    content, outputs = cell(kernel, "%cgpu upload payload.bin afile/payload.bin")
+    content, _ = cell(kernel, "%cgpu upload payload.bin afile/payload.bin")
     assert content["status"] == "error" and content["ename"] == "CgpuRemotePathError"
     assert (remote_root / "afile").read_text() == "I am a file"
     content, _ = cell(kernel, "%cgpu download missing.bin")
@@ -359,7 +359,7 @@ def test_a_full_local_disk_fails_the_download_and_leaves_nothing(
     kernel: tuple[KernelManager, BlockingKernelClient], remote_root: Path, small_disk: Path
 ) -> None:
     (remote_root / "three.bin").write_bytes(os.urandom(3 * MB))
-    content, outputs = cell(kernel, f"%cgpu download three.bin {small_disk}/three.bin")
+    content, _ = cell(kernel, f"%cgpu download three.bin {small_disk}/three.bin")
     assert content["status"] == "error" and content["ename"] == "CgpuDiskFullError"
     assert "disk is full" in content["evalue"]
     assert list(small_disk.iterdir()) == []
@@ -374,7 +374,7 @@ def test_a_full_remote_disk_fails_the_upload_and_leaves_nothing(
         (tmp_path / "big.bin").write_bytes(os.urandom(3 * MB))
         km, kc = start_kernel(spec, cwd=str(tmp_path))
         try:
-            content, outputs = cell((km, kc), "%cgpu upload big.bin")
+            content, _ = cell((km, kc), "%cgpu upload big.bin")
         finally:
             kc.stop_channels()
             km.shutdown_kernel()
