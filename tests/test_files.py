@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -446,3 +447,33 @@ def test_gateway_without_contents_api_says_so(gateway_spec: str, tmp_path: Path)
     assert content["status"] == "error"
     assert content["ename"] in ("CgpuFilesUnsupported", "CgpuRemotePathError"), content
     assert "Contents API" in content["evalue"] or "Not found" in content["evalue"]
+
+
+def test_the_shell_command_uploads_lists_and_downloads(
+    files_spec: str, remote_root: Path, tmp_path: Path
+) -> None:
+    def files(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cgpu_kernel", "files", *args, "--kernel", files_spec],
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=False,
+            cwd=tmp_path,
+        )
+
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "input.txt").write_text("from the shell")
+    done = files("upload", "ci/input.txt")
+    assert done.returncode == 0, done.stderr
+    assert "Uploaded 1 file" in done.stdout
+    assert (remote_root / "ci" / "input.txt").read_text() == "from the shell"
+    done = files("ls", "ci")
+    assert done.returncode == 0 and "input.txt" in done.stdout, done.stderr
+    (tmp_path / "ci" / "input.txt").unlink()
+    done = files("download", "ci/input.txt")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ci" / "input.txt").read_text() == "from the shell"
+    done = files("download", "absent.txt")
+    assert done.returncode == 16, (done.returncode, done.stderr)  # the io outcome
+    assert "does not exist" in done.stdout + done.stderr

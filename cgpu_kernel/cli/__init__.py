@@ -35,7 +35,7 @@ from cgpu_kernel.proxy.options import ProxyKernel, read_token
 
 #: Modules that add subcommands: each has ``register(commands)``, taking the subparsers object
 #: and adding parsers whose ``func`` default runs the command (returns the exit code).
-COMMAND_MODULES = ("cgpu_kernel.run.cli", "cgpu_kernel.cli.colab")
+COMMAND_MODULES = ("cgpu_kernel.run.cli", "cgpu_kernel.cli.colab", "cgpu_kernel.cli.files")
 
 
 def _checked_option(option: str) -> str:

@@ -391,12 +391,13 @@ class Relay:
 
     def files_output(self, request: Request | None, text: str) -> list[Action]:
         """A progress line, listing or summary of a ``%cgpu`` cell (stdout, no newline added:
-        a progress line is redrawn with ``\r``)."""
+        a progress line is redrawn with a carriage return). Not marked as a notice: it is the
+        cell's output, so ``cgpu-kernel run`` and ``files`` print it on stdout, as cells show it.
+        """
         if request is None:
             return []
-        detail: JsonDict = {"kind": "files"}
-        notice = stream_notice(self.session, request.msg.header, text, "stdout", False, detail)
-        return [Publish(notice)]
+        content: JsonDict = {"name": "stdout", "text": text}
+        return [Publish(self._make("iopub", "stream", content, request.msg))]
 
     def files_finished(
         self, request: Request | None, rest: str, error: CgpuError | None
