@@ -23,6 +23,7 @@ by size and by reading the copy back (upload) through ``/files``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import errno
@@ -358,12 +359,11 @@ class ContentsClient:
 
     async def download(self, remote: str, local: str, on_bytes: OnBytes) -> int:
         """Copy the remote file ``remote`` to the local path ``local``; returns its size."""
-        model = await self.stat(remote, with_hash=True)
-        if model is None:
+        found = await self.stat(remote)
+        if found is None:
             raise RemotePathError(f"{remote} does not exist on {self.target.name}.")
-        if model.get("type") == "directory":
+        if found.get("type") == "directory":
             raise RemotePathError(f"{remote} on {self.target.name} is a folder.")
-        expected_hash = model.get("hash") if model.get("hash_algorithm") == "sha256" else None
         folder = os.path.dirname(os.path.abspath(local))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -389,7 +389,15 @@ class ContentsClient:
                     written += len(data)
                     on_bytes(len(data))
 
-                await self._stream(remote, take)
+                # the server hashes its copy while it sends it (its hash=1 reads the file in a
+                # thread): the check costs no time of its own
+                checked = asyncio.ensure_future(self.stat(remote, with_hash=True))
+                try:
+                    await self._stream(remote, take)
+                except BaseException:
+                    checked.cancel()
+                    raise
+                model = await checked
                 if failure:
                     raise _local_error(failure[0], local)
                 try:
@@ -397,7 +405,10 @@ class ContentsClient:
                     os.fsync(sink.fileno())
                 except OSError as exc:
                     raise _local_error(exc, local) from None
+            if model is None:
+                raise RemotePathError(f"{remote} vanished from {self.target.name}.")
             size = model.get("size")
+            expected_hash = model.get("hash") if model.get("hash_algorithm") == "sha256" else None
             if (size is not None and size != written) or (
                 expected_hash is not None and expected_hash != digest.hexdigest()
             ):
