@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import posixpath
+import queue
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -57,6 +58,9 @@ CHUNK = 8 << 20
 #: Bytes read, hashed and encoded at once while a chunk is sent (a multiple of 3, so the
 #: pieces' base64 joins into the chunk's): what an upload holds in memory.
 PIECE = 3 << 18
+#: Received pieces (tornado's, 64 KiB) waiting to be written and hashed: what a download
+#: holds in memory at most.
+QUEUED_PIECES = 64
 #: A whole download is one response: seconds it may take in all.
 DOWNLOAD_TIMEOUT = 24 * 3600.0
 #: Seconds one chunk (or one small call) may take.
@@ -375,20 +379,29 @@ class ContentsClient:
         try:
             with open(partial, "wb") as sink:
                 failure: list[OSError] = []
+                # Writing and hashing (SHA-256 is slower than loopback) run in a thread, fed
+                # through a bounded queue: when it falls behind, the loop's put waits, the
+                # socket is not read, and TCP slows the server down. Memory: the queue.
+                pending: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUED_PIECES)
+
+                def drain() -> None:
+                    while (data := pending.get()) is not None:
+                        if failure:
+                            continue
+                        try:
+                            sink.write(data)
+                        except OSError as exc:  # a full disk: told after the response ends
+                            failure.append(exc)
+                            continue
+                        digest.update(data)
 
                 def take(data: bytes) -> None:
                     nonlocal written
-                    if failure:
-                        return
-                    try:
-                        sink.write(data)
-                    except OSError as exc:  # a full disk: told after the response ends
-                        failure.append(exc)
-                        return
-                    digest.update(data)
+                    pending.put(data)
                     written += len(data)
                     on_bytes(len(data))
 
+                writer = asyncio.get_running_loop().run_in_executor(None, drain)
                 # the server hashes its copy while it sends it (its hash=1 reads the file in a
                 # thread): the check costs no time of its own
                 checked = asyncio.ensure_future(self.stat(remote, with_hash=True))
@@ -397,6 +410,9 @@ class ContentsClient:
                 except BaseException:
                     checked.cancel()
                     raise
+                finally:
+                    pending.put(None)
+                    await writer
                 model = await checked
                 if failure:
                     raise _local_error(failure[0], local)
