@@ -477,3 +477,27 @@ def test_the_shell_command_uploads_lists_and_downloads(
     done = files("download", "absent.txt")
     assert done.returncode == 16, (done.returncode, done.stderr)  # the io outcome
     assert "does not exist" in done.stdout + done.stderr
+
+
+def test_an_interrupt_stops_a_transfer_and_keeps_nothing(
+    kernel: tuple[KernelManager, BlockingKernelClient], here: Path, remote_root: Path
+) -> None:
+    km, kc = kernel
+    (here / "slow.bin").write_bytes(os.urandom(150 * MB))
+    msg_id = kc.execute("%cgpu upload slow.bin")
+    while True:  # the transfer is under way once its first progress line is out
+        msg = kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            break
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    assert not (remote_root / "slow.bin").exists()
+    no_partials(remote_root)
+    # and the kernel goes on: the next cell runs
+    _, outputs = cell(kernel, "print('after')")
+    assert stdout_of(outputs).strip() == "after"
+    (here / "slow.bin").unlink()
