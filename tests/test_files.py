@@ -34,6 +34,7 @@ from .conftest import (
     start_kernel,
     stdout_of,
 )
+from .test_colab import colab, colab_server, colab_spec, needs_wiring  # noqa: F401 - fixtures
 
 MB = 1_000_000
 TIMEOUT = 110
@@ -501,3 +502,34 @@ def test_an_interrupt_stops_a_transfer_and_keeps_nothing(
     _, outputs = cell(kernel, "print('after')")
     assert stdout_of(outputs).strip() == "after"
     (here / "slow.bin").unlink()
+
+
+# --- through the colab backend and its double (tests/colab_double.py) --------------------------
+
+
+@needs_wiring
+def test_colab_files_go_through_the_runtime_proxy_into_content(
+    colab_spec: str,  # noqa: F811 - the fixture imported above
+    jupyter_server: RemoteServer,
+    tmp_path: Path,
+) -> None:
+    """The runtime's Contents API behind the double's runtime proxy (its token on every call);
+    the kernel's folder is /content, the Contents path ``content`` (see ColabBackend)."""
+    data = os.urandom(3 * MB)
+    (tmp_path / "weights.bin").write_bytes(data)
+    km, kc = start_kernel(colab_spec, cwd=str(tmp_path))
+    try:
+        first, _ = cell((km, kc), "1")  # the runtime is assigned with the first cell
+        assert first["status"] == "ok", first
+        content, outputs = cell((km, kc), "%cgpu upload weights.bin")
+        assert content["status"] == "ok", content
+        remote_copy = jupyter_server.log_path.parent / "content" / "weights.bin"
+        assert remote_copy.read_bytes() == data
+        content, outputs = cell((km, kc), "%cgpu download weights.bin back.bin")
+        assert content["status"] == "ok", content
+        assert (tmp_path / "back.bin").read_bytes() == data
+        content, outputs = cell((km, kc), "%cgpu ls")
+        assert "weights.bin" in stdout_of(outputs)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
