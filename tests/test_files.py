@@ -504,6 +504,42 @@ def test_an_interrupt_stops_a_transfer_and_keeps_nothing(
     (here / "slow.bin").unlink()
 
 
+def test_a_session_gets_its_inputs_from_the_shell_and_its_cells_read_them(
+    files_spec: str, tmp_path: Path
+) -> None:
+    name = f"files-{os.getpid()}"
+
+    def cgpu(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cgpu_kernel", *args],
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=False,
+            cwd=tmp_path,
+        )
+
+    (tmp_path / "params.json").write_text('{"lr": 0.1}')
+    try:
+        done = cgpu("files", "upload", "params.json", "--session", name, "--kernel", files_spec)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = cgpu("run", "--session", name, "import json; print(json.load(open('params.json')))")
+        assert done.returncode == 0 and "{'lr': 0.1}" in done.stdout, done.stdout + done.stderr
+    finally:
+        cgpu("sessions", "stop", name)
+
+
+def test_the_local_backend_says_its_files_are_already_here(local_spec: str, tmp_path: Path) -> None:
+    km, kc = start_kernel(local_spec, cwd=str(tmp_path))
+    try:
+        content, _ = cell((km, kc), "%cgpu upload anything.csv")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert content["ename"] == "CgpuFilesUnsupported"
+    assert "already here" in content["evalue"]
+
+
 # --- through the colab backend and its double (tests/colab_double.py) --------------------------
 
 
