@@ -38,6 +38,17 @@ notebook cell. Each class names the ``ename`` a notebook cell shows and the ``ca
 
       * :exc:`ColabQuotaError`, :exc:`ColabDeniedError`, :exc:`ColabTooManyRuntimesError`,
         :exc:`ColabUnavailableError`.
+
+  * :exc:`FileTransferError` -- a ``%cgpu`` / ``cgpu-kernel files`` transfer failed (nothing was
+    left under the final name).
+
+    * :exc:`FileMagicError` -- a ``%cgpu`` line that cannot be read (the usage is in the text).
+    * :exc:`LocalPathError` -- a local file missing, or a download leaving the working folder.
+    * :exc:`RemotePathError` -- a remote path refused: ``..`` out of the root, missing, refused
+      by the server.
+    * :exc:`DiskFullError` -- no space left, on this machine or the remote (``where`` says).
+    * :exc:`TransferVerifyError` -- the copy's size or SHA-256 differs from the original's.
+    * :exc:`ContentsUnsupportedError` -- the remote has no Contents API (a Kernel Gateway).
 """
 
 from __future__ import annotations
@@ -228,6 +239,56 @@ class ColabAPIChangedError(RemoteProtocolError):
     def __init__(self, what: str, *, url: str | None = None) -> None:
         super().__init__(f"{what}: {NEWER_VERSION_HINT}", url=url)
         self.what = what
+
+
+class FileTransferError(CgpuError):
+    """A file transfer (``%cgpu upload``/``download``/``ls``, ``cgpu-kernel files``) failed.
+
+    Raised by ``backends.contents`` and ``proxy.files``; the transfer removed what it had
+    written, so nothing is left under the final name. ``run`` reports it as ``io``."""
+
+    ename = "CgpuFileTransferError"
+    category = "io"
+
+
+class FileMagicError(FileTransferError):
+    """A ``%cgpu`` line that cannot be read; the message carries the usage."""
+
+    ename = "CgpuMagicUsageError"
+
+
+class LocalPathError(FileTransferError):
+    """A local path that is missing, or that a download may not write (outside the folder)."""
+
+    ename = "CgpuLocalPathError"
+
+
+class RemotePathError(FileTransferError):
+    """A remote path refused: ``..`` out of the server's root, missing, or refused by it."""
+
+    ename = "CgpuRemotePathError"
+
+
+class DiskFullError(FileTransferError):
+    """No space left: ``where`` is ``"local"`` (this machine) or ``"remote"`` (the server)."""
+
+    ename = "CgpuDiskFullError"
+
+    def __init__(self, message: str, *, where: str, url: str | None = None) -> None:
+        super().__init__(message, url=url)
+        self.where = where
+
+
+class TransferVerifyError(FileTransferError):
+    """The copy's size or SHA-256 differs from the original's (it was removed)."""
+
+    ename = "CgpuTransferVerifyError"
+
+
+class ContentsUnsupportedError(FileTransferError):
+    """The remote server has no Contents API (a Kernel Gateway), or this backend offers none."""
+
+    ename = "CgpuFilesUnsupported"
 
 
 def categories() -> dict[str, str]:

@@ -388,6 +388,9 @@ class ColabDouble:
                 (r"/runtime/([^/]+)/api/kernels/([^/]+)/channels", ChannelsProxy, kwargs),
                 (r"/runtime/([^/]+)/api/colab/resources", ResourcesHandler, kwargs),
                 (r"/runtime/([^/]+)/(api/.*)", RestProxy, kwargs),
+                # assumed, not from Google's clients (they read files through the Contents
+                # API's GET): the runtime proxy forwards /files/ like any other path
+                (r"/runtime/([^/]+)/(files/.*)", RestProxy, kwargs),
             ],
             websocket_max_message_size=1 << 30,
         )
@@ -768,6 +771,9 @@ class RestProxy(RuntimeHandlerMixin, web.RequestHandler):
         await self._forward(endpoint, path)
 
     async def patch(self, endpoint: str, path: str) -> None:
+        await self._forward(endpoint, path)
+
+    async def put(self, endpoint: str, path: str) -> None:  # Contents API saves (VSC writeFile)
         await self._forward(endpoint, path)
 
 

@@ -686,3 +686,77 @@ def test_startup_progress_goes_to_waiting_cells_only_while_starting() -> None:
     )
     relay.remote_connected()
     assert relay.startup_progress(20, 60) == []  # up: nothing more to say
+
+
+# --- %cgpu cells (core.files) ----------------------------------------------------------------
+
+
+def test_a_cgpu_cell_is_answered_by_the_proxy_and_later_cells_wait_for_it() -> None:
+    from cgpu_kernel.core.actions import RunFiles
+
+    relay = connected_relay()
+    magic = request("execute_request", code="%cgpu upload data.csv\nprint(open('data.csv'))")
+    out = relay.frontend_message("shell", NOTEBOOK, magic)
+    assert kinds(out) == ["publish:status", "RunFiles"]
+    run = out[1]
+    assert isinstance(run, RunFiles) and run.command.args == ("data.csv",)
+    after = request("execute_request", code="1")
+    assert relay.frontend_message("shell", NOTEBOOK, after) == []  # held: the file is not there yet
+    done = relay.files_finished(run.request, run.command.rest, None)
+    # the rest of the cell goes to the remote under the cell's own msg_id, then the held cell
+    assert kinds(done) == ["SendToRemote", "SendToRemote"]
+    assert isinstance(done[0], SendToRemote) and isinstance(done[1], SendToRemote)
+    assert done[0].msg.msg_id == magic.msg_id
+    assert done[0].msg.content["code"] == "print(open('data.csv'))"
+    assert done[1].msg.msg_id == after.msg_id
+
+
+def test_a_cgpu_cell_alone_gets_its_reply_and_a_failed_one_an_error() -> None:
+    from cgpu_kernel.core.actions import RunFiles
+    from cgpu_kernel.exceptions import LocalPathError
+
+    relay = connected_relay()
+    out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="%cgpu ls"))
+    run = out[1]
+    assert isinstance(run, RunFiles)
+    done = relay.files_finished(run.request, "", None)
+    assert kinds(done) == ["shell:execute_reply", "publish:status"]
+    assert isinstance(done[0], SendToFrontend) and done[0].msg.content["status"] == "ok"
+
+    out = relay.frontend_message(
+        "shell", NOTEBOOK, request("execute_request", code="%cgpu upload x\nprint(1)")
+    )
+    run = out[1]
+    assert isinstance(run, RunFiles)
+    failed = relay.files_finished(run.request, run.command.rest, LocalPathError("x is missing"))
+    assert kinds(failed) == ["publish:error", "shell:execute_reply", "publish:status"]
+    assert isinstance(failed[1], SendToFrontend)
+    assert failed[1].msg.content["ename"] == "CgpuLocalPathError"
+
+
+def test_a_bad_cgpu_line_is_an_error_reply_that_never_reaches_the_remote() -> None:
+    relay = connected_relay()
+    out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="%cgpu nope"))
+    assert "SendToRemote" not in kinds(out) and "publish:error" in kinds(out)
+    # %cgpux is not the magic: it goes to the remote as it is
+    out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="%cgpux"))
+    assert kinds(out) == ["SendToRemote"]
+
+
+def test_cells_wait_for_the_uploads_on_start_and_a_failure_fails_the_first() -> None:
+    from cgpu_kernel.exceptions import LocalPathError
+
+    relay = connected_relay()
+    assert relay.files_on_start() == []
+    first = request("execute_request", code="1")
+    assert relay.frontend_message("shell", NOTEBOOK, first) == []
+    out = relay.files_finished(None, "", LocalPathError("inputs.csv is missing"))
+    assert kinds(out) == [
+        "publish:status",
+        "publish:error",
+        "shell:execute_reply",
+        "publish:status",
+    ]
+    assert kinds(
+        relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
+    ) == ["SendToRemote"]

@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import ContentsUnsupportedError
 
 #: Seconds on top of a backend's ``launch_timeout`` for the start request and the proxy's
 #: startup deadline (the gateway answers after the launch; the channels still have to open).
@@ -49,6 +50,24 @@ class WebSocketTarget:
     ca_certs: str | None = None
     connect_timeout: float = 20.0
     handshake_timeout: float = 20.0
+
+
+@dataclass(frozen=True)
+class ContentsTarget:
+    """Where the remote kernel's files are: the server's Contents API and the kernel's folder.
+
+    Built by :meth:`Backend.contents_target`, used by
+    :class:`cgpu_kernel.backends.contents.ContentsClient` (the ``%cgpu`` magic, ``cgpu-kernel
+    files``). ``headers`` is called per request, so a renewed token is used at once; ``cwd`` is
+    the kernel's working directory as a Contents API path (``""``: the server's root).
+    """
+
+    base_url: str
+    headers: Callable[[], Mapping[str, str]] = field(repr=False)
+    cwd: str = ""
+    validate_cert: bool = True
+    ca_certs: str | None = None
+    name: str = "the remote Jupyter server"
 
 
 class Notify(Protocol):
@@ -179,6 +198,17 @@ class Backend(abc.ABC):
         messages :meth:`intercepts` claimed.
         """
         raise NotImplementedError
+
+    def contents_target(self) -> ContentsTarget:
+        """The remote server's Contents API and the kernel's folder in it (for ``%cgpu``).
+
+        Called by ``proxy.files`` once the kernel was started. Raises
+        :exc:`~cgpu_kernel.exceptions.ContentsUnsupportedError` saying why when this backend
+        has no files to reach.
+        """
+        raise ContentsUnsupportedError(
+            f"{self.description} offers no way to reach its files (no Contents API)."
+        )
 
     async def reauthenticate(self) -> bool:
         """Refresh expired credentials; True when there is something new worth retrying with.

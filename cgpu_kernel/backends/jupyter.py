@@ -20,6 +20,7 @@ from cgpu_kernel.backends.base import (
     LAUNCH_SLACK,
     Backend,
     BackendOptions,
+    ContentsTarget,
     KernelHealth,
     WebSocketTarget,
 )
@@ -35,6 +36,7 @@ from cgpu_kernel.backends.http import (
 )
 from cgpu_kernel.exceptions import (
     ConfigurationError,
+    ContentsUnsupportedError,
     RemoteAuthError,
     RemoteError,
     RemoteKernelGoneError,
@@ -230,6 +232,9 @@ class JupyterBackend(Backend):
         self.launch_timeout = parse_launch_timeout(self.kernel_env)
         self.kernel_id: str | None = None
         self.record_for_reclaim = record_for_reclaim
+        #: the kernel's folder as a Contents API path (see :meth:`contents_target`); None: the
+        #: server picks (Colab's runtime, whose kernels keep their usual /content)
+        self.kernel_path: str | None = ""
         self.description = f"the {kernel_name!r} kernel at {safe_url(self.client.base_url)}"
 
     @classmethod
@@ -282,7 +287,12 @@ class JupyterBackend(Backend):
                 f" {self.kernel_name!r}. Available: {', '.join(names) or 'none'}. Reinstall with"
                 " --remote-kernel set to one of them."
             )
+        # ``path`` "" starts the kernel in the server's root_dir (jupyter-server's
+        # ``cwd_for_path``), where the Contents API's "" is: without it the kernel runs in
+        # the server process's own cwd, which the Contents API cannot name (see contents_target)
         body: dict[str, Any] = {"name": self.kernel_name}
+        if self.kernel_path is not None:
+            body["path"] = self.kernel_path
         if self.kernel_env:
             body["env"] = self.kernel_env
         # A gateway answers once the kernel is launched (a pod scheduled, its image pulled):
@@ -383,6 +393,24 @@ class JupyterBackend(Backend):
         if self.kernel_id is not None and self.record_for_reclaim:
             registry.forget(self.base_url, self.kernel_id)
         self.kernel_id = None
+
+    def contents_target(self) -> ContentsTarget:
+        """The server's Contents API; the kernel runs in :attr:`kernel_path` (sent as the
+        kernel's ``path`` when it was started). A Kernel Gateway has no Contents API: the
+        first call answers 404 and ``backends.contents`` says so."""
+        if self.kernel_path is None:
+            raise ContentsUnsupportedError(
+                f"The folder of {self.description} is not known, so files cannot be placed"
+                " next to it."
+            )
+        return ContentsTarget(
+            self.client.base_url,
+            self.client.headers,
+            cwd=self.kernel_path,
+            validate_cert=self.client.validate_cert,
+            ca_certs=self.client.ca_certs,
+            name=f"the Jupyter server at {safe_url(self.client.base_url)}",
+        )
 
     async def reauthenticate(self) -> bool:
         """True when the token changed (a renewed token file) since the request that failed."""

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cgpu_kernel.backends.base import BackendOptions
+from cgpu_kernel.backends.base import BackendOptions, ContentsTarget
 from cgpu_kernel.backends.jupyter import JupyterBackend
-from cgpu_kernel.exceptions import RemoteUnreachableError
+from cgpu_kernel.exceptions import ContentsUnsupportedError, RemoteUnreachableError
 from cgpu_kernel.paths import registry_dir
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,13 @@ class LocalBackend(JupyterBackend):
     def from_options(cls, options: BackendOptions) -> LocalBackend:
         """Only ``--remote-kernel``: the server, its port and its token are this backend's own."""
         return cls(options.remote_kernel)
+
+    def contents_target(self) -> ContentsTarget:
+        """None to reach: the private server's root is this proxy's own folder."""
+        raise ContentsUnsupportedError(
+            "The local backend's kernel runs on this machine, in this very folder: its files"
+            " are already here, so there is nothing to upload or download."
+        )
 
     def _server_running(self) -> bool:
         return self._server is not None and self._server.poll() is None

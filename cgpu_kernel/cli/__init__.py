@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "cgpu_kernel.run.cli",
     "cgpu_kernel.cli.colab",
     "cgpu_kernel.cli.status",
+    "cgpu_kernel.cli.files",
 )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cgpu_kernel.core.files import FileCommand
 from cgpu_kernel.core.wire import Message
 
 
@@ -89,6 +90,15 @@ class AwaitRestartedKernel:
     :meth:`Relay.remote_connected` to send the requests held meanwhile."""
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """A ``%cgpu`` cell: run ``command`` (a transfer, a listing, the help) in the proxy, then
+    call :meth:`Relay.files_finished` (``proxy.files`` does the I/O)."""
+
+    request: Request
+    command: FileCommand
+
+
 Action = (
     SendToRemote
     | SendToFrontend
@@ -100,4 +110,5 @@ Action = (
     | CloseRemote
     | SpoolOutput
     | AwaitRestartedKernel
+    | RunFiles
 )

@@ -33,6 +33,10 @@ Rules the relay enforces:
   ``history_request`` and ``comm_info_request`` with empty answers, and a cell that is only
   ``exit`` or ``quit`` with IPython's ``ask_exit`` payload, so a console can leave. None of them
   starts a new attempt: only real work does, and it shows the error once.
+* A cell whose first line is ``%cgpu ...`` (``core.files``) is answered by the proxy itself
+  (``RunFiles``): later cells wait until its transfer is done, then the rest of the cell (if
+  any) goes to the remote kernel under the cell's own ``msg_id``, so its reply ends the cell; a
+  failed transfer answers the cell with an error and runs nothing of it.
 * A message the server refuses as too big (it closes with 1009, or the connection drops each
   time that message is being sent) is not sent again: a request gets an error reply, anything
   else (a comm message) a notice in the cell that opened the comm and in the running cell, each
@@ -61,16 +65,19 @@ from cgpu_kernel.core.actions import (
     InterruptRemote,
     Publish,
     Request,
+    RunFiles,
     SendToFrontend,
     SendToRemote,
     ShutdownRemote,
     SpoolOutput,
 )
+from cgpu_kernel.core.files import is_magic_cell, parse_cell
 from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.limits import OutputLimiter, Show, SpoolFailure, stream_notice
 from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
 from cgpu_kernel.exceptions import (
     CgpuError,
+    FileTransferError,
     RemoteKernelGoneError,
     RemoteMessageTooBigError,
     ReplyLostError,
@@ -335,6 +342,10 @@ class Relay:
         # as jupyter_client's ``input()`` sends, answers that one)
         self._asking: dict[tuple[bytes, ...], str] = {}
         self._last_cell: JsonDict | None = None  # the header of the last cell a frontend sent
+        # a %cgpu transfer is running: cells wait here until it is done, in order
+        self._files_busy = False
+        self._held_cells: deque[Request] = deque()
+        self._startup_files_error: CgpuError | None = None  # told to the first cell
 
     # --- introspection (tests, status notices) ------------------------------------------------
 
@@ -373,6 +384,15 @@ class Relay:
             return [self._status("busy", msg), ShutdownRemote(request, restart)]
         if self.state is RemoteState.SHUTTING_DOWN:
             return self._fail(request, CgpuError("The kernel is shutting down."))
+        if channel == "shell" and msg_type == "execute_request":
+            if self._files_busy:
+                self._held_cells.append(request)
+                return []
+            if self._startup_files_error is not None:
+                error, self._startup_files_error = self._startup_files_error, None
+                return self._fail(request, error)
+            if is_magic_cell(msg.content.get("code")):
+                return self._start_files(request)
         if channel == "shell" and msg_type in ("comm_open", "comm_close"):
             self._comm_event(msg)
         if msg_type == "kernel_info_request" and self.state is RemoteState.FAILED:
@@ -398,10 +418,79 @@ class Relay:
 
     def shutdown_finished(self, request: Request, restart: bool) -> list[Action]:
         """The remote kernel is gone for good: answer the shutdown and every waiting request."""
-        actions = self._fail_waiting(CgpuError("The kernel was shut down before this finished."))
+        gone = CgpuError("The kernel was shut down before this finished.")
+        actions: list[Action] = []
+        while self._held_cells:
+            actions.extend(self._fail(self._held_cells.popleft(), gone))
+        actions.extend(self._fail_waiting(gone))
         actions.append(self._reply(request, "shutdown_reply", {"status": "ok", "restart": restart}))
         actions.append(self._status("idle", request.msg))
         return actions
+
+    # --- %cgpu cells (core.files; proxy.files does the transfers) -----------------------------
+
+    def _start_files(self, request: Request) -> list[Action]:
+        try:
+            command = parse_cell(str(request.msg.content.get("code", "")))
+        except FileTransferError as exc:
+            return self._fail(request, exc)
+        self._files_busy = True
+        self._announced_busy.add(request.msg.msg_id)
+        return [self._status("busy", request.msg), RunFiles(request, command)]
+
+    def files_on_start(self) -> list[Action]:
+        """The ``upload_on_start`` option's uploads begin (``proxy.kernel`` runs them): cells
+        wait until :meth:`files_finished` is called with no request."""
+        self._files_busy = True
+        return []
+
+    def files_output(self, request: Request | None, text: str) -> list[Action]:
+        """A progress line, listing or summary of a ``%cgpu`` cell (stdout, no newline added:
+        a progress line is redrawn with a carriage return). Not marked as a notice: it is the
+        cell's output, so ``cgpu-kernel run`` and ``files`` print it on stdout, as cells show it.
+        """
+        if request is None:
+            return []
+        content: JsonDict = {"name": "stdout", "text": text}
+        return [Publish(self._make("iopub", "stream", content, request.msg))]
+
+    def files_finished(
+        self, request: Request | None, rest: str, error: CgpuError | None
+    ) -> list[Action]:
+        """A ``RunFiles`` ended (``error`` None: it worked): answer the cell, or send the rest
+        of it to the remote under its ``msg_id``, then let the waiting cells go, in order."""
+        self._files_busy = False
+        actions: list[Action] = []
+        if request is None:
+            self._startup_files_error = error
+        elif error is not None:
+            actions.extend(self._fail(request, error))
+        elif rest.strip():
+            msg = request.msg
+            content = dict(msg.content, code=rest)
+            remainder = Message.build(
+                msg.channel, msg.header, msg.parent_header, msg.metadata, content
+            )
+            actions.extend(self._execute(Request(request.channel, request.identities, remainder)))
+        else:
+            content = {
+                "status": "ok",
+                "execution_count": self._execution_count,
+                "user_expressions": {},
+                "payload": [],
+            }
+            self._announced_busy.discard(request.msg.msg_id)
+            actions.append(self._reply(request, "execute_reply", content))
+            actions.append(self._status("idle", request.msg))
+        while self._held_cells and not self._files_busy:
+            held = self._held_cells.popleft()
+            actions.extend(self.frontend_message(held.channel, held.identities, held.msg))
+        return actions
+
+    def _execute(self, request: Request) -> list[Action]:
+        if self.state is RemoteState.CONNECTED:
+            return self._forward(request)
+        return self._enqueue(request)
 
     # --- events from the remote side ----------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -30,16 +31,19 @@ from cgpu_kernel.core.actions import (
     InterruptRemote,
     Publish,
     Request,
+    RunFiles,
     SendToFrontend,
     SendToRemote,
     ShutdownRemote,
     SpoolOutput,
 )
+from cgpu_kernel.core.files import FileCommand
 from cgpu_kernel.core.limits import Budgets, OutputLimiter
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message
-from cgpu_kernel.exceptions import CgpuError, ChannelsClosedError
+from cgpu_kernel.exceptions import CgpuError, ChannelsClosedError, FileTransferError
 from cgpu_kernel.proxy.connection import RemoteChannels
+from cgpu_kernel.proxy.files import FileMagic
 from cgpu_kernel.proxy.frontend import FrontendSockets
 from cgpu_kernel.proxy.lifecycle import install_signal_handlers, watch_parent
 from cgpu_kernel.proxy.options import ProxyKernel
@@ -117,6 +121,7 @@ class ProxyKernelRun:
         self._stopping = False
         self._shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._files_task: asyncio.Task[None] | None = None
 
     @property
     def channels(self) -> RemoteChannels | None:
@@ -138,6 +143,11 @@ class ProxyKernelRun:
         self._spawn(watch_parent(self.stop, lambda: self._shutting_down))
         self._install_signal_handlers()
         self.perform(self.relay.start())
+        uploads = [p for p in self.options.upload_on_start.split(os.pathsep) if p.strip()]
+        if uploads:
+            self.perform(self.relay.files_on_start())
+            commands = [FileCommand("upload", (path.strip(),)) for path in uploads]
+            self._start_files(None, commands, "")
         try:
             await self._stopped.wait()
         finally:
@@ -240,6 +250,8 @@ class ProxyKernelRun:
                     if failure is not None:  # a full disk, no permission: the cell is told
                         self.perform(self.relay.spool_failed(failure))
                 case InterruptRemote():
+                    if self._files_task is not None:
+                        self._files_task.cancel()  # a %cgpu transfer: it cleans up and ends
                     self._spawn(self._interrupt(action.request))
                 case ShutdownRemote():
                     self._spawn(self._shutdown(action.request, action.restart))
@@ -252,6 +264,8 @@ class ProxyKernelRun:
                 case AwaitRestartedKernel():
                     if self.channels is not None:
                         self._spawn(self.remote.after_restart(self.channels))
+                case RunFiles():
+                    self._start_files(action.request, [action.command], action.command.rest)
                 case _:
                     assert_never(action)
 
@@ -318,6 +332,43 @@ class ProxyKernelRun:
             content = {"value": {"type": "error", "error": str(exc)}}
         if content is not None:  # None: the kernel expects no answer
             self.perform(self.relay.answer_remote(msg, content))
+
+    def _start_files(self, request: Request | None, commands: list[FileCommand], rest: str) -> None:
+        task = asyncio.ensure_future(self._run_files(request, commands, rest))
+        self._files_task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _run_files(
+        self, request: Request | None, commands: list[FileCommand], rest: str
+    ) -> None:
+        """``%cgpu`` commands (``proxy.files``) with their output in the cell (``request``;
+        None: the ``upload_on_start`` uploads, logged); then the relay answers the cell or
+        sends the rest of it on."""
+
+        def emit(text: str) -> None:
+            if request is None:
+                if not text.startswith("\r"):
+                    log.info("upload_on_start: %s", text.strip())
+                return
+            self.perform(self.relay.files_output(request, text))
+
+        error: CgpuError | None = None
+        try:
+            for command in commands:
+                await FileMagic(self.backend.contents_target, emit).run(command)
+        except CgpuError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            if self._stopping:
+                raise
+            error = FileTransferError("Interrupted: the transfer was stopped; nothing was kept.")
+            error.ename = "KeyboardInterrupt"
+        finally:
+            self._files_task = None
+        if error is not None:
+            log.warning("%%cgpu %s failed: %s", commands[0].verb, error)
+        self.perform(self.relay.files_finished(request, rest, error))
 
     async def _shutdown(self, request: Request, restart: bool) -> None:
         self._stopping = self._shutting_down = True

@@ -167,6 +167,14 @@ class ProxyKernel(EnvConfigurable):
         so that after a dropped connection the proxy fetches exactly what the cut lost: every
         line arrives once, in order. Off: only what the server replays.""",
     ).tag(env="CGPU_OUTPUT_JOURNAL")
+    upload_on_start = Unicode(
+        "",
+        config=True,
+        help=f"""Local paths (files, folders, globs; relative to the kernel's folder) to upload
+        to the remote kernel's folder when the kernel starts, separated by {os.pathsep!r}:
+        inputs for papermill and CI runs. Cells wait until they are there; a failed upload
+        fails the first cell, saying why (see Files in the docs).""",
+    ).tag(env="CGPU_UPLOAD_ON_START")
     journal_max_bytes = Int(
         64 << 20,
         config=True,

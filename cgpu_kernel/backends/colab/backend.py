@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 from cgpu_kernel.backends.base import (
     Backend,
     BackendOptions,
+    ContentsTarget,
     KernelHealth,
     Notify,
     WebSocketTarget,
@@ -89,6 +90,7 @@ from cgpu_kernel.exceptions import (
     ColabTooManyRuntimesError,
     ColabUnavailableError,
     ConfigurationError,
+    ContentsUnsupportedError,
     RemoteAuthError,
     RemoteError,
     RemoteKernelGoneError,
@@ -99,6 +101,10 @@ from cgpu_kernel.exceptions import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+#: The Colab kernel's working directory (/content) as a Contents API path.
+COLAB_KERNEL_FOLDER = "content"
 
 
 class ColabBackend(Backend):
@@ -288,6 +294,9 @@ class ColabBackend(Backend):
             record_for_reclaim=False,
         )
         self.runtime.description = f"the Colab runtime {assignment.endpoint}"
+        # Colab's kernels keep the folder the runtime gives them (/content): no ``path`` sent,
+        # and no %cgpu files until that folder's Contents path is known (see contents_target)
+        self.runtime.kernel_path = None
         self._use_proxy(assignment.proxy)
         self._start_tasks()
         return assignment
@@ -387,6 +396,25 @@ class ColabBackend(Backend):
                 return kernel_id
         raise ColabRuntimeGoneError(
             "Colab reclaimed the runtime twice while the kernel was starting. Run the cell again."
+        )
+
+    def contents_target(self) -> ContentsTarget:
+        """The runtime's Contents API, through the runtime proxy (its token header, refreshed
+        in place, is read per request). The kernel's folder is ``/content``: the Contents
+        path ``content``, the folder Google's VS Code extension mounts
+        (colab-vscode ``src/jupyter/contents/file-system.ts``, ``mount``)."""
+        if self.runtime is None:
+            raise ContentsUnsupportedError(
+                "No Colab runtime is assigned yet: run a cell first, then the transfer again."
+            )
+        client = self.runtime.client
+        return ContentsTarget(
+            client.base_url,
+            client.headers,
+            cwd=COLAB_KERNEL_FOLDER,
+            validate_cert=client.validate_cert,
+            ca_certs=client.ca_certs,
+            name=self.runtime.description,
         )
 
     def websocket_request(self, session_id: str) -> WebSocketTarget:
