@@ -35,7 +35,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
@@ -247,11 +247,18 @@ class RemoteChannels(asyncio.Protocol):
         if ws is None:
             return
         ws.receive_data(data)
-        for event in ws.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Response):
-                self._handshake_done(event)
+        del data
+        # Each event is popped and handed over, so a large frame's payload is freed as soon as
+        # its message is parsed (not held by this loop while the message is relayed).
+        events = ws.events_received()
+        events.reverse()
+        while events:
+            if isinstance(events[-1], Frame):
+                self._frame(cast(Frame, events.pop()))
+            else:
+                response = events.pop()
+                if isinstance(response, Response):
+                    self._handshake_done(response)
         self._flush()  # pongs, the answer to a close, the close after a protocol error
 
     def _handshake_done(self, response: Response) -> None:
@@ -272,23 +279,35 @@ class RemoteChannels(asyncio.Protocol):
         return None  # let the transport close
 
     def _frame(self, frame: Frame) -> None:
+        """One frame, handed over by :meth:`data_received` (this holds its only reference)."""
         opcode = frame.opcode
         if opcode in (Opcode.TEXT, Opcode.BINARY):
             if frame.fin:
-                self._message(opcode, frame.data)
+                payload: Buffer = frame.data
+                del frame
+                msg = self._parse(opcode, payload)
+                del payload  # the message holds copies of its parts (or views of buffers)
+                self._deliver(msg)
             else:
                 self._partial, self._partial_opcode = [frame.data], opcode
         elif opcode is Opcode.CONT:
             self._partial.append(frame.data)
             if frame.fin:
+                del frame
                 parts, self._partial = self._partial, []
-                self._message(self._partial_opcode, b"".join(parts))
+                payload = b"".join(parts)
+                del parts
+                msg = self._parse(self._partial_opcode, payload)
+                del payload
+                self._deliver(msg)
         elif opcode is Opcode.CLOSE and self._ws is not None and self._ws.close_expected():
             # The library answered the close; drop the socket if the server does not.
             self._close_after(CLOSE_TIMEOUT)
         # PING (answered by the library) and PONG: signs of life, already noted
 
-    def _message(self, opcode: Opcode, payload: Buffer) -> None:
+    def _parse(self, opcode: Opcode, payload: Buffer) -> Message | None:
+        """The message in a whole WebSocket message's payload; None (counted, logged) when it
+        is malformed."""
         try:
             if self.subprotocol == V1_SUBPROTOCOL:
                 if opcode is not Opcode.BINARY:
@@ -305,6 +324,11 @@ class RemoteChannels(asyncio.Protocol):
         except MalformedMessageError as exc:
             self.malformed += 1
             log.warning("dropped a malformed message from %s: %s", self.where, exc)
+            return None
+        return msg
+
+    def _deliver(self, msg: Message | None) -> None:
+        if msg is None:
             return
         sink = self._sink
         if sink is None:
