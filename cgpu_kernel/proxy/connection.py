@@ -122,6 +122,9 @@ class RemoteChannels(asyncio.Protocol):
         # them; the future resolves once all are written).
         self._queue: deque[tuple[Iterator[bytes], asyncio.Future[None]]] = deque()
         self._paused = False
+        #: the proxy stopped reading this socket (the frontends are behind, see
+        #: :meth:`pause_reading`): its silence says nothing about the server meanwhile
+        self.reading_paused = False
         self._close_timer: asyncio.TimerHandle | None = None
 
     # --- opening ------------------------------------------------------------------------------
@@ -381,7 +384,29 @@ class RemoteChannels(asyncio.Protocol):
         self._sink = sink
 
     def silent_for(self) -> float:
+        """Seconds since the server last showed a sign of life; 0 while this side is not
+        reading (a deliberate pause is no stall)."""
+        if self.reading_paused:
+            return 0.0
         return time.monotonic() - self.last_heard
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: flow control while the frontends are behind (the proxy
+        kernel calls this when the iopub queue is full). TCP then pushes back on the server."""
+        transport = self._transport
+        if not self.reading_paused and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        """Read again; the pause counts as heard from the server (it could not be heard)."""
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        self.last_heard = time.monotonic()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def _open(self) -> ClientProtocol | None:
         ws, transport = self._ws, self._transport
