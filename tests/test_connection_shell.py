@@ -71,6 +71,8 @@ class MemoryServer(asyncio.Transport):
         self.reset_on_write = False
         #: frames written right behind the 101, reaching the client in the same read
         self.behind_handshake: list[bytes] = []
+        #: what the client is not reading yet (it paused reading, as asyncio's transports can)
+        self.unread: list[bytes] | None = None
 
     # --- transport side (what the client calls) ---
 
@@ -111,6 +113,16 @@ class MemoryServer(asyncio.Transport):
                 self.frames.append(event)
         self._to_client()
 
+    def pause_reading(self) -> None:
+        self.unread = []
+
+    def resume_reading(self) -> None:
+        unread, self.unread = self.unread or [], None
+        client = self.client
+        assert client is not None
+        for data in unread:
+            asyncio.get_running_loop().call_soon(client.data_received, data)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -132,7 +144,9 @@ class MemoryServer(asyncio.Transport):
         for data in pending:
             if self.closed:
                 return
-            if data:
+            if data and self.unread is not None:
+                self.unread.append(data)
+            elif data:
                 asyncio.get_running_loop().call_soon(client.data_received, data)
             else:
                 self.close()  # the server protocol's signal to drop the TCP connection
@@ -508,5 +522,34 @@ def test_close_starts_the_closing_handshake(monkeypatch: pytest.MonkeyPatch) -> 
         await asyncio.wait_for(channels.closed.wait(), 2)
         assert server.frames[0].opcode is Opcode.CLOSE
         assert channels.close_reason == "code 1000, "
+
+    run(test)
+
+
+def test_a_paused_reader_is_not_silent_and_reads_all_once_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flow control: while the frontends are behind the proxy stops reading; that pause is no
+    stall (``silent_for`` is 0, so the supervisor does not reconnect), and what the server
+    wrote meanwhile is read, in order, once reading resumes."""
+
+    async def test() -> None:
+        server = MemoryServer([V1_SUBPROTOCOL])
+        channels = await opened(monkeypatch, server)
+        got: list[Message] = []
+        channels.deliver_to(got.append)
+        channels.pause_reading()
+        assert channels.reading_paused
+        sent = [message(str(i)) for i in range(3)]
+        for msg in sent:
+            server.send_binary(to_ws_v1(msg))
+        await asyncio.sleep(0.05)
+        await settle()
+        assert got == []
+        assert channels.silent_for() == 0.0
+        channels.resume_reading()
+        assert not channels.reading_paused and channels.silent_for() < 0.05
+        await settle()
+        assert [m.msg_id for m in got] == [m.msg_id for m in sent]
 
     run(test)

@@ -10,6 +10,7 @@ outgoing messages signed, iopub held until the first subscription, the heartbeat
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -267,5 +268,39 @@ def test_heartbeat_echoes(info: dict[str, Any]) -> None:
         for ping in (b"ping", b"\x00\x01 binary"):
             heartbeat.send(ping)
             assert await receive(heartbeat) == [ping]
+
+    with_shell(info, body)
+
+
+# --- out: flow control on iopub -----------------------------------------------------------------
+
+
+def test_a_slow_iopub_frontend_pushes_back_and_loses_nothing(info: dict[str, Any]) -> None:
+    """ZMQ's queue towards a frontend that does not keep up is bounded: past it what is published
+    waits in the shell, ``on_flow(True)`` tells the proxy to stop reading the remote, and once the
+    frontend has read, everything arrives in order and ``on_flow(False)`` lets the remote in."""
+
+    async def body(running: Running, frontend: Frontend) -> None:
+        flow: list[bool] = []
+        running.shell.on_flow = flow.append
+        frontend.context.setsockopt(zmq.RCVHWM, 4)  # a frontend that reads little ahead
+        iopub = frontend.connect(zmq.SUB, "iopub_port")
+        iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        await until(lambda: bool(running.subscriptions))
+        text = "x" * 65_535 + "\n"
+        sent = []
+        for _ in range(300):  # 19 MB: more than the queue, the socket and the frontend hold
+            msg = Message.build("iopub", make_header("stream", "proxy"), {}, {}, {"text": text})
+            sent.append(msg.msg_id)
+            running.shell.publish(msg)
+        assert flow and flow[-1] is True
+        assert running.shell.iopub_full
+        got = []
+        while len(got) < len(sent):
+            frames = await receive(iopub)
+            got.append(json.loads(frames[3])["msg_id"])
+        assert got == sent  # nothing dropped, nothing reordered
+        await until(lambda: flow[-1] is False)
+        assert not running.shell.iopub_full
 
     with_shell(info, body)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cgpu_kernel.core import limits
 from cgpu_kernel.core.limits import (
     Budgets,
     Coalescer,
@@ -41,8 +45,13 @@ def shown_text(decisions: list) -> str:
     )
 
 
+def pieces(data: bytes | Iterable[bytes]) -> bytes:
+    """A Spool decision's data as the shell writes it (pieces are made as they are taken)."""
+    return data if isinstance(data, bytes) else b"".join(data)
+
+
 def spooled(decisions: list) -> bytes:
-    return b"".join(d.data for d in decisions if isinstance(d, Spool))
+    return b"".join(pieces(d.data) for d in decisions if isinstance(d, Spool))
 
 
 def test_visible_size_applies_carriage_returns() -> None:
@@ -265,3 +274,74 @@ def test_large_messages_are_counted_within_their_json() -> None:
     shown = shown_text(decisions)
     assert 990_000 < len(shown) <= 1_000_000
     assert spooled(decisions) == (line * 20_000)[len(shown) :].encode()
+
+
+@contextmanager
+def sliced(slice_size: int) -> Iterator[None]:
+    """Every stream message takes the sliced path, cut every ``slice_size`` bytes."""
+    saved = limits.SLICED_STREAM, limits.SPOOL_SLICE
+    limits.SLICED_STREAM, limits.SPOOL_SLICE = 0, slice_size
+    try:
+        yield
+    finally:
+        limits.SLICED_STREAM, limits.SPOOL_SLICE = saved
+
+
+def _limited(texts: list[str], budget: int) -> tuple[list[str], bytes]:
+    """What a cell printing ``texts`` shows (its summary included) and spools."""
+    limiter = OutputLimiter(Budgets(max_stream_bytes=budget), "proxy")
+    shown: list[str] = []
+    spool = b""
+    for decision in [*(d for t in texts for d in limiter.process(stream(t))), "idle"]:
+        if decision == "idle":
+            decisions = limiter.process(idle())
+            shown += [d.msg.content["text"] for d in decisions if d.msg.msg_type == "stream"]
+        elif isinstance(decision, Show):
+            shown.append(decision.msg.content["text"])
+        else:
+            spool += pieces(decision.data)
+    return shown, spool
+
+
+TRICKY = st.text(alphabet=st.sampled_from(["a", "\n", "\\", '"', "\t", "é", "€", "😀", "/"]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    texts=st.lists(TRICKY, min_size=1, max_size=4),
+    budget=st.integers(0, 120),
+    slice_size=st.integers(1, 30),
+)
+def test_big_stream_messages_are_spooled_slice_by_slice_byte_exact(
+    texts: list[str], budget: int, slice_size: int
+) -> None:
+    """ipykernel sends 0.2 s of output as one message (hundreds of MB from a fast loop): past
+    the budget its text is decoded and spooled a slice at a time, never whole. Cut anywhere
+    (inside an escape, a run of backslashes, a UTF-8 character), the cell shows and spools
+    exactly what parsing each message whole gives, the summary's counts included."""
+    whole = _limited(texts, budget)
+    with sliced(slice_size):
+        assert _limited(texts, budget) == whole
+
+
+def test_a_huge_stream_message_is_spooled_in_pieces() -> None:
+    limiter = OutputLimiter(Budgets(max_stream_bytes=1000), "proxy")
+    text = ("y" * 99 + "\n") * 100_000  # 10 MB in one message
+    decisions = limiter.process(stream(text))
+    assert shown_text(decisions) == ("y" * 99 + "\n") * 10
+    (spool,) = [d for d in decisions if isinstance(d, Spool)]
+    assert not isinstance(spool.data, bytes)  # made as the shell writes it
+    sizes = [len(piece) for piece in spool.data]
+    assert sum(sizes) == len(text) - 1000 and max(sizes) <= limits.SPOOL_SLICE
+    summary = limiter.process(idle())[0].msg.content["text"]
+    assert summary.startswith("[cgpu-kernel: 9.5 MB of output held back")
+
+
+def test_carriage_returns_and_unicode_escapes_keep_the_parsed_path() -> None:
+    """A carriage return changes what counts, a \\u escape may be half a surrogate pair:
+    such messages are parsed whole, as before."""
+    for text in ("a\rb" * 10, "\x01" * 10):
+        raw = json.dumps({"name": "stdout", "text": text}).encode()
+        assert limits._stream_text_span(raw) is None
+    raw = json.dumps({"text": "a", "name": "stdout"}).encode()
+    assert limits._stream_text_span(raw) is None  # not ipykernel's order: parsed

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cgpu_kernel.core.files import FileCommand
+from cgpu_kernel.core.limits import SpoolData
 from cgpu_kernel.core.wire import Message
 
 
@@ -68,10 +69,11 @@ class AnswerRemoteRequest:
 
 @dataclass(frozen=True)
 class SpoolOutput:
-    """Append held-back output to the spool file ``name`` (see ``limits``)."""
+    """Append held-back output to the spool file ``name`` (see ``limits``): bytes, or pieces
+    produced while they are written (``limits.SpoolData``)."""
 
     name: str
-    data: bytes
+    data: SpoolData
 
 
 @dataclass(frozen=True)

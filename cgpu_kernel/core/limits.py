@@ -20,8 +20,10 @@ burst reaches the frontend as few messages; the shell flushes it on a short time
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,6 +38,14 @@ _ESCAPED_CR = re.compile(rb"\\r")
 #: Stream messages from this size on are counted from their raw JSON without parsing it
 #: (``_text_bound``): the JSON around the text adds ~30 bytes, under 0.4% of the count.
 UNPARSED_STREAM = 8 * 1024
+#: Stream messages from this size on are split and spooled from their raw JSON a slice at a
+#: time (``_stream_slices``): ipykernel sends 0.2 s of output as one message, which a fast
+#: producer makes hundreds of MB, and its text parsed whole, cut and encoded was five copies.
+SLICED_STREAM = 1024 * 1024
+SPOOL_SLICE = 1024 * 1024
+#: The content ipykernel's ``OutStream`` writes: ``{"name": "stdout", "text": "..."}``.
+_STREAM_CONTENT = re.compile(rb'\{\s*"name"\s*:\s*"(stdout|stderr)"\s*,\s*"text"\s*:\s*"')
+_BACKSLASH = 0x5C
 BINARY_MIME_EXTENSIONS = {
     "image/png": "png",
     "image/jpeg": "jpg",
@@ -59,12 +69,19 @@ class Show:
     msg: Message
 
 
+#: What a :class:`Spool` decision appends: bytes, or pieces of bytes produced as they are
+#: written (a huge stream message's text, decoded a slice at a time, never whole).
+SpoolData = bytes | Iterable[bytes]
+
+
 @dataclass(frozen=True)
 class Spool:
-    """Append ``data`` to the spool file ``name`` (relative to the spool folder)."""
+    """Append ``data`` to the spool file ``name`` (relative to the spool folder). Pieces given
+    as an iterable are counted against the cell as the shell writes them, so the shell writes
+    each decision before it hands the limiter the next message (``proxy.kernel`` does)."""
 
     name: str
-    data: bytes
+    data: SpoolData
 
 
 Decision = Show | Spool
@@ -185,7 +202,8 @@ class _Cell:
     stream_shown: int = 0  # characters on finished lines shown
     open_line: int = 0  # characters on the line still being written
     rich_shown: int = 0
-    stream_held: int = 0  # once stream output is held back, all later stream output is too
+    stream_held: int = 0  # bytes of stream output held back
+    holding: bool = False  # once stream output is held back, all later stream output is too
     held_bytes: int = 0
     held_items: int = 0
     told: bool = False
@@ -242,20 +260,24 @@ class OutputLimiter:
         bound = _text_bound(raw) if len(raw) >= UNPARSED_STREAM else None
         if (
             bound is not None
-            and cell.stream_held == 0
+            and not cell.holding
             and cell.stream_shown + cell.open_line + bound <= budget
         ):
             cell.stream_shown += bound
             return [Show(msg)]
+        if len(raw) >= SLICED_STREAM:
+            span = _stream_text_span(raw)
+            if span is not None:
+                return self._sliced_stream(cell, msg, *span)
         text = str(msg.content.get("text", ""))
         name = str(msg.content.get("name", "stdout"))
         committed, line = visible_size(cell.stream_shown, cell.open_line, text)
-        if cell.stream_held == 0 and committed + line <= budget:
+        if not cell.holding and committed + line <= budget:
             cell.stream_shown, cell.open_line = committed, line
             return [Show(msg)]
         decisions: list[Decision] = []
         shown, held = "", text
-        if cell.stream_held == 0:
+        if not cell.holding:
             shown, held = _split_to_fit(text, budget - cell.stream_shown - cell.open_line)
             cell.stream_shown, cell.open_line = visible_size(
                 cell.stream_shown, cell.open_line, shown
@@ -267,25 +289,76 @@ class OutputLimiter:
         if held:
             data = held.encode("utf-8")
             spool = self._spool_name(cell, name)
+            cell.holding = True
             cell.held_bytes += len(data)
             cell.stream_held += len(data)
             cell.spooled += len(data)
             self._remember_tail(cell, held)
             if not cell.told:
                 cell.told = True
-                decisions.append(
-                    Show(
-                        self._notice(
-                            msg,
-                            f"[cgpu-kernel: this cell's output passed {human(budget)}; the rest"
-                            f" is saved to {self._where(spool)} and its last lines are shown"
-                            " when the cell ends. `cgpu-kernel outputs` lists saved outputs.]",
-                        )
-                    )
-                )
+                decisions.append(Show(self._held_notice(msg, spool)))
             # after the notice: a write that fails is told right after it, not before
             decisions.append(Spool(spool, data))
         return decisions
+
+    def _sliced_stream(
+        self, cell: _Cell, msg: Message, name: str, start: int, end: int
+    ) -> list[Decision]:
+        """A big stream message past the budget, from its raw JSON (no carriage return or
+        ``\\u`` escape in it, see ``_stream_text_span``): the head that fits is decoded and
+        shown, the rest is spooled as it is decoded, one slice at a time."""
+        raw = msg.parts[3]
+        slices = _stream_slices(raw, start, end)
+        decisions: list[Decision] = []
+        first = ""
+        if not cell.holding:
+            room = self.budgets.max_stream_bytes - cell.stream_shown - cell.open_line
+            head: list[str] = []
+            size = 0
+            for piece in slices:
+                head.append(piece)
+                size += len(piece)
+                if size > room:
+                    break
+            text = "".join(head)
+            if size <= room:  # it fits once decoded (multi-byte characters): shown whole
+                cell.stream_shown, cell.open_line = visible_size(
+                    cell.stream_shown, cell.open_line, text
+                )
+                return [Show(msg)]
+            shown, first = _split_to_fit(text, room)
+            cell.stream_shown, cell.open_line = visible_size(
+                cell.stream_shown, cell.open_line, shown
+            )
+            if shown:
+                decisions.append(Show(msg.with_content({"name": name, "text": shown})))
+        cell.holding = True
+        spool = self._spool_name(cell, name)
+        if not cell.told:
+            cell.told = True
+            decisions.append(Show(self._held_notice(msg, spool)))
+        decisions.append(Spool(spool, self._held_pieces(cell, itertools.chain((first,), slices))))
+        return decisions
+
+    def _held_pieces(self, cell: _Cell, texts: Iterator[str]) -> Iterator[bytes]:
+        """The held-back text as UTF-8, counted against ``cell`` as the spool takes it."""
+        for text in texts:
+            if not text:
+                continue
+            data = text.encode("utf-8")
+            cell.held_bytes += len(data)
+            cell.stream_held += len(data)
+            cell.spooled += len(data)
+            self._remember_tail(cell, text)
+            yield data
+
+    def _held_notice(self, msg: Message, spool: str) -> Message:
+        return self._notice(
+            msg,
+            f"[cgpu-kernel: this cell's output passed {human(self.budgets.max_stream_bytes)};"
+            f" the rest is saved to {self._where(spool)} and its last lines are shown when the"
+            " cell ends. `cgpu-kernel outputs` lists saved outputs.]",
+        )
 
     def _remember_tail(self, cell: _Cell, text: str) -> None:
         """Keep the end of what was held back: at most ``tail_bytes`` characters."""
@@ -449,6 +522,56 @@ def _text_bound(raw: bytes) -> int | None:
     if special.group() == b"\\r" or _ESCAPED_CR.search(raw, special.start()) is not None:
         return None
     return len(raw) - raw.count(b"\\n")
+
+
+def _stream_text_span(raw: bytes) -> tuple[str, int, int] | None:
+    """Where a stream message's text lies in its raw JSON content: (stream name, start, end),
+    when the content is ipykernel's ``{"name": ..., "text": "..."}`` and its text has no
+    carriage return (which changes what counts against the budget) and no ``\\u`` escape
+    (a surrogate pair could be cut in two); None otherwise (the message is parsed)."""
+    if b"\\r" in raw or b"\\u" in raw:
+        return None
+    match = _STREAM_CONTENT.match(raw)
+    end = raw.rfind(b'"')
+    if match is None or end < match.end() or raw[end + 1 :].strip() != b"}":
+        return None
+    return match.group(1).decode("ascii"), match.end(), end
+
+
+def _stream_slices(raw: bytes, start: int, end: int) -> Iterator[str]:
+    """The JSON string ``raw[start:end]`` (without its quotes) decoded about
+    :data:`SPOOL_SLICE` bytes at a time, each slice cut between two characters and outside an
+    escape. A slice that is not valid JSON (a malformed message) is kept as its UTF-8 text,
+    undecoded, so nothing is lost."""
+    while start < end:
+        stop = min(start + SPOOL_SLICE, end)
+        if stop < end:
+            cut = stop
+            while cut > start and raw[cut] & 0xC0 == 0x80:
+                cut -= 1  # not inside a UTF-8 character
+            if cut == start:  # a slice shorter than one character: take the whole character
+                cut = stop
+                while cut < end and raw[cut] & 0xC0 == 0x80:
+                    cut += 1
+            stop = cut
+            back = raw.rfind(b"\\", max(start, stop - 2), stop)
+            if back >= 0:  # an escape may straddle the cut: cut before its run of backslashes
+                while back > start and raw[back - 1] == _BACKSLASH:
+                    back -= 1
+                if back > start:
+                    stop = back
+                else:  # backslashes from the start: take the run (and what its last escapes)
+                    stop = start
+                    while stop < end and raw[stop] == _BACKSLASH:
+                        stop += 1
+                    stop = min(end, stop + (stop - start) % 2)
+        piece = raw[start:stop]
+        try:
+            text = json.loads(b'"' + piece + b'"')
+        except ValueError:
+            text = piece.decode("utf-8", "replace")
+        yield str(text)
+        start = stop
 
 
 def _split_to_fit(text: str, room: int) -> tuple[str, str]:

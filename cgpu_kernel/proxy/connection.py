@@ -35,7 +35,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
@@ -122,6 +122,9 @@ class RemoteChannels(asyncio.Protocol):
         # them; the future resolves once all are written).
         self._queue: deque[tuple[Iterator[bytes], asyncio.Future[None]]] = deque()
         self._paused = False
+        #: the proxy stopped reading this socket (the frontends are behind, see
+        #: :meth:`pause_reading`): its silence says nothing about the server meanwhile
+        self.reading_paused = False
         self._close_timer: asyncio.TimerHandle | None = None
 
     # --- opening ------------------------------------------------------------------------------
@@ -247,11 +250,18 @@ class RemoteChannels(asyncio.Protocol):
         if ws is None:
             return
         ws.receive_data(data)
-        for event in ws.events_received():
-            if isinstance(event, Frame):
-                self._frame(event)
-            elif isinstance(event, Response):
-                self._handshake_done(event)
+        del data
+        # Each event is popped and handed over, so a large frame's payload is freed as soon as
+        # its message is parsed (not held by this loop while the message is relayed).
+        events = ws.events_received()
+        events.reverse()
+        while events:
+            if isinstance(events[-1], Frame):
+                self._frame(cast(Frame, events.pop()))
+            else:
+                response = events.pop()
+                if isinstance(response, Response):
+                    self._handshake_done(response)
         self._flush()  # pongs, the answer to a close, the close after a protocol error
 
     def _handshake_done(self, response: Response) -> None:
@@ -272,23 +282,35 @@ class RemoteChannels(asyncio.Protocol):
         return None  # let the transport close
 
     def _frame(self, frame: Frame) -> None:
+        """One frame, handed over by :meth:`data_received` (this holds its only reference)."""
         opcode = frame.opcode
         if opcode in (Opcode.TEXT, Opcode.BINARY):
             if frame.fin:
-                self._message(opcode, frame.data)
+                payload: Buffer = frame.data
+                del frame
+                msg = self._parse(opcode, payload)
+                del payload  # the message holds copies of its parts (or views of buffers)
+                self._deliver(msg)
             else:
                 self._partial, self._partial_opcode = [frame.data], opcode
         elif opcode is Opcode.CONT:
             self._partial.append(frame.data)
             if frame.fin:
+                del frame
                 parts, self._partial = self._partial, []
-                self._message(self._partial_opcode, b"".join(parts))
+                payload = b"".join(parts)
+                del parts
+                msg = self._parse(self._partial_opcode, payload)
+                del payload
+                self._deliver(msg)
         elif opcode is Opcode.CLOSE and self._ws is not None and self._ws.close_expected():
             # The library answered the close; drop the socket if the server does not.
             self._close_after(CLOSE_TIMEOUT)
         # PING (answered by the library) and PONG: signs of life, already noted
 
-    def _message(self, opcode: Opcode, payload: Buffer) -> None:
+    def _parse(self, opcode: Opcode, payload: Buffer) -> Message | None:
+        """The message in a whole WebSocket message's payload; None (counted, logged) when it
+        is malformed."""
         try:
             if self.subprotocol == V1_SUBPROTOCOL:
                 if opcode is not Opcode.BINARY:
@@ -305,6 +327,11 @@ class RemoteChannels(asyncio.Protocol):
         except MalformedMessageError as exc:
             self.malformed += 1
             log.warning("dropped a malformed message from %s: %s", self.where, exc)
+            return None
+        return msg
+
+    def _deliver(self, msg: Message | None) -> None:
+        if msg is None:
             return
         sink = self._sink
         if sink is None:
@@ -357,7 +384,29 @@ class RemoteChannels(asyncio.Protocol):
         self._sink = sink
 
     def silent_for(self) -> float:
+        """Seconds since the server last showed a sign of life; 0 while this side is not
+        reading (a deliberate pause is no stall)."""
+        if self.reading_paused:
+            return 0.0
         return time.monotonic() - self.last_heard
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: flow control while the frontends are behind (the proxy
+        kernel calls this when the iopub queue is full). TCP then pushes back on the server."""
+        transport = self._transport
+        if not self.reading_paused and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        """Read again; the pause counts as heard from the server (it could not be heard)."""
+        if not self.reading_paused:
+            return
+        self.reading_paused = False
+        self.last_heard = time.monotonic()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     def _open(self) -> ClientProtocol | None:
         ws, transport = self._ws, self._transport

@@ -7,6 +7,10 @@ to a callback, and signs what the relay sends out. Routing lives in ``relay``.
 * shell, control, stdin: ROUTER sockets (with ``ROUTER_HANDOVER``, so a frontend that reconnects
   with the same identity takes its place).
 * iopub: an XPUB socket, so each subscription is seen and answered with ``iopub_welcome``.
+  It never drops and never grows without bound: past :data:`IOPUB_HWM` messages (or
+  :data:`IOPUB_MAX_BYTES` of large ones) not yet taken by the frontends' connections, what the
+  relay publishes waits here and ``on_flow(True)`` tells the proxy to stop reading the
+  WebSocket (flow control back to the remote), until the frontends catch up.
 * heartbeat: a ROUTER echo in its own thread, so it answers even while the loop is busy.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from hmac import compare_digest
 from typing import Any, cast
@@ -32,6 +38,20 @@ EARLY_IOPUB_LIMIT = 10_000
 DRAIN_BATCH = 64
 #: Buffers at least this large are kept as views into ZMQ's message instead of copied.
 ZERO_COPY_MIN = 64 * 1024
+#: Messages ZMQ may queue towards the frontends' iopub connections (``XPUB_NODROP``: past it a
+#: send is refused, never dropped). A frontend's own ZMQ reads ahead into its memory besides.
+IOPUB_HWM = 64
+#: Bytes of large messages (each tracked until ZMQ has written it) allowed in that queue.
+IOPUB_MAX_BYTES = 32 * 1024 * 1024
+#: Frames from this size on are not tracked: a tracked send kept a 100 MB comm buffer's memory
+#: ~33 MB longer (2.33x the buffer against 2.00x, benchmarks.memory); such messages are few,
+#: and the high-water mark still counts them.
+UNTRACKED_FRAME = 8 * 1024 * 1024
+#: How often a full iopub queue is looked at again while the WebSocket is not being read.
+FLOW_POLL = 0.005
+#: A frontend that takes nothing for this long has stopped reading iopub, not slowed down:
+#: the WebSocket is read again (replies must reach it) and its output is held in memory.
+IOPUB_STUCK = 30.0
 # Plain ints: flag arithmetic on pyzmq's IntFlag enums costs more than the send itself.
 _NOWAIT = int(zmq.DONTWAIT)
 _NOWAIT_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
@@ -152,6 +172,15 @@ class FrontendSockets:
         # "slow joiner"), delivered right after the first subscription's welcome.
         self._subscribed = False
         self._early_iopub: list[Message] = []
+        #: called with True when the iopub queue is full (the proxy stops reading the remote),
+        #: and with False once it has room again (see :data:`IOPUB_HWM`)
+        self.on_flow: Callable[[bool], None] = lambda full: None
+        self._backlog: deque[list[Buffer]] = deque()  # signed iopub messages ZMQ refused
+        self._tracked: deque[tuple[zmq.MessageTracker, int]] = deque()
+        self._tracked_bytes = 0
+        self._flow_timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0
+        self._stuck = False
 
     def bind(self) -> None:
         for channel in ("shell", "control", "stdin"):
@@ -163,9 +192,10 @@ class FrontendSockets:
             self.sockets[channel] = socket
         iopub = self.context.socket(zmq.XPUB)
         iopub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        # At the high-water mark (1000 by default) ZMQ *drops* what a slow frontend has not
-        # read yet. The output limits and coalescing keep this queue short; it must never lose.
-        iopub.sndhwm = 0
+        # At the high-water mark ZMQ would *drop* what a slow frontend has not read yet; with
+        # XPUB_NODROP it refuses the send instead, and the proxy stops reading the remote.
+        iopub.sndhwm = IOPUB_HWM
+        iopub.setsockopt(zmq.XPUB_NODROP, 1)
         iopub.linger = 1000
         _bind(iopub, socket_address(self.info, _port(self.info, "iopub")))
         self.sockets["iopub"] = iopub
@@ -315,9 +345,86 @@ class FrontendSockets:
                 log.warning("no frontend subscribed to iopub yet; dropped %s", msg)
             return
         topic = msg.msg_type.encode("ascii", "replace")
-        self._send_now("iopub", zmq_frames([topic], self.session.sign(msg.parts), msg))
+        frames = zmq_frames([topic], self.session.sign(msg.parts), msg)
+        if self._backlog or not self._publish_frames(frames):
+            self._backlog.append(frames)
+        if self.iopub_full:
+            self._hold_back()
+
+    @property
+    def iopub_full(self) -> bool:
+        """Whether the frontends are behind: messages wait here, or too many large ones wait
+        in ZMQ's queue."""
+        if self._stuck:
+            return False
+        tracked = self._tracked
+        while tracked and tracked[0][0].done:
+            self._tracked_bytes -= tracked.popleft()[1]
+        return bool(self._backlog) or self._tracked_bytes > IOPUB_MAX_BYTES
+
+    def _publish_frames(self, frames: list[Buffer]) -> bool:
+        """Send one signed iopub message without waiting; False when ZMQ's queue is full
+        (nothing of it was sent: the high-water mark is checked at a message's first frame)."""
+        sock = self.sockets["iopub"]
+        last = len(frames) - 1
+        try:
+            sock.send(frames[0], _NOWAIT_MORE if last else _NOWAIT, copy=False)
+        except zmq.Again:
+            return False
+        for index in range(1, last + 1):
+            frame = frames[index]
+            flags = _NOWAIT_MORE if index < last else _NOWAIT
+            if ZERO_COPY_MIN <= len(frame) < UNTRACKED_FRAME:  # no copy: tracked until written
+                tracker = sock.send(frame, flags, copy=False, track=True)
+                self._tracked.append((tracker, len(frame)))
+                self._tracked_bytes += len(frame)
+            else:
+                sock.send(frame, flags, copy=False)
+        if cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+            drain = self._drains.get("iopub")
+            if drain is not None:
+                asyncio.get_running_loop().call_soon(drain)
+        return True
+
+    def _hold_back(self) -> None:
+        """The queue is full: tell the proxy (again: a new remote connection starts reading)
+        and look again shortly."""
+        if self._flow_timer is None:
+            self._last_progress = time.monotonic()
+            self._flow_timer = asyncio.get_running_loop().call_later(FLOW_POLL, self._retry)
+        self.on_flow(True)
+
+    def _retry(self) -> None:
+        """Send what waits; once the queue has room, tell the proxy to read the remote again."""
+        self._flow_timer = None
+        backlog = self._backlog
+        before = len(backlog), self._tracked_bytes
+        while backlog and self._publish_frames(backlog[0]):
+            backlog.popleft()
+        full = self.iopub_full
+        now = time.monotonic()
+        if (len(backlog), self._tracked_bytes) != before:
+            self._last_progress = now
+        elif full and not self._stuck and now - self._last_progress > IOPUB_STUCK:
+            self._stuck = True
+            full = False
+            log.warning(
+                "a frontend has taken no output for %g s; reading the remote kernel again and"
+                " holding its output in memory until the frontend reads",
+                IOPUB_STUCK,
+            )
+        if backlog or full:
+            self._flow_timer = asyncio.get_running_loop().call_later(FLOW_POLL, self._retry)
+        else:
+            self._stuck = False
+        if not full:
+            self.on_flow(False)
 
     def close(self) -> None:
+        if self._flow_timer is not None:
+            self._flow_timer.cancel()
+        while self._backlog and self._publish_frames(self._backlog[0]):
+            self._backlog.popleft()
         for socket in self.sockets.values():
             socket.close()
         self.context.term()

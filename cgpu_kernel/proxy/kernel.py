@@ -102,6 +102,7 @@ class ProxyKernelRun:
         self._history_flush: asyncio.TimerHandle | None = None
         self.journal = JournalKeeper.from_options(options, session_id)
         self.frontend = FrontendSockets(connection_info, self.session)
+        self.frontend.on_flow = self._iopub_flow
         self.iopub = IopubPublisher.from_options(
             options, self.frontend.publish, before_status=self.spool.flush
         )
@@ -277,6 +278,16 @@ class ProxyKernelRun:
             self.tracker.idle(msg.parent_id or "")
             self._schedule_history()
         self.iopub.publish(msg)
+
+    def _iopub_flow(self, full: bool) -> None:
+        """Flow control: while the frontends' iopub queue is full the remote's WebSocket is not
+        read, so a fast producer waits in the server (and its kernel) instead of here."""
+        channels = self.channels
+        if channels is not None:
+            if full:
+                channels.pause_reading()
+            else:
+                channels.resume_reading()
 
     def _schedule_history(self) -> None:
         if self.tracker.unwritten and self._history_flush is None:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cgpu_kernel.core.limits import SpoolFailure
+from cgpu_kernel.core.limits import SpoolData, SpoolFailure
 from cgpu_kernel.paths import default_spool_root
 
 if TYPE_CHECKING:
@@ -61,28 +61,36 @@ class SpoolWriter:
             log.warning("could not clean old saved outputs in %s: %s", root, exc)
         return cls(root / (time.strftime("%Y%m%d-%H%M%S") + "-" + run_id))
 
-    def write(self, name: str, data: bytes) -> SpoolFailure | None:
-        """Append ``data`` to the file ``name``; None when all of it is on disk, else what was
-        saved and lost and why (``proxy.kernel`` hands that to the relay, which tells the cell).
-        """
+    def write(self, name: str, data: SpoolData) -> SpoolFailure | None:
+        """Append ``data`` (bytes, or pieces made as they are written) to the file ``name``;
+        None when all of it is on disk, else what was saved and lost and why (``proxy.kernel``
+        hands that to the relay, which tells the cell)."""
+        pieces = iter((data,) if isinstance(data, bytes | bytearray | memoryview) else data)
         reason = self._failed.get(name)
         if reason is not None:
-            self.lost += len(data)
-            return SpoolFailure(name, saved=0, lost=len(data), reason=reason, first=False)
+            lost = sum(len(piece) for piece in pieces)
+            self.lost += lost
+            return SpoolFailure(name, saved=0, lost=lost, reason=reason, first=False)
         saved = 0
+        left = 0  # of the piece being written, the bytes not yet written
         try:
             descriptor = self._open(name)
-            view = memoryview(data)
-            while saved < len(data):
-                saved += os.write(descriptor, view[saved:])
+            for piece in pieces:
+                view = memoryview(piece)
+                left = len(view)
+                while left:
+                    written = os.write(descriptor, view[len(view) - left :])
+                    saved += written
+                    left -= written
         except OSError as exc:
             reason = _reason(exc, self.folder / Path(name).name)
             self._failed[name] = reason
             self._close(name)
+            lost = left + sum(len(piece) for piece in pieces)
             self.written += saved
-            self.lost += len(data) - saved
+            self.lost += lost
             log.error("could not save held-back output: %s", reason)
-            return SpoolFailure(name, saved=saved, lost=len(data) - saved, reason=reason)
+            return SpoolFailure(name, saved=saved, lost=lost, reason=reason)
         self.written += saved
         return None
 

@@ -426,6 +426,9 @@ class RemoteSupervisor:
             try:
                 await asyncio.wait_for(channels.closed.wait(), interval / 4 if quiet else interval)
             except asyncio.TimeoutError:
+                if channels.reading_paused:  # the frontends are behind: nothing to judge by
+                    quiet = False
+                    continue
                 silent = channels.silent_for()
                 if silent > 2 * interval:
                     return "stalled"
