@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from cgpu_kernel.core.journal import (
     LastSeen,
     LostMessage,
+    OutputSequence,
+    answer_sequence,
     can_hold_journal,
     install_request,
     is_internal,
@@ -59,6 +61,8 @@ class JournalAnswer:
     gaps: list[LostMessage] = field(default_factory=list)
     #: the last message the answer covers on each channel (where a second look starts)
     end: dict[str, str | None] = field(default_factory=dict)
+    #: the last iopub number the kernel had given when it answered (None: it numbers none)
+    sequence: int | None = None
 
 
 class JournalKeeper:
@@ -74,6 +78,8 @@ class JournalKeeper:
         # ANSWER_WAIT; any answer (a late one too) makes it True again.
         self.answering = True
         self.last_seen = LastSeen()
+        #: the kernel's numbered iopub messages delivered so far (the evidence of gaps)
+        self.sequence = OutputSequence()
         self.iopub_heard = asyncio.Event()  # an iopub message about one of our requests came
         self._waiting: dict[str, asyncio.Future[Message]] = {}
         self._idle: dict[str, asyncio.Event] = {}  # probes whose iopub idle is awaited
@@ -111,6 +117,7 @@ class JournalKeeper:
         self.active = False
         self.answering = True
         self.last_seen = LastSeen()
+        self.sequence = OutputSequence()
 
     async def arm(self, channels: RemoteChannels, ready: Callable[[], None]) -> None:
         """Install the journal in the kernel behind ``channels``.
@@ -248,7 +255,7 @@ class JournalKeeper:
         end = dict(after)
         for msg in messages:
             end[msg.channel] = msg.msg_id
-        return JournalAnswer(messages, complete, known_gaps(reply), end)
+        return JournalAnswer(messages, complete, known_gaps(reply), end, answer_sequence(reply))
 
     def _answered(self, future: asyncio.Future[Message | None]) -> None:
         """A journal request was answered (in time or late): the journal is alive."""

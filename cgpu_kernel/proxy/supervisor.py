@@ -32,8 +32,9 @@ from typing import Any
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.core.actions import Action
 from cgpu_kernel.core.backoff import FailureStreak
+from cgpu_kernel.core.journal import sequence_number, without_sequence_number
 from cgpu_kernel.core.relay import Relay, RemoteState
-from cgpu_kernel.core.wire import Message
+from cgpu_kernel.core.wire import JsonDict, Message
 from cgpu_kernel.exceptions import (
     CgpuError,
     MalformedMessageError,
@@ -204,7 +205,25 @@ class RemoteSupervisor:
         return self._outages
 
     def _on_remote_message(self, msg: Message) -> None:
-        self.journal.last_seen.saw(msg)
+        """One remote message to the relay, in order; a gap in the kernel's numbering before it
+        holds it (and what follows) while the journal is asked for what is missing."""
+        number = sequence_number(msg)
+        if number is not None:
+            sequence = self.journal.sequence
+            if sequence.gap_before(number) and self._held is None:
+                if self.channels is not None and self.journal.active:
+                    self._held = [msg]
+                    self.spawn(self._fill(self.channels, number))
+                    return
+                sequence.settle(number)  # nothing to ask: told lost at once
+                self._tell_lost(msg.parent_header)
+            late = sequence.expected is not None and number < sequence.expected
+            sequence.delivered(number)
+            msg = without_sequence_number(msg)
+            if not late:  # a straggler (its successors came first) does not move the mark
+                self.journal.last_seen.saw(msg)
+        else:
+            self.journal.last_seen.saw(msg)
         self.backend.observe(msg)  # before the relay, whose intercept predicate changes nothing
         try:
             actions = self.relay.remote_message(msg)
@@ -281,9 +300,53 @@ class RemoteSupervisor:
 
     def _release(self) -> None:
         """Hand the held messages to the relay, in order, and stop holding."""
-        held, self._held = self._held, None
-        for msg in held or ():
+        held, self._held = self._held or [], None
+        for index, msg in enumerate(held):
+            again = self._holding()
+            if again is not None:  # a gap in them: held again behind its recovery
+                again.extend(held[index:])
+                return
             self._on_remote_message(msg)
+
+    def _holding(self) -> list[Message] | None:
+        """The held list, if messages are held now (read anew: a delivery can start a hold)."""
+        return self._held
+
+    def _tell_lost(self, parent: JsonDict) -> None:
+        """Tell the user of numbered messages known lost since the last telling, if any."""
+        lost = self.journal.sequence.take_lost()
+        if lost:
+            log.warning("%d iopub messages from the remote kernel are lost", lost)
+            self.perform(self.relay.output_lost(lost, parent=parent))
+
+    async def _fill(self, channels: RemoteChannels, before: int | None) -> None:
+        """Messages are missing before the one numbered ``before``, which is held with all that
+        follows (``_on_remote_message``): ask the journal for everything after the last
+        message delivered, deliver it, count what it no longer had as lost, and release the
+        held ones (dropping what the answer already brought). ``before`` None: a look at the
+        end (``_check_lost_replies``), where no later message could show a gap: what the
+        kernel had numbered when it answered is the end."""
+        sequence = self.journal.sequence
+        held = self._held[0] if self._held else None
+        outage_id = self._outages
+        if before is not None:
+            log.info(
+                "%d iopub messages from the remote kernel never arrived (the server dropped"
+                " them); asking its output journal",
+                sequence.gap_before(before),
+            )
+        result = await self.journal.recover(channels)
+        if self._outages != outage_id or (result is None and channels.closed.is_set()):
+            return  # a newer outage: its recovery asks for all of it and releases the held
+        self._deliver(result)
+        if before is not None:
+            sequence.settle(before)
+        elif result is not None and result.sequence is not None:
+            sequence.settle(result.sequence + 1)
+        if result is not None and before is not None:
+            log.info("the output journal filled the gap")
+        self._tell_lost(held.parent_header if held is not None else {})
+        self._release()
 
     async def _recover(
         self, channels: RemoteChannels, outage: float, outage_id: int, *, look_again: bool
@@ -311,7 +374,12 @@ class RemoteSupervisor:
         self.perform(self.relay.resend_answers())
         if result is not None:
             self._unverified = None
-        if look_again and result is not None and result.messages:
+        if result is not None:
+            self._tell_lost({})  # numbers the answer lacked (it said so: complete is False)
+        # A kernel that numbers its output shows every later gap as it comes (``_fill``); one
+        # that does not gets second looks, for drops while the server catches up.
+        numbered = self.journal.sequence.numbered
+        if look_again and result is not None and result.messages and not numbered:
             self._unverified = result.end
             self.spawn(self._second_look(channels, result.end, outage_id))
         # Whatever the journal said: a request written into the lost socket is settled only
@@ -362,6 +430,7 @@ class RemoteSupervisor:
         if result is None:
             return
         log.info("the output journal returned %d messages", len(result.messages))
+        self.journal.sequence.excuse([g.sequence for g in result.gaps if g.sequence is not None])
         for msg in result.messages:
             self._on_remote_message(msg)
         if result.gaps:
@@ -438,6 +507,13 @@ class RemoteSupervisor:
             return
         if self._held is not None:
             return  # another outage began: its own check follows its recovery
+        if self.journal.active and self.journal.sequence.numbered:
+            # The end of the output (a cell's last lines, its idle) has nothing after it to
+            # show a gap: ask what follows the last message delivered.
+            self._held = []
+            await self._fill(channels, None)
+            if self._holding() is not None or self.channels is not channels:
+                return  # another outage (or a gap) began: its own check follows
         # Requests the kernel never confirmed are sent again or answered (the relay decides).
         self.perform(
             self.relay.settle_after_probe(
