@@ -243,9 +243,10 @@ def test_a_stop_too_short_to_be_noticed_loses_no_line(
     line arrives; the proxy fetches what is missing before it goes on: nothing lost, in order.
     """
     lines = 4000  # 8 s; the stop starts at 2 s
-    with proxy_kernel(
-        kernel_dir, "cgpu-test-stall-short", own_server, "--ping-interval=30"
-    ) as (_, kc):
+    with proxy_kernel(kernel_dir, "cgpu-test-stall-short", own_server, "--ping-interval=30") as (
+        _,
+        kc,
+    ):
         result = run_frozen(kc, own_server, lines, after=2, stop=5, deadline=60)
         lost, duplicated = lost_and_duplicated(result["lines"], lines)
         assert result["idle"], result["notices"]
