@@ -13,10 +13,12 @@ lines it wrote into a socket at the instant of a cut or reset are lost; this sho
 and that the journal brings them back.
 
 The stall scenarios (``stall``: the server SIGSTOPped for ``--stop`` s mid-cell, then SIGCONTed;
-``stall-end``: the same, the cell ending while the server is stopped) run on a server of their
-own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing ~500 lines/s of
-4 kB each, and report lines lost and duplicated, whether the cell hung (no ``idle`` within 60 s
-of the end), and whether a notice said "nothing was lost" while lines were missing.
+``stall-end``: the same, the cell ending while the server is stopped; ``stall-short``: a stop of
+``--short-stop`` s under a 30 s ping interval, too short for the proxy to see an outage) run on a
+server of their own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing
+~500 lines/s of 4 kB each, and report lines lost and duplicated, whether the cell hung (no
+``idle`` within 60 s of the end), whether a notice said "nothing was lost" while lines were
+missing ("false ok"), and whether lines went missing with no notice saying so ("silent").
 
     python -m benchmarks.reconnect --inflight [--rounds 5] [--journal on off]
 
@@ -48,7 +50,7 @@ from tests.faults import FaultyPath
 from tests.test_inflight import inflight_rounds, spec_through
 
 FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
-STALLS = ("stall", "stall-end")
+STALLS = ("stall", "stall-end", "stall-short")
 
 
 def measure(
@@ -134,15 +136,22 @@ def measure_stall(
     """One cell under one SIGSTOP/SIGCONT of ``server`` (see the module's docstring)."""
     from tests.test_stall import STALL_OPTIONS, collect, freeze, numbered_cell
 
-    # stall: 3 s of lines before the stop, 5 s after it; stall-end: the cell ends half-way in
-    lines = int(500 * (stop + 8)) if kind == "stall" else int(500 * (2 + stop / 2))
+    # stall: 3 s of lines before the stop, 5 s after it; stall-end: the cell ends half-way in;
+    # stall-short: 2 s before, 3 s after, pings too rare to notice the stop
+    lines = {"stall": int(500 * (stop + 8)), "stall-end": int(500 * (2 + stop / 2))}.get(
+        kind, int(500 * (stop + 5))
+    )
+    options = [*STALL_OPTIONS, f"--output-journal={journal}"]
+    if kind == "stall-short":
+        options = [o for o in options if not o.startswith("--ping-interval")]
+        options.append("--ping-interval=30")
     name = install_spec(
         kernel_dir,
         f"bench-{kind}-{'journal' if journal else 'nojournal'}",
         "jupyter",
         url=server.url,
         token_file=server.token_file,
-        extra=[*STALL_OPTIONS, f"--output-journal={journal}"],
+        extra=options,
     )
     km, kc = start_kernel(name)
     try:
@@ -168,6 +177,9 @@ def measure_stall(
         "hung": not result["idle"],
         "errors": [e.get("ename") for e in result["errors"]],
         "false_all_clear": bool(lost) and "nothing was lost" in result["notices"],
+        "silent_loss": bool(lost)
+        and "may be missing" not in result["notices"]
+        and "never arrived" not in result["notices"],
         "notices": result["notices"],
         "cell_s": round(took, 1),
     }
@@ -214,6 +226,9 @@ def main() -> None:
         "--faults", nargs="*", default=[*FAULTS, *STALLS], choices=[*FAULTS, *STALLS]
     )
     parser.add_argument("--stop", type=float, default=10.0, help="seconds a stall lasts")
+    parser.add_argument(
+        "--short-stop", type=float, default=5.0, help="seconds the stall-short stop lasts"
+    )
     parser.add_argument("--journal", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -246,7 +261,13 @@ def main() -> None:
             )
             try:
                 results += [
-                    measure_stall(kind, journal == "on", args.stop, root / "jupyter", stalled)
+                    measure_stall(
+                        kind,
+                        journal == "on",
+                        args.short_stop if kind == "stall-short" else args.stop,
+                        root / "jupyter",
+                        stalled,
+                    )
                     for kind in stalls
                     for journal in args.journal
                 ]
@@ -272,13 +293,14 @@ def main() -> None:
     if stall_rows:
         print(
             f"\n{'stall':<16}{'journal':>8}{'lines':>7}{'lost':>6}{'dup':>5}{'order':>7}"
-            f"{'hung':>6}{'false ok':>10}  errors"
+            f"{'hung':>6}{'false ok':>10}{'silent':>8}  errors"
         )
         for r in stall_rows:
             print(
                 f"{r['fault']:<16}{'on' if r['journal'] else 'off':>8}{r['lines']:>7}"
                 f"{r['lost']:>6}{r['duplicated']:>5}{r['out_of_order']:>7}"
                 f"{'yes' if r['hung'] else 'no':>6}{'yes' if r['false_all_clear'] else 'no':>10}"
+                f"{'yes' if r['silent_loss'] else 'no':>8}"
                 f"  {','.join(r['errors']) or '-'}"
             )
     if args.json:
