@@ -259,6 +259,27 @@ def test_a_stop_too_short_to_be_noticed_loses_no_line(
         assert not result["errors"]
 
 
+def test_a_cell_that_ends_in_a_stop_too_short_to_be_noticed_completes(
+    kernel_dir: Path, own_server: RemoteServer
+) -> None:
+    """The cell's last lines and its idle are dropped in a 6 s stop under a 30 s ping interval,
+    and nothing follows them to show the gap: the open cell's silence makes the proxy look at
+    the journal's end, and the cell completes with every line."""
+    lines = 3000  # 6 s; the stop starts at 1 s, the cell ends 1 s before it is over
+    with proxy_kernel(
+        kernel_dir, "cgpu-test-stall-short-end", own_server, "--ping-interval=30"
+    ) as (_, kc):
+        result = run_frozen(kc, own_server, lines, after=1, stop=6, deadline=45)
+        lost, duplicated = lost_and_duplicated(result["lines"], lines)
+        assert result["idle"], result["notices"]
+        assert (lost, duplicated) == (0, 0), (
+            result["notices"],
+            missing_ranges(result["lines"], lines),
+        )
+        assert result["lines"] == sorted(result["lines"])
+        assert not result["errors"]
+
+
 def test_the_kernels_numbers_never_reach_the_frontend(
     kernel_dir: Path, own_server: RemoteServer
 ) -> None:

@@ -204,18 +204,23 @@ class JournalKeeper:
                 future.cancel()
 
     async def recover(
-        self, channels: RemoteChannels, after: dict[str, str | None] | None = None
+        self,
+        channels: RemoteChannels,
+        after: dict[str, str | None] | None = None,
+        *,
+        casual: bool = False,
     ) -> JournalAnswer | None:
         """Everything the kernel sent after what the proxy last received (or after ``after``),
         whether that is all of it, and what was too large to keep; None without an answer (no
         journal, the connection dropped, or no answer within the patience: see the module's
-        docstring)."""
+        docstring). ``casual``: a look with no outage behind it (a quiet cell's end), waiting
+        ``ANSWER_WAIT`` s once; a kernel too busy to answer it is not marked slow."""
         if not self.active:
             return None
         if after is None:
             after = self.last_seen.snapshot()
         loop = asyncio.get_running_loop()
-        patience = JOURNAL_PATIENCE if self.answering else ANSWER_WAIT
+        patience = JOURNAL_PATIENCE if self.answering and not casual else ANSWER_WAIT
         deadline = loop.time() + patience
         wait = ANSWER_WAIT
         asked: list[asyncio.Future[Message | None]] = []
@@ -227,7 +232,8 @@ class JournalKeeper:
             if asked:
                 log.info("the output journal has not answered yet; asking again")
             future = self.ask(channels, journal_request(self.session, after), LATE_ANSWER_WAIT)
-            future.add_done_callback(self._answered)
+            if not casual:
+                future.add_done_callback(self._answered)
             asked.append(future)
             done, _ = await asyncio.wait(
                 asked, timeout=min(wait, remaining), return_when="FIRST_COMPLETED"
@@ -238,7 +244,7 @@ class JournalKeeper:
                     reply = finished.result()
             wait *= 2
         if reply is None:
-            if not channels.closed.is_set():
+            if not channels.closed.is_set() and not casual:
                 log.warning(
                     "the remote kernel's output journal did not answer within %.0f s; this"
                     " outage's output is not checked (it is asked again after the next one)",

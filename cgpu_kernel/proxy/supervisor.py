@@ -16,6 +16,11 @@ that loop:
   journal (``recovery.JournalKeeper``) returns what the proxy missed, then the held messages
   follow, in order, each once (the relay drops what it has seen). Only then is the user told,
   and only what the journal said;
+* the journal agent numbers each iopub message it records; a gap in the numbers (a server that
+  fell behind dropped some, at any moment: during a stop too short to notice, while catching up
+  after one) holds the message that shows it, and what follows, while the journal is asked for
+  what is missing (``_fill``); what it no longer has is told as lost. After the lost-reply
+  probe a last look fetches a lost end, where no later message could show the gap;
 * after an outage the journal did not cover, a ``kernel_info_request`` (answered on shell only
   after every cell sent before it, its ``idle`` on iopub after theirs) finds the cells whose
   reply was lost (answered with an error) and those whose final ``idle`` was lost (ended with a
@@ -57,6 +62,8 @@ AUTH_HINT = (
 
 SECOND_LOOKS = 15  # most looks at the journal after an outage's recovery (30 s)
 SECOND_LOOK_AFTER = 2.0  # seconds between them (the server's backlog drains meanwhile)
+QUIET_LOOK_AFTER = 3.0  # seconds an open cell stays silent before the journal's end is looked at
+QUIET_LOOK_MAX = 60.0  # the longest wait between such looks (doubling while it stays quiet)
 
 
 class RemoteSupervisor:
@@ -103,6 +110,9 @@ class RemoteSupervisor:
         # Where the journal has not yet been checked after a silence's recovery (a second look
         # is due, or was cut short by a newer outage, whose recovery then starts here).
         self._unverified: dict[str, str | None] | None = None
+        # the connection whose quiet cells are looked at (``_look_at_quiet_ends``)
+        self._looking_at: RemoteChannels | None = None
+        self._last_delivery = 0.0  # loop time a remote message last reached the relay
         #: the reconnection schedule across outages (connections that die young keep it going)
         self.reconnect_streak = FailureStreak()
 
@@ -207,6 +217,7 @@ class RemoteSupervisor:
     def _on_remote_message(self, msg: Message) -> None:
         """One remote message to the relay, in order; a gap in the kernel's numbering before it
         holds it (and what follows) while the journal is asked for what is missing."""
+        self._last_delivery = asyncio.get_running_loop().time()
         number = sequence_number(msg)
         if number is not None:
             sequence = self.journal.sequence
@@ -247,6 +258,9 @@ class RemoteSupervisor:
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
+            if self._looking_at is not channels:
+                self._looking_at = channels
+                self.spawn(self._look_at_quiet_ends(channels))
             if not hiccup:  # the run's history counts reconnections; a hiccup is not one
                 self.connected()
             channels.deliver_to(self._sink())
@@ -312,6 +326,31 @@ class RemoteSupervisor:
         """The held list, if messages are held now (read anew: a delivery can start a hold)."""
         return self._held
 
+    async def _look_at_quiet_ends(self, channels: RemoteChannels) -> None:
+        """A cell still open after ``QUIET_LOOK_AFTER`` s without a message: look at the
+        journal's end (``_fill``). A server that fell behind for a moment too short to notice
+        can drop a cell's last lines and its ``idle``, and nothing follows to show the gap:
+        without this look the cell would stay busy until the next cell's output arrives. A
+        quiet cell costs one small control round trip per look; a chatty one none."""
+        loop = asyncio.get_running_loop()
+        wait = QUIET_LOOK_AFTER
+        while self.channels is channels and not channels.closed.is_set():
+            await asyncio.sleep(wait)
+            if loop.time() - self._last_delivery < wait:
+                wait = QUIET_LOOK_AFTER  # it talks: nothing to look at
+                continue
+            if (
+                self.channels is channels
+                and self._held is None
+                and self.journal.active
+                and self.journal.sequence.numbered
+                and self.relay.open_cells()
+            ):
+                self._held = []
+                await self._fill(channels, None, casual=True)
+            # a cell quiet for long (a long computation) is looked at less and less often
+            wait = min(2 * wait, QUIET_LOOK_MAX)
+
     def _tell_lost(self, parent: JsonDict) -> None:
         """Tell the user of numbered messages known lost since the last telling, if any."""
         lost = self.journal.sequence.take_lost()
@@ -319,13 +358,16 @@ class RemoteSupervisor:
             log.warning("%d iopub messages from the remote kernel are lost", lost)
             self.perform(self.relay.output_lost(lost, parent=parent))
 
-    async def _fill(self, channels: RemoteChannels, before: int | None) -> None:
+    async def _fill(
+        self, channels: RemoteChannels, before: int | None, *, casual: bool = False
+    ) -> None:
         """Messages are missing before the one numbered ``before``, which is held with all that
         follows (``_on_remote_message``): ask the journal for everything after the last
         message delivered, deliver it, count what it no longer had as lost, and release the
         held ones (dropping what the answer already brought). ``before`` None: a look at the
         end (``_check_lost_replies``), where no later message could show a gap: what the
-        kernel had numbered when it answered is the end."""
+        kernel had numbered when it answered is the end. ``casual``: a look at a quiet cell,
+        which a journal too busy to answer soon does not fail (``JournalKeeper.recover``)."""
         sequence = self.journal.sequence
         held = self._held[0] if self._held else None
         outage_id = self._outages
@@ -335,7 +377,7 @@ class RemoteSupervisor:
                 " them); asking its output journal",
                 sequence.gap_before(before),
             )
-        result = await self.journal.recover(channels)
+        result = await self.journal.recover(channels, casual=casual)
         if self._outages != outage_id or (result is None and channels.closed.is_set()):
             return  # a newer outage: its recovery asks for all of it and releases the held
         self._deliver(result)
