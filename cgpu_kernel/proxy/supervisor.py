@@ -372,10 +372,12 @@ class RemoteSupervisor:
         held = self._held[0] if self._held else None
         outage_id = self._outages
         if before is not None:
-            log.info(
-                "%d iopub messages from the remote kernel never arrived (the server dropped"
-                " them); asking its output journal",
+            log.warning(
+                "%d iopub messages from the remote kernel never arrived (numbers %s-%d: the"
+                " server dropped them); fetching them from its output journal",
                 sequence.gap_before(before),
+                sequence.expected,
+                before - 1,
             )
         result = await self.journal.recover(channels, casual=casual)
         if self._outages != outage_id or (result is None and channels.closed.is_set()):
