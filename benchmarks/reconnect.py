@@ -13,12 +13,13 @@ lines it wrote into a socket at the instant of a cut or reset are lost; this sho
 and that the journal brings them back.
 
 The stall scenarios (``stall``: the server SIGSTOPped for ``--stop`` s mid-cell, then SIGCONTed;
-``stall-end``: the same, the cell ending while the server is stopped; ``stall-short``: a stop of
-``--short-stop`` s under a 30 s ping interval, too short for the proxy to see an outage) run on a
-server of their own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing
-~500 lines/s of 4 kB each, and report lines lost and duplicated, whether the cell hung (no
-``idle`` within 60 s of the end), whether a notice said "nothing was lost" while lines were
-missing ("false ok"), and whether lines went missing with no notice saying so ("silent").
+``stall-end``: the same, the cell ending while the server is stopped) run on a server of their
+own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing ~500 lines/s of
+4 kB each; ``stall-short`` stops it for ``--short-stop`` s (1.5) under 1000 lines/s of 8 kB and a
+30 s ping interval, too short for the proxy to see an outage or a silent cell. They report
+lines lost and duplicated, whether the cell hung (no ``idle`` within 60 s of the end), whether
+a notice said "nothing was lost" while lines were missing ("false ok"), and whether lines went
+missing with no notice saying so ("silent").
 
     python -m benchmarks.reconnect --inflight [--rounds 5] [--journal on off]
 
@@ -137,9 +138,15 @@ def measure_stall(
     from tests.test_stall import STALL_OPTIONS, collect, freeze, numbered_cell
 
     # stall: 3 s of lines before the stop, 5 s after it; stall-end: the cell ends half-way in;
-    # stall-short: 2 s before, 3 s after, pings too rare to notice the stop
+    # stall-short: 2 s before, 3 s after, at 1000 lines/s of 8 kB (so that a short stop drops
+    # lines), pings too rare to notice the stop
     lines = {"stall": int(500 * (stop + 8)), "stall-end": int(500 * (2 + stop / 2))}.get(
-        kind, int(500 * (stop + 5))
+        kind, int(1000 * (stop + 5))
+    )
+    cell = (
+        numbered_cell(lines, per_second=1000, pad=8000)
+        if kind == "stall-short"
+        else numbered_cell(lines)
     )
     options = [*STALL_OPTIONS, f"--output-journal={journal}"]
     if kind == "stall-short":
@@ -156,7 +163,7 @@ def measure_stall(
     km, kc = start_kernel(name)
     try:
         run_cell(kc, "1")
-        msg_id = kc.execute(numbered_cell(lines))
+        msg_id = kc.execute(cell)
         started = time.monotonic()
         freezer = freeze(server, 3.0 if kind == "stall" else 2.0, stop)
         result = collect(kc, msg_id, started + lines / 500 + stop + 60)
@@ -227,7 +234,7 @@ def main() -> None:
     )
     parser.add_argument("--stop", type=float, default=10.0, help="seconds a stall lasts")
     parser.add_argument(
-        "--short-stop", type=float, default=5.0, help="seconds the stall-short stop lasts"
+        "--short-stop", type=float, default=1.5, help="seconds the stall-short stop lasts"
     )
     parser.add_argument("--journal", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--json", type=Path)

@@ -239,9 +239,9 @@ def test_a_stop_too_short_to_be_noticed_loses_no_line(
 ) -> None:
     """A 5 s stop under a 30 s ping interval: no ping goes unanswered long enough for the
     proxy to see an outage, yet ipykernel's IOPub drops lines at its high-water mark meanwhile
-    (and while the server catches up). The journal agent's numbers show the gap when the next
-    line arrives; the proxy fetches what is missing before it goes on: nothing lost, in order.
-    """
+    (and while the server catches up). The open cell's silence (3 s) makes the proxy look at
+    the journal's end, or the next line's number shows the gap; either way what is missing is
+    fetched before the proxy goes on: nothing lost, in order."""
     lines = 4000  # 8 s; the stop starts at 2 s
     with proxy_kernel(kernel_dir, "cgpu-test-stall-short", own_server, "--ping-interval=30") as (
         _,
@@ -257,6 +257,30 @@ def test_a_stop_too_short_to_be_noticed_loses_no_line(
         assert result["lines"] == sorted(result["lines"])  # gaps are filled before going on
         assert "nothing was lost" not in result["notices"]  # no outage was seen: none claimed
         assert not result["errors"]
+
+
+def test_a_gap_is_filled_as_soon_as_the_next_line_shows_it(
+    kernel_dir: Path, own_server: RemoteServer
+) -> None:
+    """A 1.5 s stop under 1000 lines/s of 8 kB: ipykernel's IOPub drops hundreds of lines, and
+    nothing else shows it (no ping is due, the cell is never silent for 3 s). The first line
+    after the gap carries a number that skips them: the proxy holds it, fetches the missing
+    ones from the journal and goes on, all in order."""
+    lines = 5000  # 5 s; the stop starts at 2 s
+    with proxy_kernel(kernel_dir, "cgpu-test-gap", own_server, "--ping-interval=30") as (_, kc):
+        run_cell(kc, "1")
+        msg_id = kc.execute(numbered_cell(lines, per_second=1000, pad=8000))
+        freezer = freeze(own_server, 2, 1.5)
+        result = collect(kc, msg_id, time.monotonic() + 60)
+        freezer.join()
+        lost, duplicated = lost_and_duplicated(result["lines"], lines)
+        assert result["idle"], result["notices"]
+        assert (lost, duplicated) == (0, 0), (
+            result["notices"],
+            missing_ranges(result["lines"], lines),
+        )
+        assert result["lines"] == sorted(result["lines"])
+        assert "nothing was lost" not in result["notices"]
 
 
 def test_a_cell_that_ends_in_a_stop_too_short_to_be_noticed_completes(
