@@ -342,3 +342,17 @@ def test_a_gap_in_the_numbers_is_seen_when_the_next_message_comes() -> None:
     assert sequence.covers(14) and not sequence.covers(16)
     sequence.settle(17)  # a look at the end found 15 and 16 missing from the journal too
     assert sequence.take_lost() == 2 and sequence.covers(16)
+
+
+def test_a_send_that_fails_gives_its_number_to_the_next(kernel: FakeKernel) -> None:
+    class Broken:
+        def send_multipart(self, frames: list[Any], **_: Any) -> None:
+            raise OSError("socket closed")
+
+    kernel.iopub_socket = Broken()
+    with pytest.raises(OSError, match="socket closed"):
+        emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="never sent")
+    kernel.iopub_socket = Sink()
+    emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="sent")
+    (message,), complete = recovered_messages(ask(kernel, {}))
+    assert sequence_number(message) == 1 and complete

@@ -130,12 +130,19 @@ class Journal:
         # Recording under the same lock as the send keeps the ring in the order messages
         # leave, whichever thread sends them.
         with self.lock:
+            numbered = self.numbered
             if stream is not None and self._channel(stream) == "iopub":
                 try:
                     msg_or_type, args, kwargs = self._numbered(msg_or_type, args, kwargs)
                 except Exception:
                     self.unrecorded += 1  # unnumbered: the proxy cannot check what follows
-            msg = self.original_send(stream, msg_or_type, *args, **kwargs)
+            try:
+                msg = self.original_send(stream, msg_or_type, *args, **kwargs)
+            except BaseException:
+                # Never sent: its number goes to the next one, or the proxy would wait for a
+                # message that does not exist (no other number was given: the lock is held).
+                self.numbered = numbered
+                raise
             if isinstance(msg, dict) and stream is not None:  # None: built, not sent
                 try:
                     self._record(stream, msg, args, kwargs)
