@@ -15,8 +15,11 @@ and that the journal brings them back.
 The stall scenarios (``stall``: the server SIGSTOPped for ``--stop`` s mid-cell, then SIGCONTed;
 ``stall-end``: the same, the cell ending while the server is stopped) run on a server of their
 own (its IOPub rate limiter off, see docs/reconnection.md) under a cell printing ~500 lines/s of
-4 kB each, and report lines lost and duplicated, whether the cell hung (no ``idle`` within 60 s
-of the end), and whether a notice said "nothing was lost" while lines were missing.
+4 kB each; ``stall-short`` stops it for ``--short-stop`` s (1.5) under 1000 lines/s of 8 kB and a
+30 s ping interval, too short for the proxy to see an outage or a silent cell. They report
+lines lost and duplicated, whether the cell hung (no ``idle`` within 60 s of the end), whether
+a notice said "nothing was lost" while lines were missing ("false ok"), and whether lines went
+missing with no notice saying so ("silent").
 
     python -m benchmarks.reconnect --inflight [--rounds 5] [--journal on off]
 
@@ -48,7 +51,7 @@ from tests.faults import FaultyPath
 from tests.test_inflight import inflight_rounds, spec_through
 
 FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
-STALLS = ("stall", "stall-end")
+STALLS = ("stall", "stall-end", "stall-short")
 
 
 def measure(
@@ -134,20 +137,33 @@ def measure_stall(
     """One cell under one SIGSTOP/SIGCONT of ``server`` (see the module's docstring)."""
     from tests.test_stall import STALL_OPTIONS, collect, freeze, numbered_cell
 
-    # stall: 3 s of lines before the stop, 5 s after it; stall-end: the cell ends half-way in
-    lines = int(500 * (stop + 8)) if kind == "stall" else int(500 * (2 + stop / 2))
+    # stall: 3 s of lines before the stop, 5 s after it; stall-end: the cell ends half-way in;
+    # stall-short: 2 s before, 3 s after, at 1000 lines/s of 8 kB (so that a short stop drops
+    # lines), pings too rare to notice the stop
+    lines = {"stall": int(500 * (stop + 8)), "stall-end": int(500 * (2 + stop / 2))}.get(
+        kind, int(1000 * (stop + 5))
+    )
+    cell = (
+        numbered_cell(lines, per_second=1000, pad=8000)
+        if kind == "stall-short"
+        else numbered_cell(lines)
+    )
+    options = [*STALL_OPTIONS, f"--output-journal={journal}"]
+    if kind == "stall-short":
+        options = [o for o in options if not o.startswith("--ping-interval")]
+        options.append("--ping-interval=30")
     name = install_spec(
         kernel_dir,
         f"bench-{kind}-{'journal' if journal else 'nojournal'}",
         "jupyter",
         url=server.url,
         token_file=server.token_file,
-        extra=[*STALL_OPTIONS, f"--output-journal={journal}"],
+        extra=options,
     )
     km, kc = start_kernel(name)
     try:
         run_cell(kc, "1")
-        msg_id = kc.execute(numbered_cell(lines))
+        msg_id = kc.execute(cell)
         started = time.monotonic()
         freezer = freeze(server, 3.0 if kind == "stall" else 2.0, stop)
         result = collect(kc, msg_id, started + lines / 500 + stop + 60)
@@ -168,6 +184,9 @@ def measure_stall(
         "hung": not result["idle"],
         "errors": [e.get("ename") for e in result["errors"]],
         "false_all_clear": bool(lost) and "nothing was lost" in result["notices"],
+        "silent_loss": bool(lost)
+        and "may be missing" not in result["notices"]
+        and "never arrived" not in result["notices"],
         "notices": result["notices"],
         "cell_s": round(took, 1),
     }
@@ -214,6 +233,9 @@ def main() -> None:
         "--faults", nargs="*", default=[*FAULTS, *STALLS], choices=[*FAULTS, *STALLS]
     )
     parser.add_argument("--stop", type=float, default=10.0, help="seconds a stall lasts")
+    parser.add_argument(
+        "--short-stop", type=float, default=1.5, help="seconds the stall-short stop lasts"
+    )
     parser.add_argument("--journal", nargs="*", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -246,7 +268,13 @@ def main() -> None:
             )
             try:
                 results += [
-                    measure_stall(kind, journal == "on", args.stop, root / "jupyter", stalled)
+                    measure_stall(
+                        kind,
+                        journal == "on",
+                        args.short_stop if kind == "stall-short" else args.stop,
+                        root / "jupyter",
+                        stalled,
+                    )
                     for kind in stalls
                     for journal in args.journal
                 ]
@@ -272,13 +300,14 @@ def main() -> None:
     if stall_rows:
         print(
             f"\n{'stall':<16}{'journal':>8}{'lines':>7}{'lost':>6}{'dup':>5}{'order':>7}"
-            f"{'hung':>6}{'false ok':>10}  errors"
+            f"{'hung':>6}{'false ok':>10}{'silent':>8}  errors"
         )
         for r in stall_rows:
             print(
                 f"{r['fault']:<16}{'on' if r['journal'] else 'off':>8}{r['lines']:>7}"
                 f"{r['lost']:>6}{r['duplicated']:>5}{r['out_of_order']:>7}"
                 f"{'yes' if r['hung'] else 'no':>6}{'yes' if r['false_all_clear'] else 'no':>10}"
+                f"{'yes' if r['silent_loss'] else 'no':>8}"
                 f"  {','.join(r['errors']) or '-'}"
             )
     if args.json:

@@ -18,12 +18,16 @@ from cgpu_kernel.core import journal_agent
 from cgpu_kernel.core.journal import (
     INTERNAL_PREFIX,
     LastSeen,
+    OutputSequence,
     agent_source,
+    answer_sequence,
     can_hold_journal,
     install_request,
     journal_request,
     known_gaps,
     recovered_messages,
+    sequence_number,
+    without_sequence_number,
 )
 from cgpu_kernel.core.wire import Message, make_header
 from cgpu_kernel.exceptions import MalformedMessageError
@@ -256,3 +260,99 @@ def test_last_seen_tracks_each_channel() -> None:
     for channel, msg_id in [("iopub", "a"), ("shell", "b"), ("iopub", "c"), ("elsewhere", "d")]:
         seen.saw(Message.build(channel, {"msg_id": msg_id, "msg_type": "x"}))
     assert seen.snapshot() == {"iopub": "c", "shell": "b", "control": None, "stdin": None}
+
+
+def test_each_iopub_message_is_numbered_in_the_order_it_leaves(kernel: FakeKernel) -> None:
+    """The kernel's three ways to send (a msg_type with keyword metadata, positional metadata,
+    a message built beforehand) all get the next number, on top of their own metadata; shell
+    replies and messages about the proxy's own requests get none."""
+    session = kernel.session
+    emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="a")
+    session.send(kernel.iopub_socket, "display_data", {}, None, None, None, False, None, {"k": 1})
+    built = session.msg("stream", {"name": "stdout", "text": "b"}, metadata={"mine": True})
+    session.send(kernel.iopub_socket, built)
+    session.send(kernel.shell_stream, "execute_reply", {"status": "ok"})
+    internal = {"msg_id": INTERNAL_PREFIX + "x", "msg_type": "kernel_info_request"}
+    session.send(kernel.iopub_socket, "status", {"execution_state": "busy"}, internal)
+    answer = ask(kernel, {})
+    messages, complete = recovered_messages(answer)
+    assert complete
+    assert [(m.channel, sequence_number(m)) for m in messages] == [
+        ("iopub", 1),
+        ("iopub", 2),
+        ("iopub", 3),
+        ("shell", None),
+    ]
+    assert messages[1].metadata == {"k": 1, "cgpu_seq": 2}
+    assert messages[2].metadata == {"mine": True, "cgpu_seq": 3}
+    assert built["metadata"] == {"mine": True}  # the caller's message is not changed
+    assert answer_sequence(answer) == 3  # the last number given when it answered
+    # What went on the wire carries the number too (the proxy sees it on live messages).
+    wire = kernel.iopub_socket.sent[0]
+    assert (
+        b'"cgpu_seq": 1' in wire[wire.index(b"<IDS|MSG>") + 4]
+    )  # signature, header, parent, metadata
+
+
+def test_the_number_is_stripped_before_a_frontend_sees_it(kernel: FakeKernel) -> None:
+    session = kernel.session
+    session.send(kernel.iopub_socket, "stream", {"name": "stdout", "text": "a"}, metadata={"k": 1})
+    (message,), _ = recovered_messages(ask(kernel, {}))
+    plain = without_sequence_number(message)
+    assert sequence_number(plain) is None and plain.metadata == {"k": 1}
+    assert b"cgpu_seq" not in plain.parts[2]
+    assert plain.content == message.content and plain.msg_id == message.msg_id
+    assert without_sequence_number(plain) is plain  # unnumbered: untouched
+
+
+def test_a_message_too_large_to_keep_keeps_its_number() -> None:
+    kernel = make_kernel()
+    journal_agent.Journal(kernel, max_messages=100, max_bytes=4000).install()
+    kernel.session.send(kernel.iopub_socket, "comm_msg", {"data": {}}, buffers=[b"x" * 2000])
+    (gap,) = known_gaps(ask(kernel, {}))
+    assert gap.sequence == 1
+
+
+def test_a_gap_in_the_numbers_is_seen_when_the_next_message_comes() -> None:
+    """The proxy's bookkeeping (``OutputSequence``): in order, no gap; a jump is a gap of the
+    numbers skipped, asked about once; what the journal then brings fills it; whatever it
+    could not bring is counted lost, once; stragglers and unnumbered messages change nothing.
+    """
+    sequence = OutputSequence()
+    assert not sequence.numbered and sequence.gap_before(7) == 0
+    sequence.delivered(7)  # the first one seen: checking starts here
+    assert sequence.numbered and sequence.gap_before(8) == 0
+    sequence.delivered(8)
+    assert sequence.gap_before(12) == 3  # 9, 10, 11 never came: hold 12, ask the journal
+    for number in (9, 10):  # the journal brings two of them
+        assert sequence.gap_before(number) == 0
+        sequence.delivered(number)
+    sequence.settle(12)  # the answer is in: 11 is lost, 12 is no longer a gap
+    assert sequence.take_lost() == 1 and sequence.take_lost() == 0
+    assert sequence.gap_before(12) == 0
+    sequence.delivered(12)
+    sequence.delivered(10)  # a straggler (a duplicate the relay drops): nothing moves
+    sequence.delivered(None)
+    assert sequence.expected == 13 and sequence.lost == 0
+    # A message too large to keep is told by name, not counted again as a gap.
+    sequence.excuse([13])
+    sequence.delivered(14)
+    assert sequence.take_lost() == 0
+    # The end of the output: everything up to the journal's last number is covered, or not.
+    assert sequence.covers(14) and not sequence.covers(16)
+    sequence.settle(17)  # a look at the end found 15 and 16 missing from the journal too
+    assert sequence.take_lost() == 2 and sequence.covers(16)
+
+
+def test_a_send_that_fails_gives_its_number_to_the_next(kernel: FakeKernel) -> None:
+    class Broken:
+        def send_multipart(self, frames: list[Any], **_: Any) -> None:
+            raise OSError("socket closed")
+
+    kernel.iopub_socket = Broken()
+    with pytest.raises(OSError, match="socket closed"):
+        emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="never sent")
+    kernel.iopub_socket = Sink()
+    emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="sent")
+    (message,), complete = recovered_messages(ask(kernel, {}))
+    assert sequence_number(message) == 1 and complete

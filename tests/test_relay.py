@@ -413,6 +413,23 @@ def test_outage_notices_once_then_reconnected() -> None:
     assert relay.outage_over(1.0, complete=True) == []  # nobody was told about that one
 
 
+def test_output_the_numbers_prove_lost_is_told_with_its_count() -> None:
+    """Numbered messages that never arrived and the journal no longer had: told to the running
+    cell even after an all-clear (the numbers prove it), else in the asking request's output."""
+    relay = connected_relay()
+    execute = request("execute_request", code="train()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    (told,) = relay.output_lost(3, parent={})
+    assert isinstance(told, Publish) and told.msg.parent_header["msg_id"] == execute.msg_id
+    text = told.msg.content["text"]
+    assert "3 output messages" in text and "never arrived" in text and "missing" in text
+    relay.remote_message(reply_to(execute, "execute_reply", status="ok"))
+    (later,) = relay.output_lost(1, parent=execute.header)  # no cell runs: the asker's output
+    assert isinstance(later, Publish) and later.msg.parent_header["msg_id"] == execute.msg_id
+    assert "1 output message from" in later.msg.content["text"]
+    assert relay.output_lost(2, parent={}) == []  # nobody to tell: logged
+
+
 @pytest.mark.parametrize(
     ("complete", "says"),
     [(False, "may be missing"), (None, "could not check what the outage cost")],

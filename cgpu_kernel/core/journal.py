@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-from cgpu_kernel.core.journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE
+from cgpu_kernel.core.journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE, SEQ_KEY
 from cgpu_kernel.core.wire import Buffer, JsonDict, Message, make_header, new_id
 from cgpu_kernel.exceptions import MalformedMessageError
 
@@ -88,6 +88,106 @@ class LastSeen:
         return dict(self._last)
 
 
+_SEQ_BYTES = f'"{SEQ_KEY}"'.encode()
+
+
+def sequence_number(msg: Message) -> int | None:
+    """The journal agent's number on an iopub message (None: unnumbered, e.g. a kernel with no
+    agent, or a message about one of the proxy's own requests). The metadata is parsed only
+    when its raw bytes name the key, so unnumbered traffic costs a substring search."""
+    if msg.channel != "iopub" or _SEQ_BYTES not in msg.parts[2]:
+        return None
+    return _number(msg.metadata.get(SEQ_KEY))
+
+
+def without_sequence_number(msg: Message) -> Message:
+    """``msg`` as the kernel meant it, without the agent's number (frontends never see it)."""
+    if _SEQ_BYTES not in msg.parts[2]:
+        return msg
+    metadata = {k: v for k, v in msg.metadata.items() if k != SEQ_KEY}
+    return msg.with_metadata(metadata)
+
+
+class OutputSequence:
+    """Which numbered iopub messages of the remote kernel the proxy has delivered, in order, and
+    which went missing: the evidence behind "nothing was lost".
+
+    The journal agent numbers every iopub message it records (1, 2, 3, ...). A server that falls
+    behind drops iopub messages at ZMQ's high-water mark with no sign on the connection, at any
+    moment (while stopped, while it catches up after, under a stop too short to notice); the
+    next number that arrives shows the gap. The supervisor asks :meth:`gap_before` of each
+    message before delivering it; a gap holds the message (and what follows) while the journal
+    is asked for what is missing, delivered in order; :meth:`settle` then counts what is still
+    missing before the message that showed the gap as lost, so the same gap is never asked
+    about twice. Sans-I/O: it decides, ``proxy.supervisor`` asks and waits.
+    """
+
+    def __init__(self) -> None:
+        #: the number expected next (None: no numbered message seen yet on this kernel)
+        self.expected: int | None = None
+        #: numbered messages known lost and not yet told (taken by :meth:`take_lost`)
+        self.lost = 0
+        # numbers of messages the journal named as too large to keep: told on their own
+        # (``Relay.lost_messages``), so not counted again as gaps
+        self._excused: set[int] = set()
+
+    @property
+    def numbered(self) -> bool:
+        """Whether this kernel numbers its messages (then gaps are seen as they happen)."""
+        return self.expected is not None
+
+    def gap_before(self, number: int | None) -> int:
+        """How many numbered messages are missing just before the one numbered ``number``
+        (0: none, it is unnumbered, or it came late, after its successors)."""
+        if number is None or self.expected is None:
+            return 0
+        return max(0, number - self.expected)
+
+    def delivered(self, number: int | None) -> None:
+        """The message numbered ``number`` reached the relay (any gap before it is lost)."""
+        if number is None:
+            return
+        if self.expected is None:
+            self.expected = number + 1  # the first one seen is where checking starts
+            return
+        self._advance(number)
+        self.expected = max(self.expected, number + 1)
+
+    def settle(self, number: int | None) -> None:
+        """What the journal could give before ``number`` has been delivered: whatever is still
+        missing before it is lost (and no longer a gap to ask about)."""
+        if number is None or self.expected is None:
+            return
+        self._advance(number)
+
+    def excuse(self, numbers: list[int]) -> None:
+        """These numbers are accounted for otherwise (too large to keep: told by name)."""
+        self._excused.update(numbers)
+
+    def _advance(self, number: int) -> None:
+        """Count the numbers from ``expected`` to before ``number`` as lost (the excused
+        aside), and expect ``number`` next."""
+        if self.expected is None:
+            return
+        missing = number - self.expected
+        if missing > 0:
+            excused = {n for n in self._excused if self.expected <= n < number}
+            self.lost += missing - len(excused)
+            self.expected = number
+        self._excused = {n for n in self._excused if n >= self.expected}
+
+    def covers(self, upto: int | None) -> bool:
+        """Whether everything numbered up to ``upto`` (a journal answer's last number) has been
+        delivered, or told lost: then no gap hides at the end, where nothing follows to show it.
+        """
+        return upto is None or self.expected is None or self.expected > upto
+
+    def take_lost(self) -> int:
+        """The count of messages lost since the last call (the user is told of each once)."""
+        lost, self.lost = self.lost, 0
+        return lost
+
+
 def recovered_messages(reply: Message) -> tuple[list[Message], bool]:
     """The messages in a journal reply, in the order the kernel sent them, and whether that is
     everything after what the proxy had (False: the ring had forgotten some, or some were too
@@ -150,6 +250,7 @@ class LostMessage:
     size: int  # bytes of its buffers
     parent_header: JsonDict  # the request that caused it (a cell, a comm message): the msg_id
     comm_id: str | None
+    sequence: int | None = None  # its iopub number (the agent numbered it, then let it go)
 
     def describe(self) -> str:
         """``a 24.0 MB comm_msg (comm 1a2b...)``: for the user's notice."""
@@ -157,6 +258,16 @@ class LostMessage:
         if self.comm_id:
             what += f" (comm {self.comm_id})"
         return what
+
+
+def answer_sequence(reply: Message) -> int | None:
+    """The last iopub number the agent had given when it made this answer (None: an agent that
+    does not number its messages)."""
+    return _number(reply.content.get(SEQ_KEY))
+
+
+def _number(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def known_gaps(reply: Message) -> list[LostMessage]:
@@ -172,6 +283,7 @@ def known_gaps(reply: Message) -> list[LostMessage]:
             continue
         size = gap.get("bytes")
         comm_id = gap.get("comm_id")
+        number = gap.get(SEQ_KEY)
         found.append(
             LostMessage(
                 channel=str(gap.get("channel") or "iopub"),
@@ -179,6 +291,9 @@ def known_gaps(reply: Message) -> list[LostMessage]:
                 size=size if isinstance(size, int) and not isinstance(size, bool) else 0,
                 parent_header=_dict(gap.get("parent_header")),
                 comm_id=comm_id if isinstance(comm_id, str) else None,
+                sequence=number
+                if isinstance(number, int) and not isinstance(number, bool)
+                else None,
             )
         )
     return found

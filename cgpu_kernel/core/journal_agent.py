@@ -15,6 +15,14 @@ by bytes. Buffers are copied (a widget may reuse its array) unless they are too 
 such a message is remembered only as a gap. Messages belonging to the proxy's own requests
 (``msg_id`` prefix ``cgpu-internal-``) are not recorded.
 
+Each recorded iopub message is also numbered, in the order it leaves (``metadata["cgpu_seq"]``:
+1, 2, 3, ...). IOPub is the one channel every connection sees in full, and the one a server that
+falls behind drops from (at ZMQ's high-water mark) with no sign on the connection: a missing
+number is the only evidence of such a drop, so the proxy checks the numbers of everything it
+receives, asks for what is missing, and strips the number before a frontend sees the message.
+Shell, control and stdin messages are not numbered: the server routes them to one connection
+each (a reply to another client is never seen here, and is not a loss).
+
 This module must stay standalone: it is sent as source to the remote kernel, which does not
 have cgpu-kernel installed. Python 3.8+, standard library only.
 """
@@ -30,6 +38,7 @@ REPLY_TYPE = "cgpu_journal_reply"
 INTERNAL_PREFIX = "cgpu-internal-"
 CHANNELS = ("iopub", "shell", "control", "stdin")
 ENTRY_OVERHEAD = 300  # bytes a message costs beyond its text and buffers (headers, JSON)
+SEQ_KEY = "cgpu_seq"  # the metadata key of an iopub message's number
 
 
 class Entry:
@@ -68,6 +77,7 @@ def _gap_summary(channel: str, msg: dict[str, Any], size: int) -> dict[str, Any]
         "parent_header": {k: parent[k] for k in ("msg_id", "msg_type", "session") if k in parent},
         "comm_id": content.get("comm_id") if isinstance(content, dict) else None,
         "bytes": size,
+        SEQ_KEY: (msg.get("metadata") or {}).get(SEQ_KEY),
     }
 
 
@@ -99,6 +109,7 @@ class Journal:
         self.total = 0
         self.evicted = dict.fromkeys(CHANNELS, 0)
         self.unrecorded = 0
+        self.numbered = 0  # the last number given to an iopub message
         self.lock = threading.RLock()
         self.original_send = self.session.send
 
@@ -119,7 +130,19 @@ class Journal:
         # Recording under the same lock as the send keeps the ring in the order messages
         # leave, whichever thread sends them.
         with self.lock:
-            msg = self.original_send(stream, msg_or_type, *args, **kwargs)
+            numbered = self.numbered
+            if stream is not None and self._channel(stream) == "iopub":
+                try:
+                    msg_or_type, args, kwargs = self._numbered(msg_or_type, args, kwargs)
+                except Exception:
+                    self.unrecorded += 1  # unnumbered: the proxy cannot check what follows
+            try:
+                msg = self.original_send(stream, msg_or_type, *args, **kwargs)
+            except BaseException:
+                # Never sent: its number goes to the next one, or the proxy would wait for a
+                # message that does not exist (no other number was given: the lock is held).
+                self.numbered = numbered
+                raise
             if isinstance(msg, dict) and stream is not None:  # None: built, not sent
                 try:
                     self._record(stream, msg, args, kwargs)
@@ -127,6 +150,36 @@ class Journal:
                     # Never break the kernel's own sending; the journal only admits a gap.
                     self.unrecorded += 1
             return msg
+
+    def _numbered(
+        self, msg_or_type: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """The send's arguments with the next number in the message's metadata (unchanged for
+        a message about one of the proxy's own requests, which is not recorded either)."""
+        # Session.send(stream, msg_or_type, content, parent, ident, buffers, track, header,
+        # metadata); msg_or_type is a msg_type, or a message already built (its own parent and
+        # metadata inside).
+        if isinstance(msg_or_type, dict):
+            parent = msg_or_type.get("parent_header")
+        else:
+            parent = (
+                kwargs["parent"] if "parent" in kwargs else (args[1] if len(args) > 1 else None)
+            )
+        if isinstance(parent, dict):
+            parent_header = parent.get("header", parent)
+            parent_id = parent_header.get("msg_id") if isinstance(parent_header, dict) else None
+            if isinstance(parent_id, str) and parent_id.startswith(INTERNAL_PREFIX):
+                return msg_or_type, args, kwargs
+        self.numbered += 1
+        if isinstance(msg_or_type, dict):
+            metadata = dict(msg_or_type.get("metadata") or {}, **{SEQ_KEY: self.numbered})
+            return dict(msg_or_type, metadata=metadata), args, kwargs
+        if len(args) > 6:
+            given = list(args)
+            given[6] = dict(given[6] or {}, **{SEQ_KEY: self.numbered})
+            return msg_or_type, tuple(given), kwargs
+        metadata = dict(kwargs.get("metadata") or {}, **{SEQ_KEY: self.numbered})
+        return msg_or_type, args, dict(kwargs, metadata=metadata)
 
     def _record(
         self, stream: Any, msg: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -175,9 +228,9 @@ class Journal:
             return "iopub"
         return "shell"
 
-    def select(self, after: dict[str, Any]) -> tuple[list[Entry], dict[str, bool]]:
-        """Entries sent after ``after[channel]`` on each channel (gaps included), and whether
-        that is all.
+    def select(self, after: dict[str, Any]) -> tuple[list[Entry], dict[str, bool], int]:
+        """Entries sent after ``after[channel]`` on each channel (gaps included), whether
+        that is all, and the last iopub number given when they were chosen.
 
         A channel whose last message is not in the ring (evicted, or never seen by the proxy)
         gets all its entries; that is complete only if nothing of it was ever evicted.
@@ -185,6 +238,7 @@ class Journal:
         with self.lock:
             entries = list(self.entries)
             evicted = dict(self.evicted)
+            numbered = self.numbered
         start: dict[str, int] = {}
         for index, entry in enumerate(entries):
             if after.get(entry.channel) == entry.msg_id:
@@ -196,14 +250,14 @@ class Journal:
         for entry in chosen:
             if entry.msg is None:
                 complete[entry.channel] = False
-        return chosen, complete
+        return chosen, complete, numbered
 
     def answer(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         """The control handler for ``cgpu_journal_request``: the messages, in order, and a
         summary of each one too large to have been kept (``gaps``)."""
         content = parent.get("content") or {}
         after = content.get("after")
-        chosen, complete = self.select(after if isinstance(after, dict) else {})
+        chosen, complete, numbered = self.select(after if isinstance(after, dict) else {})
         messages = []
         gaps = []
         buffers: list[bytes] = []
@@ -213,7 +267,13 @@ class Journal:
                 continue
             messages.append(dict(entry.msg, channel=entry.channel, buffers=len(entry.buffers)))
             buffers.extend(entry.buffers)
-        reply = {"status": "ok", "messages": messages, "complete": complete, "gaps": gaps}
+        reply = {
+            "status": "ok",
+            "messages": messages,
+            "complete": complete,
+            "gaps": gaps,
+            SEQ_KEY: numbered,  # the last iopub number when the selection was made
+        }
         try:
             self.session.send(stream, REPLY_TYPE, reply, parent, ident, buffers)
         except Exception as exc:

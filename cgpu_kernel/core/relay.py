@@ -601,6 +601,26 @@ class Relay:
         log.warning("%s", text)
         return []
 
+    def output_lost(self, count: int, *, parent: JsonDict) -> list[Action]:
+        """``count`` numbered iopub messages never arrived, and the kernel's output journal no
+        longer had them (its record did not reach back far enough, or it did not answer): the
+        numbers prove the loss, so it is told, however the outage was reported before. Told to
+        the running cells, else in the output of the request that the next message answered."""
+        text = (
+            f"cgpu-kernel: {count} output message{'s' if count != 1 else ''} from"
+            f" {self.remote_description} never arrived (the server dropped"
+            f" {'them' if count != 1 else 'it'} while it fell behind) and the kernel's output"
+            " journal no longer had them: some output is missing. A larger --journal-max-bytes"
+            " or --journal-max-messages keeps more."
+        )
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(r.msg, text) for r in running]
+        if parent.get("msg_id"):
+            return [Publish(stream_notice(self.session, parent, text))]
+        log.warning("%s", text)
+        return []
+
     def open_cells(self) -> list[Request]:
         """Cells sent to the remote whose ``idle`` has not come back (reply or not)."""
         return list(self._open_cells.values())

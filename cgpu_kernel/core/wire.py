@@ -156,6 +156,19 @@ class Message:
             self._metadata = _loads_dict(self.parts[2], "metadata")
         return self._metadata
 
+    def with_metadata(self, metadata: JsonDict) -> Message:
+        """This message with other metadata (the rest, buffers included, shared)."""
+        msg = Message(
+            self.channel,
+            [self.parts[0], self.parts[1], _dumps(metadata), self.parts[3]],
+            self.buffers,
+            header=self.header,
+            parent_header=self.parent_header,
+            content=self._content,
+        )
+        msg._metadata = metadata
+        return msg
+
     @property
     def size(self) -> int:
         """Bytes on the wire, buffers included (what output limits count)."""

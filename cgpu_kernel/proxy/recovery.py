@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from cgpu_kernel.core.journal import (
     LastSeen,
     LostMessage,
+    OutputSequence,
+    answer_sequence,
     can_hold_journal,
     install_request,
     is_internal,
@@ -59,6 +61,8 @@ class JournalAnswer:
     gaps: list[LostMessage] = field(default_factory=list)
     #: the last message the answer covers on each channel (where a second look starts)
     end: dict[str, str | None] = field(default_factory=dict)
+    #: the last iopub number the kernel had given when it answered (None: it numbers none)
+    sequence: int | None = None
 
 
 class JournalKeeper:
@@ -74,6 +78,8 @@ class JournalKeeper:
         # ANSWER_WAIT; any answer (a late one too) makes it True again.
         self.answering = True
         self.last_seen = LastSeen()
+        #: the kernel's numbered iopub messages delivered so far (the evidence of gaps)
+        self.sequence = OutputSequence()
         self.iopub_heard = asyncio.Event()  # an iopub message about one of our requests came
         self._waiting: dict[str, asyncio.Future[Message]] = {}
         self._idle: dict[str, asyncio.Event] = {}  # probes whose iopub idle is awaited
@@ -111,6 +117,7 @@ class JournalKeeper:
         self.active = False
         self.answering = True
         self.last_seen = LastSeen()
+        self.sequence = OutputSequence()
 
     async def arm(self, channels: RemoteChannels, ready: Callable[[], None]) -> None:
         """Install the journal in the kernel behind ``channels``.
@@ -197,18 +204,23 @@ class JournalKeeper:
                 future.cancel()
 
     async def recover(
-        self, channels: RemoteChannels, after: dict[str, str | None] | None = None
+        self,
+        channels: RemoteChannels,
+        after: dict[str, str | None] | None = None,
+        *,
+        casual: bool = False,
     ) -> JournalAnswer | None:
         """Everything the kernel sent after what the proxy last received (or after ``after``),
         whether that is all of it, and what was too large to keep; None without an answer (no
         journal, the connection dropped, or no answer within the patience: see the module's
-        docstring)."""
+        docstring). ``casual``: a look with no outage behind it (a quiet cell's end), waiting
+        ``ANSWER_WAIT`` s once; a kernel too busy to answer it is not marked slow."""
         if not self.active:
             return None
         if after is None:
             after = self.last_seen.snapshot()
         loop = asyncio.get_running_loop()
-        patience = JOURNAL_PATIENCE if self.answering else ANSWER_WAIT
+        patience = JOURNAL_PATIENCE if self.answering and not casual else ANSWER_WAIT
         deadline = loop.time() + patience
         wait = ANSWER_WAIT
         asked: list[asyncio.Future[Message | None]] = []
@@ -220,7 +232,8 @@ class JournalKeeper:
             if asked:
                 log.info("the output journal has not answered yet; asking again")
             future = self.ask(channels, journal_request(self.session, after), LATE_ANSWER_WAIT)
-            future.add_done_callback(self._answered)
+            if not casual:
+                future.add_done_callback(self._answered)
             asked.append(future)
             done, _ = await asyncio.wait(
                 asked, timeout=min(wait, remaining), return_when="FIRST_COMPLETED"
@@ -231,7 +244,7 @@ class JournalKeeper:
                     reply = finished.result()
             wait *= 2
         if reply is None:
-            if not channels.closed.is_set():
+            if not channels.closed.is_set() and not casual:
                 log.warning(
                     "the remote kernel's output journal did not answer within %.0f s; this"
                     " outage's output is not checked (it is asked again after the next one)",
@@ -248,7 +261,7 @@ class JournalKeeper:
         end = dict(after)
         for msg in messages:
             end[msg.channel] = msg.msg_id
-        return JournalAnswer(messages, complete, known_gaps(reply), end)
+        return JournalAnswer(messages, complete, known_gaps(reply), end, answer_sequence(reply))
 
     def _answered(self, future: asyncio.Future[Message | None]) -> None:
         """A journal request was answered (in time or late): the journal is alive."""

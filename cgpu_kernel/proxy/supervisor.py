@@ -16,6 +16,11 @@ that loop:
   journal (``recovery.JournalKeeper``) returns what the proxy missed, then the held messages
   follow, in order, each once (the relay drops what it has seen). Only then is the user told,
   and only what the journal said;
+* the journal agent numbers each iopub message it records; a gap in the numbers (a server that
+  fell behind dropped some, at any moment: during a stop too short to notice, while catching up
+  after one) holds the message that shows it, and what follows, while the journal is asked for
+  what is missing (``_fill``); what it no longer has is told as lost. After the lost-reply
+  probe a last look fetches a lost end, where no later message could show the gap;
 * after an outage the journal did not cover, a ``kernel_info_request`` (answered on shell only
   after every cell sent before it, its ``idle`` on iopub after theirs) finds the cells whose
   reply was lost (answered with an error) and those whose final ``idle`` was lost (ended with a
@@ -32,8 +37,9 @@ from typing import Any
 from cgpu_kernel.backends.base import LAUNCH_SLACK, Backend
 from cgpu_kernel.core.actions import Action
 from cgpu_kernel.core.backoff import FailureStreak
+from cgpu_kernel.core.journal import sequence_number, without_sequence_number
 from cgpu_kernel.core.relay import Relay, RemoteState
-from cgpu_kernel.core.wire import Message
+from cgpu_kernel.core.wire import JsonDict, Message
 from cgpu_kernel.exceptions import (
     CgpuError,
     MalformedMessageError,
@@ -56,6 +62,8 @@ AUTH_HINT = (
 
 SECOND_LOOKS = 15  # most looks at the journal after an outage's recovery (30 s)
 SECOND_LOOK_AFTER = 2.0  # seconds between them (the server's backlog drains meanwhile)
+QUIET_LOOK_AFTER = 3.0  # seconds an open cell stays silent before the journal's end is looked at
+QUIET_LOOK_MAX = 60.0  # the longest wait between such looks (doubling while it stays quiet)
 
 
 class RemoteSupervisor:
@@ -104,6 +112,9 @@ class RemoteSupervisor:
         # Where the journal has not yet been checked after a silence's recovery (a second look
         # is due, or was cut short by a newer outage, whose recovery then starts here).
         self._unverified: dict[str, str | None] | None = None
+        # the connection whose quiet cells are looked at (``_look_at_quiet_ends``)
+        self._looking_at: RemoteChannels | None = None
+        self._last_delivery = 0.0  # loop time a remote message last reached the relay
         #: the reconnection schedule across outages (connections that die young keep it going)
         self.reconnect_streak = FailureStreak()
         self._last_failure: str | None = None  # the last start failure logged, until one works
@@ -242,7 +253,26 @@ class RemoteSupervisor:
         return self._outages
 
     def _on_remote_message(self, msg: Message) -> None:
-        self.journal.last_seen.saw(msg)
+        """One remote message to the relay, in order; a gap in the kernel's numbering before it
+        holds it (and what follows) while the journal is asked for what is missing."""
+        self._last_delivery = asyncio.get_running_loop().time()
+        number = sequence_number(msg)
+        if number is not None:
+            sequence = self.journal.sequence
+            if sequence.gap_before(number) and self._held is None:
+                if self.channels is not None and self.journal.active:
+                    self._held = [msg]
+                    self.spawn(self._fill(self.channels, number))
+                    return
+                sequence.settle(number)  # nothing to ask: told lost at once
+                self._tell_lost(msg.parent_header)
+            late = sequence.expected is not None and number < sequence.expected
+            sequence.delivered(number)
+            msg = without_sequence_number(msg)
+            if not late:  # a straggler (its successors came first) does not move the mark
+                self.journal.last_seen.saw(msg)
+        else:
+            self.journal.last_seen.saw(msg)
         self.backend.observe(msg)  # before the relay, whose intercept predicate changes nothing
         try:
             actions = self.relay.remote_message(msg)
@@ -267,6 +297,9 @@ class RemoteSupervisor:
         loop = asyncio.get_running_loop()
         while channels is not None:
             self.channels = channels
+            if self._looking_at is not channels:
+                self._looking_at = channels
+                self.spawn(self._look_at_quiet_ends(channels))
             if not hiccup:  # the run's history counts reconnections; a hiccup is not one
                 self.connected()
             channels.deliver_to(self._sink())
@@ -320,9 +353,83 @@ class RemoteSupervisor:
 
     def _release(self) -> None:
         """Hand the held messages to the relay, in order, and stop holding."""
-        held, self._held = self._held, None
-        for msg in held or ():
+        held, self._held = self._held or [], None
+        for index, msg in enumerate(held):
+            again = self._holding()
+            if again is not None:  # a gap in them: held again behind its recovery
+                again.extend(held[index:])
+                return
             self._on_remote_message(msg)
+
+    def _holding(self) -> list[Message] | None:
+        """The held list, if messages are held now (read anew: a delivery can start a hold)."""
+        return self._held
+
+    async def _look_at_quiet_ends(self, channels: RemoteChannels) -> None:
+        """A cell still open after ``QUIET_LOOK_AFTER`` s without a message: look at the
+        journal's end (``_fill``). A server that fell behind for a moment too short to notice
+        can drop a cell's last lines and its ``idle``, and nothing follows to show the gap:
+        without this look the cell would stay busy until the next cell's output arrives. A
+        quiet cell costs one small control round trip per look; a chatty one none."""
+        loop = asyncio.get_running_loop()
+        wait = QUIET_LOOK_AFTER
+        while self.channels is channels and not channels.closed.is_set():
+            await asyncio.sleep(wait)
+            if loop.time() - self._last_delivery < wait:
+                wait = QUIET_LOOK_AFTER  # it talks: nothing to look at
+                continue
+            if (
+                self.channels is channels
+                and self._held is None
+                and self.journal.active
+                and self.journal.sequence.numbered
+                and self.relay.open_cells()
+            ):
+                self._held = []
+                await self._fill(channels, None, casual=True)
+            # a cell quiet for long (a long computation) is looked at less and less often
+            wait = min(2 * wait, QUIET_LOOK_MAX)
+
+    def _tell_lost(self, parent: JsonDict) -> None:
+        """Tell the user of numbered messages known lost since the last telling, if any."""
+        lost = self.journal.sequence.take_lost()
+        if lost:
+            log.warning("%d iopub messages from the remote kernel are lost", lost)
+            self.perform(self.relay.output_lost(lost, parent=parent))
+
+    async def _fill(
+        self, channels: RemoteChannels, before: int | None, *, casual: bool = False
+    ) -> None:
+        """Messages are missing before the one numbered ``before``, which is held with all that
+        follows (``_on_remote_message``): ask the journal for everything after the last
+        message delivered, deliver it, count what it no longer had as lost, and release the
+        held ones (dropping what the answer already brought). ``before`` None: a look at the
+        end (``_check_lost_replies``), where no later message could show a gap: what the
+        kernel had numbered when it answered is the end. ``casual``: a look at a quiet cell,
+        which a journal too busy to answer soon does not fail (``JournalKeeper.recover``)."""
+        sequence = self.journal.sequence
+        held = self._held[0] if self._held else None
+        outage_id = self._outages
+        if before is not None:
+            log.warning(
+                "%d iopub messages from the remote kernel never arrived (numbers %s-%d: the"
+                " server dropped them); fetching them from its output journal",
+                sequence.gap_before(before),
+                sequence.expected,
+                before - 1,
+            )
+        result = await self.journal.recover(channels, casual=casual)
+        if self._outages != outage_id or (result is None and channels.closed.is_set()):
+            return  # a newer outage: its recovery asks for all of it and releases the held
+        self._deliver(result)
+        if before is not None:
+            sequence.settle(before)
+        elif result is not None and result.sequence is not None:
+            sequence.settle(result.sequence + 1)
+        if result is not None and before is not None:
+            log.info("the output journal filled the gap")
+        self._tell_lost(held.parent_header if held is not None else {})
+        self._release()
 
     async def _recover(
         self, channels: RemoteChannels, outage: float, outage_id: int, *, look_again: bool
@@ -350,7 +457,12 @@ class RemoteSupervisor:
         self.perform(self.relay.resend_answers())
         if result is not None:
             self._unverified = None
-        if look_again and result is not None and result.messages:
+        if result is not None:
+            self._tell_lost({})  # numbers the answer lacked (it said so: complete is False)
+        # A kernel that numbers its output shows every later gap as it comes (``_fill``); one
+        # that does not gets second looks, for drops while the server catches up.
+        numbered = self.journal.sequence.numbered
+        if look_again and result is not None and result.messages and not numbered:
             self._unverified = result.end
             self.spawn(self._second_look(channels, result.end, outage_id))
         # Whatever the journal said: a request written into the lost socket is settled only
@@ -401,6 +513,7 @@ class RemoteSupervisor:
         if result is None:
             return
         log.info("the output journal returned %d messages", len(result.messages))
+        self.journal.sequence.excuse([g.sequence for g in result.gaps if g.sequence is not None])
         for msg in result.messages:
             self._on_remote_message(msg)
         if result.gaps:
@@ -480,6 +593,13 @@ class RemoteSupervisor:
             return
         if self._held is not None:
             return  # another outage began: its own check follows its recovery
+        if self.journal.active and self.journal.sequence.numbered:
+            # The end of the output (a cell's last lines, its idle) has nothing after it to
+            # show a gap: ask what follows the last message delivered.
+            self._held = []
+            await self._fill(channels, None)
+            if self._holding() is not None or self.channels is not channels:
+                return  # another outage (or a gap) began: its own check follows
         # Requests the kernel never confirmed are sent again or answered (the relay decides).
         self.perform(
             self.relay.settle_after_probe(
