@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import CgpuError
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,15 @@ class AwaitRestartedKernel:
     :meth:`Relay.remote_connected` to send the requests held meanwhile."""
 
 
+@dataclass(frozen=True)
+class EndRun:
+    """The remote kernel died (``on_remote_death = exit``): the proxy process ends, deleting
+    what is left of the remote kernel, so the frontend sees a dead kernel, as it would a
+    local one, and its own restart policy applies. ``error`` is what the log says."""
+
+    error: CgpuError
+
+
 Action = (
     SendToRemote
     | SendToFrontend
@@ -100,4 +110,5 @@ Action = (
     | CloseRemote
     | SpoolOutput
     | AwaitRestartedKernel
+    | EndRun
 )

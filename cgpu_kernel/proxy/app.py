@@ -30,6 +30,7 @@ from cgpu_kernel.proxy.kernel import ProxyKernelRun
 from cgpu_kernel.proxy.options import ProxyKernel
 
 log = logging.getLogger("cgpu_kernel")
+REMOTE_DIED_EXIT = 3  # the exit status when the remote kernel died (on_remote_death = exit)
 
 
 class ProxyKernelApp(Application):
@@ -99,7 +100,10 @@ class ProxyKernelApp(Application):
             backend = UnavailableBackend(exc)
         if sys.platform == "win32":
             asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())  # type: ignore[attr-defined]
-        asyncio.run(ProxyKernelRun(options, connection_info, backend).run())
+        run = ProxyKernelRun(options, connection_info, backend)
+        asyncio.run(run.run())
+        if run.died is not None:  # the remote kernel died: so does this one (on_remote_death)
+            raise SystemExit(REMOTE_DIED_EXIT)
 
 
 class _Recorder(logging.Handler):

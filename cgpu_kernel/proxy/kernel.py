@@ -27,6 +27,7 @@ from cgpu_kernel.core.actions import (
     AwaitRestartedKernel,
     CloseRemote,
     ConnectRemote,
+    EndRun,
     InterruptRemote,
     Publish,
     Request,
@@ -91,6 +92,7 @@ class ProxyKernelRun:
             max_queue=options.max_queue,
             intercept=backend.intercepts,
             limiter=limiter,
+            on_remote_death=options.on_remote_death,
         )
         self.tracker = ExecutionTracker(
             str(connection_info.get("kernel_name") or backend.description), deferred=True
@@ -113,6 +115,8 @@ class ProxyKernelRun:
             connected=self.tracker.connected,
         )
         self._stopped = asyncio.Event()
+        #: set when the run ended because the remote kernel died: the process exits non-zero
+        self.died: CgpuError | None = None
         self._stopping = False
         self._shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -251,8 +255,21 @@ class ProxyKernelRun:
                 case AwaitRestartedKernel():
                     if self.channels is not None:
                         self._spawn(self.remote.after_restart(self.channels))
+                case EndRun():
+                    self._end_with_remote(action.error)
                 case _:
                     assert_never(action)
+
+    def _end_with_remote(self, error: CgpuError) -> None:
+        """The remote kernel died (``on_remote_death = exit``): say so once in the log, then
+        end the run; the cleanup deletes what the server kept of the remote kernel (a restarted
+        process), so none is left behind, and the frontend sees this kernel die."""
+        if self.died is not None:
+            return
+        self.died = error
+        log.error("exiting: %s", error)
+        self.iopub.flush()  # the cells' error outputs go out before the sockets close
+        self.stop()
 
     def _publish(self, msg: Message) -> None:
         """Count ``msg`` in the execution history, then publish it on iopub."""
