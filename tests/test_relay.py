@@ -613,3 +613,16 @@ def test_outage_notice_says_only_what_the_server_answered(health: str | None, sa
     (notice,) = relay.outage_notice(6.0, health)
     text = notice.msg.content["text"]
     assert says in text and "keeps running" not in text
+
+
+def test_a_first_cell_notice_goes_to_the_running_cell_or_the_next_one_once() -> None:
+    relay = connected_relay()
+    assert relay.first_cell_notice("cgpu-kernel: options not applied") == []
+    first = request("execute_request", code="1")
+    out = relay.frontend_message("shell", NOTEBOOK, first)
+    (notice,) = [a for a in out if isinstance(a, Publish)]
+    assert notice.msg.parent_id == first.msg_id and "not applied" in notice.msg.content["text"]
+    out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
+    assert not any(isinstance(a, Publish) for a in out)  # once
+    (told,) = relay.first_cell_notice("late")  # a cell runs: told there at once
+    assert isinstance(told, Publish) and told.msg.parent_id == first.msg_id

@@ -269,6 +269,7 @@ class Relay:
         #: "exit": a dead remote kernel ends the proxy; "continue": a fresh one takes its place
         self.on_remote_death = on_remote_death
         self._had_kernel = False  # a remote kernel was connected once (its death is a death)
+        self._first_cell_notice: str | None = None  # said in the next cell's output, once
         self.intercept = intercept
         self.limiter = limiter
         self.remote_description = remote_description
@@ -338,9 +339,24 @@ class Relay:
             self._comm_event(msg)
         if msg_type == "kernel_info_request" and self.state is RemoteState.FAILED:
             return self._local_kernel_info(request)
-        if self.state is RemoteState.CONNECTED:
-            return self._forward(request)
-        return self._enqueue(request)
+        actions = (
+            self._forward(request)
+            if self.state is RemoteState.CONNECTED
+            else self._enqueue(request)
+        )
+        if channel == "shell" and msg_type == "execute_request" and self._first_cell_notice:
+            actions.append(self._notice(msg, self._first_cell_notice))
+            self._first_cell_notice = None
+        return actions
+
+    def first_cell_notice(self, text: str) -> list[Action]:
+        """Say ``text`` once, in the output of the cell running now, else of the next one
+        (what the kernel's command line asked for that the remote kernel did not get)."""
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(running[0].msg, text)]
+        self._first_cell_notice = text
+        return []
 
     def interrupt_finished(self, request: Request, error: CgpuError | None) -> list[Action]:
         """The REST interrupt for ``request`` completed (``error`` is None on success)."""

@@ -36,6 +36,7 @@ from cgpu_kernel.core.actions import (
     ShutdownRemote,
     SpoolOutput,
 )
+from cgpu_kernel.core.kernel_options import KernelOptions
 from cgpu_kernel.core.limits import Budgets, OutputLimiter
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message
@@ -71,7 +72,11 @@ class ProxyKernelRun:
     """One run of the proxy: from binding the sockets to deleting the remote kernel."""
 
     def __init__(
-        self, options: ProxyKernel, connection_info: dict[str, Any], backend: Backend
+        self,
+        options: ProxyKernel,
+        connection_info: dict[str, Any],
+        backend: Backend,
+        kernel_options: KernelOptions | None = None,
     ) -> None:
         self.options = options
         self.backend = backend
@@ -114,6 +119,7 @@ class ProxyKernelRun:
             stopping=lambda: self._stopping,
             connected=self.tracker.connected,
         )
+        self.remote.kernel_options = kernel_options or KernelOptions()
         self._stopped = asyncio.Event()
         #: set when the run ended because the remote kernel died: the process exits non-zero
         self.died: CgpuError | None = None

@@ -32,6 +32,12 @@ from typing import Any
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.core.actions import Action
 from cgpu_kernel.core.backoff import FailureStreak
+from cgpu_kernel.core.kernel_options import (
+    KernelOptions,
+    apply_request,
+    not_applied,
+    not_applied_notice,
+)
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message
 from cgpu_kernel.exceptions import (
@@ -43,7 +49,7 @@ from cgpu_kernel.exceptions import (
 from cgpu_kernel.proxy.connection import MessageSink, RemoteChannels
 from cgpu_kernel.proxy.options import TOKEN_ENV, ProxyKernel
 from cgpu_kernel.proxy.reconnect import Reconnector
-from cgpu_kernel.proxy.recovery import JournalAnswer, JournalKeeper
+from cgpu_kernel.proxy.recovery import KERNEL_INFO_WAIT, JournalAnswer, JournalKeeper
 
 log = logging.getLogger("cgpu_kernel")
 
@@ -102,6 +108,9 @@ class RemoteSupervisor:
         # Where the journal has not yet been checked after a silence's recovery (a second look
         # is due, or was cut short by a newer outage, whose recovery then starts here).
         self._unverified: dict[str, str | None] | None = None
+        #: the command line's options for the kernel (``proxy.kernel`` sets them)
+        self.kernel_options = KernelOptions()
+        self._kernel_options_told = False  # what was not applied is said once per run
         #: the reconnection schedule across outages (connections that die young keep it going)
         self.reconnect_streak = FailureStreak()
 
@@ -169,6 +178,39 @@ class RemoteSupervisor:
                 continue
             await self._serve(channels)
 
+    def _apply_kernel_options(self, channels: RemoteChannels) -> None:
+        """Send the command line's ``--Class.trait=value`` options for the kernel to a fresh
+        (or restarted) remote kernel, before any cell; then say once what was not applied."""
+        options = self.kernel_options
+        if not options:
+            return
+        if not options.settings:
+            self._tell_kernel_options(None)
+            return
+        answer = self.journal.ask(
+            channels, apply_request(self.session_id, options), KERNEL_INFO_WAIT
+        )
+
+        async def applied() -> None:
+            self._tell_kernel_options(await answer)
+
+        self.spawn(applied())
+
+    def _tell_kernel_options(self, reply: Message | None) -> None:
+        if self._kernel_options_told:
+            return
+        self._kernel_options_told = True
+        missed = not_applied(self.kernel_options, reply)
+        if not missed:
+            log.info(
+                "applied to the remote kernel: %s",
+                " ".join(s[0] for s in self.kernel_options.settings),
+            )
+            return
+        text = not_applied_notice(missed)
+        log.warning("%s", text)
+        self.perform(self.relay.first_cell_notice(text))
+
     def _remote_failed(self, error: CgpuError) -> None:
         log.error("%s", error)
         self.perform(self.relay.remote_failed(error))
@@ -222,6 +264,7 @@ class RemoteSupervisor:
             ready = asyncio.Event()
             self.spawn(self.journal.arm(channels, ready.set))
             await ready.wait()
+            self._apply_kernel_options(channels)
         outage: float | None = None
         hiccup = False
         quiet = False  # the outage was a silence (the server may have stopped reading)
@@ -405,6 +448,7 @@ class RemoteSupervisor:
         slipped through to the restarting kernel anyway must not stay busy forever."""
         self.journal.iopub_heard.clear()
         await self.journal.arm(channels, lambda: None)
+        self._apply_kernel_options(channels)
         if not await self.journal.iopub_flowing(channels):
             log.warning("no output from the restarted remote kernel yet; sending cells anyway")
         if self.channels is channels and self.relay.state is RemoteState.RESTARTING:
