@@ -26,7 +26,7 @@ Rules the relay enforces:
   remote kernel is too busy to read its control channel.
 * No request is left without an answer: when the remote fails, is lost, or the proxy shuts down,
   every waiting request gets an error reply naming the reason, with ``busy``/``idle`` around it,
-  so no cell stays "busy" forever.
+  so no cell stays "busy" forever (a remote kernel that died ends the proxy instead, below).
 * A remote kernel that dies (the server restarts it or gives it up, another client or the
   server deletes it, a reconnection finds it gone) is, by default (``on_remote_death="exit"``),
   a dead kernel to the frontend, as a local one would be: each waiting cell is shown the error
@@ -947,8 +947,10 @@ class Relay:
         Each waiting cell gets the error as its output (an ``error`` message, which nbclient
         and papermill keep in the notebook), but no reply and no ``idle``: a local kernel that
         died sends neither, and a reply would make nbclient report a failed cell
-        (``CellExecutionError``) and papermill carry on, rather than ``DeadKernelError``. Other
-        waiting requests get nothing either. Then the proxy ends (``EndRun``)."""
+        (``CellExecutionError``, which ``allow_errors`` runs carry on past) rather than
+        ``DeadKernelError``. Other waiting requests get nothing either: the frontend learns
+        from the process's exit, as it does from a local kernel's. Then the proxy ends
+        (``EndRun``)."""
         error = RemoteKernelGoneError(
             f"{lost} This kernel exits too, so that the frontend sees a dead kernel and applies"
             " its restart policy, as for a local kernel (a restarted kernel starts a fresh"
