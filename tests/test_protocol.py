@@ -126,10 +126,14 @@ def test_binary_buffers_round_trip(any_remote: tuple[str, RemoteServer]) -> None
         km.shutdown_kernel()
 
 
-def test_interrupt_message_mode(any_remote: tuple[str, RemoteServer]) -> None:
-    km, kc = start_kernel(any_remote[0])
+def interrupt_a_sleeping_cell(name: str, mode: str) -> None:
+    """Interrupt a cell the way ``mode`` says (jupyter_client chooses from the kernelspec: an
+    ``interrupt_request`` on control, or SIGINT to the proxy); it ends with KeyboardInterrupt
+    soon, and the kernel keeps its variables and keeps working."""
+    km, kc = start_kernel(name)
     try:
-        assert km.kernel_spec is not None and km.kernel_spec.interrupt_mode == "message"
+        assert km.kernel_spec is not None and km.kernel_spec.interrupt_mode == mode
+        run_cell(kc, "kept = 'still here'")
         msg_id = kc.execute("import time; time.sleep(60)")
         wait_for_busy(kc, msg_id)
         started = time.monotonic()
@@ -138,34 +142,31 @@ def test_interrupt_message_mode(any_remote: tuple[str, RemoteServer]) -> None:
         assert time.monotonic() - started < 15
         errors = [m for m in outputs if m["msg_type"] == "error"]
         assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
-        # the kernel keeps its state and keeps working
-        _, outputs = run_cell(kc, "print('still here')")
+        _, outputs = run_cell(kc, "print(kept)")
         assert stdout_of(outputs) == "still here\n"
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
 
 
-def test_interrupt_signal_mode(kernel_dir: Path, jupyter_server: RemoteServer) -> None:
+def test_interrupt_message_mode(any_remote: tuple[str, RemoteServer]) -> None:
+    interrupt_a_sleeping_cell(any_remote[0], "message")
+
+
+def test_interrupt_signal_mode(kernel_dir: Path, any_remote: tuple[str, RemoteServer]) -> None:
     from .conftest import install_remote_spec
 
-    name = install_remote_spec(
-        kernel_dir,
-        "cgpu-test-signal",
-        jupyter_server,
-        interrupt_mode="signal",
-    )
-    km, kc = start_kernel(name)
-    try:
-        msg_id = kc.execute("import time; time.sleep(60)")
-        wait_for_busy(kc, msg_id)
-        km.interrupt_kernel()  # SIGINT to the proxy process
-        outputs = collect_iopub(kc, msg_id)
-        errors = [m for m in outputs if m["msg_type"] == "error"]
-        assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt"
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel()
+    name, server = any_remote
+    signal_spec = install_remote_spec(kernel_dir, f"{name}-signal", server, interrupt_mode="signal")
+    interrupt_a_sleeping_cell(signal_spec, "signal")
+
+
+@pytest.mark.parametrize("mode", ["message", "signal"])
+def test_interrupt_both_modes_on_the_local_backend(kernel_dir: Path, mode: str) -> None:
+    from .conftest import install_spec
+
+    name = install_spec(kernel_dir, f"cgpu-test-local-{mode}", "local", interrupt_mode=mode)
+    interrupt_a_sleeping_cell(name, mode)
 
 
 def wait_for_busy(kc: BlockingKernelClient, msg_id: str) -> None:

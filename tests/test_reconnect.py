@@ -66,6 +66,24 @@ def proxy_through(
         yield km, kc, path
 
 
+@pytest.fixture
+def proxy_carrying_on(
+    kernel_dir: Path, path: FaultyPath, jupyter_server: RemoteServer
+) -> Iterator[tuple[KernelManager, BlockingKernelClient, FaultyPath]]:
+    """Like ``proxy_through``, with ``on_remote_death=continue``: a remote kernel that dies is
+    replaced by a fresh one in the same proxy (the default, ``exit``, ends the proxy; see
+    tests/test_dead_kernel.py)."""
+    spec = install_spec_via(
+        kernel_dir,
+        "cgpu-test-faulty-continue",
+        path.url,
+        jupyter_server,
+        "--on-remote-death=continue",
+    )
+    with kernel_through(spec, path) as (km, kc):
+        yield km, kc, path
+
+
 def numbered_lines(outputs: list[dict]) -> list[int]:
     return [int(line) for line in stdout_of(outputs).splitlines()]
 
@@ -136,10 +154,10 @@ def test_cuts_lose_nothing_through_other_servers(
 
 
 def test_journal_comes_back_after_the_kernel_crashes_and_restarts(
-    proxy_through: tuple[KernelManager, BlockingKernelClient, FaultyPath],
+    proxy_carrying_on: tuple[KernelManager, BlockingKernelClient, FaultyPath],
 ) -> None:
     """The server restarts a crashed kernel; the new process gets a journal of its own."""
-    _, kc, faulty = proxy_through
+    _, kc, faulty = proxy_carrying_on
     reply, _ = run_cell(kc, "import os; os._exit(1)", timeout=60)
     assert reply["content"]["status"] == "error"
     deadline = time.monotonic() + 30
@@ -280,10 +298,10 @@ def test_reconnect_budget_runs_out_then_kernel_is_usable(
 
 
 def test_remote_kernel_deleted_behind_our_back(
-    proxy_through: tuple[KernelManager, BlockingKernelClient, FaultyPath],
+    proxy_carrying_on: tuple[KernelManager, BlockingKernelClient, FaultyPath],
     jupyter_server: RemoteServer,
 ) -> None:
-    _, kc, _ = proxy_through
+    _, kc, _ = proxy_carrying_on
     run_cell(kc, "doomed = True")
     before = jupyter_server.kernel_ids()
     msg_id = kc.execute("import time; time.sleep(30)")
@@ -315,7 +333,7 @@ def test_remote_server_restarted(kernel_dir: Path, tmp_path: Path) -> None:
         kernel_dir,
         "cgpu-test-restarted",
         server,
-        extra=["--ping-interval=0.5"],
+        extra=["--ping-interval=0.5", "--on-remote-death=continue"],
     )
     km, kc = start_kernel(name)
     second = None

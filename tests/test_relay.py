@@ -9,6 +9,7 @@ import pytest
 from cgpu_kernel.core.actions import (
     AwaitRestartedKernel,
     ConnectRemote,
+    EndRun,
     InterruptRemote,
     Publish,
     SendToFrontend,
@@ -32,8 +33,8 @@ def reply_to(req: Message, msg_type: str, channel: str = "shell", **content: Any
     return Message.build(channel, make_header(msg_type, "kernel"), req.header, {}, content)
 
 
-def connected_relay() -> Relay:
-    relay = Relay("proxy")
+def connected_relay(on_remote_death: str = "exit") -> Relay:
+    relay = Relay("proxy", on_remote_death=on_remote_death)
     relay.remote_connected()
     return relay
 
@@ -244,7 +245,7 @@ def test_a_failed_start_tells_kernel_info_why() -> None:
 
 
 def test_lost_kernel_fails_inflight_requests() -> None:
-    relay = connected_relay()
+    relay = connected_relay("continue")  # the carry-on mode; "exit" (default) below
     execute = request("execute_request", code="import time; time.sleep(100)")
     relay.frontend_message("shell", NOTEBOOK, execute)
     relay.remote_disconnected()
@@ -445,7 +446,7 @@ def test_outage_over_says_what_may_be_missing(complete: bool | None, says: str) 
 
 
 def test_server_restarting_the_kernel_fails_waiting_cells() -> None:
-    relay = connected_relay()
+    relay = connected_relay("continue")  # the carry-on mode; "exit" (default) below
     execute = request("execute_request", code="crash()")
     relay.frontend_message("shell", NOTEBOOK, execute)
     restarting = Message.build(
@@ -469,8 +470,59 @@ def test_server_restarting_the_kernel_fails_waiting_cells() -> None:
     assert relay.state is RemoteState.CONNECTED
 
 
-def test_a_connection_lost_while_the_kernel_restarts_is_reconnected() -> None:
+def server_status(state: str) -> Message:
+    """The status the server publishes (no parent) when it restarts a kernel or gives it up."""
+    return Message.build(
+        "iopub", make_header("status", "server"), {}, {}, {"execution_state": state}
+    )
+
+
+@pytest.mark.parametrize("state", ["restarting", "dead"])
+def test_a_remote_kernel_that_dies_ends_the_proxy_by_default(state: str) -> None:
+    """on_remote_death=exit: the cell shows the error, gets no reply (a dead local kernel sends
+    none, and a reply would make nbclient report a failed cell, not a dead kernel), and the
+    proxy ends; requests sent meanwhile are refused, never sent to the restarted kernel."""
     relay = connected_relay()
+    execute = request("execute_request", code="crash()")
+    relay.frontend_message("shell", NOTEBOOK, execute)
+    relay.frontend_message("shell", NOTEBOOK, request("complete_request", code="x", cursor_pos=1))
+    out = relay.remote_message(server_status(state))
+    assert not any(isinstance(a, SendToFrontend) for a in out)
+    errors = [a.msg for a in out if isinstance(a, Publish) and a.msg.msg_type == "error"]
+    assert [e.parent_id for e in errors] == [execute.msg_id]
+    assert errors[0].content["ename"] == "RemoteKernelLost"
+    assert "on_remote_death=continue" in errors[0].content["evalue"]
+    assert isinstance(out[-1], EndRun) and out[-1].error.ename == "RemoteKernelLost"
+    assert relay.state is RemoteState.SHUTTING_DOWN and relay.inflight == []
+    later = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="1"))
+    assert not any(isinstance(a, (SendToRemote, EndRun)) for a in later)
+    assert relay.remote_message(server_status("restarting"))[1:] == []  # ends once
+
+
+def test_a_remote_kernel_deleted_or_gone_ends_the_proxy_by_default() -> None:
+    relay = connected_relay()
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="train()"))
+    theirs = request("shutdown_request", "control", restart=False)
+    out = relay.remote_message(reply_to(theirs, "shutdown_reply", "iopub", restart=False))
+    assert isinstance(out[-1], EndRun) and "another client" in str(out[-1].error)
+    relay = connected_relay()  # a reconnection finds the kernel gone
+    relay.remote_disconnected()
+    out = relay.remote_failed(RemoteKernelGoneError("The server no longer knows it."))
+    assert isinstance(out[-1], EndRun)
+
+
+def test_a_kernel_lost_before_it_ever_ran_is_a_failed_start_not_a_death() -> None:
+    """No remote kernel was ever connected: the proxy stays (the next cell tries again), so a
+    remote that cannot start does not make the frontend restart the proxy in a loop."""
+    relay = Relay("proxy")
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="1"))
+    out = relay.remote_failed(RemoteKernelGoneError("The server no longer knows it."))
+    assert not any(isinstance(a, EndRun) for a in out)
+    assert relay.state is RemoteState.FAILED
+
+
+def test_a_connection_lost_while_the_kernel_restarts_is_reconnected() -> None:
+    relay = connected_relay("continue")  # the carry-on mode; "exit" (default) below
     restarting = Message.build(
         "iopub", make_header("status", "server"), {}, {}, {"execution_state": "restarting"}
     )
@@ -493,7 +545,7 @@ def test_lost_replies_are_failed_on_request() -> None:
 def test_kernel_shut_down_by_someone_else() -> None:
     from cgpu_kernel.core.actions import CloseRemote
 
-    relay = connected_relay()
+    relay = connected_relay("continue")  # the carry-on mode; "exit" (default) below
     execute = request("execute_request", code="import time; time.sleep(100)")
     relay.frontend_message("shell", NOTEBOOK, execute)
     theirs = request("shutdown_request", "control", restart=False)
@@ -777,3 +829,16 @@ def test_cells_wait_for_the_uploads_on_start_and_a_failure_fails_the_first() -> 
     assert kinds(
         relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
     ) == ["SendToRemote"]
+
+
+def test_a_first_cell_notice_goes_to_the_running_cell_or_the_next_one_once() -> None:
+    relay = connected_relay()
+    assert relay.first_cell_notice("cgpu-kernel: options not applied") == []
+    first = request("execute_request", code="1")
+    out = relay.frontend_message("shell", NOTEBOOK, first)
+    (notice,) = [a for a in out if isinstance(a, Publish)]
+    assert notice.msg.parent_id == first.msg_id and "not applied" in notice.msg.content["text"]
+    out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
+    assert not any(isinstance(a, Publish) for a in out)  # once
+    (told,) = relay.first_cell_notice("late")  # a cell runs: told there at once
+    assert isinstance(told, Publish) and told.msg.parent_id == first.msg_id

@@ -7,8 +7,10 @@ kernel; the channels WebSocket is opened by ``connection``. The token is sent on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a liveness check may take while reconnecting (a blackholed path must not stall it).
 HEALTH_TIMEOUT = 5.0
+SHUTDOWN_RETRY_FOR = 10.0  # seconds a DELETE answered with a 5xx is tried again
+SHUTDOWN_RETRY_DELAY = 0.5
 
 #: Returns the token to use now (None for a server without one).
 TokenProvider = Callable[[], "str | None"]
@@ -373,21 +377,36 @@ class JupyterBackend(Backend):
         return KernelHealth.ALIVE
 
     async def shutdown_kernel(self, *, restart: bool = False) -> None:
+        """Delete the remote kernel. A 5xx is tried again for a few seconds: jupyter-server
+        answers 500 to a DELETE while it restarts a kernel that crashed, which is just when a
+        proxy with ``on_remote_death = exit`` ends; giving up then would leave the restarted
+        kernel running (until ``reclaim``)."""
         if self.kernel_id is None:
             return
-        try:
-            await self.client.call("DELETE", self._kernel_path())
-        except RemoteError as exc:
-            if means_gone(exc):
-                log.info("remote kernel was already gone: %s", exc)
-                self._forget_kernel()
+        deadline = time.monotonic() + SHUTDOWN_RETRY_FOR
+        while True:
+            try:
+                await self.client.call("DELETE", self._kernel_path())
+            except RemoteError as exc:
+                failing = exc.status is not None and exc.status >= 500  # not: no answer at all
+                if failing and time.monotonic() < deadline:
+                    log.info("deleting the remote kernel failed for now (%s); trying again", exc)
+                    await asyncio.sleep(SHUTDOWN_RETRY_DELAY)
+                    continue
+                self._shutdown_failed(exc)
                 return
-            # Keep the reclaim record: the next cgpu kernel on this server, or
-            # `cgpu-kernel reclaim`, deletes the kernel once the server answers again.
-            log.warning("could not delete remote kernel %s: %s", self.kernel_id, exc)
-            self.kernel_id = None
-            return
+            break
         self._forget_kernel()
+
+    def _shutdown_failed(self, exc: RemoteError) -> None:
+        if means_gone(exc):
+            log.info("remote kernel was already gone: %s", exc)
+            self._forget_kernel()
+            return
+        # Keep the reclaim record: the next cgpu kernel on this server, or
+        # `cgpu-kernel reclaim`, deletes the kernel once the server answers again.
+        log.warning("could not delete remote kernel %s: %s", self.kernel_id, exc)
+        self.kernel_id = None
 
     def _forget_kernel(self) -> None:
         if self.kernel_id is not None and self.record_for_reclaim:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from cgpu_kernel.core.files import FileCommand
 from cgpu_kernel.core.limits import SpoolData
 from cgpu_kernel.core.wire import Message
+from cgpu_kernel.exceptions import CgpuError
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,15 @@ class RunFiles:
     command: FileCommand
 
 
+@dataclass(frozen=True)
+class EndRun:
+    """The remote kernel died (``on_remote_death = exit``): the proxy process ends, deleting
+    what is left of the remote kernel, so the frontend sees a dead kernel, as it would a
+    local one, and its own restart policy applies. ``error`` is what the log says."""
+
+    error: CgpuError
+
+
 Action = (
     SendToRemote
     | SendToFrontend
@@ -113,4 +123,5 @@ Action = (
     | SpoolOutput
     | AwaitRestartedKernel
     | RunFiles
+    | EndRun
 )

@@ -26,7 +26,14 @@ Rules the relay enforces:
   remote kernel is too busy to read its control channel.
 * No request is left without an answer: when the remote fails, is lost, or the proxy shuts down,
   every waiting request gets an error reply naming the reason, with ``busy``/``idle`` around it,
-  so no cell stays "busy" forever.
+  so no cell stays "busy" forever (a remote kernel that died ends the proxy instead, below).
+* A remote kernel that dies (the server restarts it or gives it up, another client or the
+  server deletes it, a reconnection finds it gone) is, by default (``on_remote_death="exit"``),
+  a dead kernel to the frontend, as a local one would be: each waiting cell is shown the error
+  as its output, no reply comes (so nbclient raises ``DeadKernelError``, papermill stops), and
+  the proxy ends (``EndRun``), so the frontend's own restart policy applies. With
+  ``"continue"`` the waiting requests get error replies and the next cell starts on a fresh
+  remote kernel, in this same proxy.
 * While no remote kernel is connected, the requests a frontend needs to stay usable are answered
   here: ``is_complete_request`` from a local check (never status "error", which the message
   spec does not allow), and, once the remote failed, ``complete_request``, ``inspect_request``,
@@ -62,6 +69,7 @@ from cgpu_kernel.core.actions import (
     AwaitRestartedKernel,
     CloseRemote,
     ConnectRemote,
+    EndRun,
     InterruptRemote,
     Publish,
     Request,
@@ -310,8 +318,13 @@ class Relay:
         dedupe_window: int = 65536,
         intercept: Callable[[Message], bool] | None = None,
         limiter: OutputLimiter | None = None,
+        on_remote_death: str = "exit",
     ) -> None:
         self.session = session
+        #: "exit": a dead remote kernel ends the proxy; "continue": a fresh one takes its place
+        self.on_remote_death = on_remote_death
+        self._had_kernel = False  # a remote kernel was connected once (its death is a death)
+        self._first_cell_notice: str | None = None  # said in the next cell's output, once
         self.intercept = intercept
         self.limiter = limiter
         self.remote_description = remote_description
@@ -401,9 +414,24 @@ class Relay:
             local = self._answer_locally(request)
             if local is not None:
                 return local
-        if self.state is RemoteState.CONNECTED:
-            return self._forward(request)
-        return self._enqueue(request)
+        actions = (
+            self._forward(request)
+            if self.state is RemoteState.CONNECTED
+            else self._enqueue(request)
+        )
+        if channel == "shell" and msg_type == "execute_request" and self._first_cell_notice:
+            actions.append(self._notice(msg, self._first_cell_notice))
+            self._first_cell_notice = None
+        return actions
+
+    def first_cell_notice(self, text: str) -> list[Action]:
+        """Say ``text`` once, in the output of the cell running now, else of the next one
+        (what the kernel's command line asked for that the remote kernel did not get)."""
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(running[0].msg, text)]
+        self._first_cell_notice = text
+        return []
 
     def interrupt_finished(self, request: Request, error: CgpuError | None) -> list[Action]:
         """The REST interrupt for ``request`` completed (``error`` is None on success)."""
@@ -497,6 +525,7 @@ class Relay:
     def remote_connected(self) -> list[Action]:
         """The WebSocket to the remote kernel is open: send what waited, in order."""
         self.state = RemoteState.CONNECTED
+        self._had_kernel = True
         self.last_error = None
         self._largest_sent = None  # a new connection: nothing sent on it yet
         actions: list[Action] = []
@@ -864,6 +893,8 @@ class Relay:
         """
         if self.state is RemoteState.SHUTTING_DOWN:
             return []
+        if isinstance(error, RemoteKernelGoneError) and self._dies_with_remote():
+            return self._remote_died(error)
         self.state = RemoteState.FAILED
         self.last_error = error
         self._state_lost = isinstance(error, RemoteKernelGoneError)
@@ -1044,10 +1075,30 @@ class Relay:
             f"{self.remote_description} was shut down by another client or by the server: its"
             " variables are lost. The next cell starts a fresh kernel."
         )
+        if self._dies_with_remote():
+            return self._remote_died(
+                RemoteKernelGoneError(
+                    f"{self.remote_description} was shut down by another client or by the"
+                    " server: its variables are lost."
+                )
+            )
         return [*self.remote_failed(error), CloseRemote()]
 
     def _remote_status(self, state: object) -> list[Action]:
         """The *server* reports the kernel restarted (it crashed) or died: state is lost."""
+        if state == "restarting" and self._dies_with_remote():
+            return self._remote_died(
+                RemoteKernelGoneError(
+                    f"{self.remote_description} died (it crashed, or ran out of memory; the"
+                    " server restarts it): its variables are lost."
+                )
+            )
+        if state == "dead" and self._dies_with_remote():
+            return self._remote_died(
+                RemoteKernelGoneError(
+                    f"{self.remote_description} died and the server could not restart it."
+                )
+            )
         if state == "restarting":
             lost = RemoteKernelGoneError(
                 f"{self.remote_description} restarted (it crashed, or ran out of memory): its"
@@ -1068,6 +1119,47 @@ class Relay:
             )
             return [*self.remote_failed(error), CloseRemote()]
         return []
+
+    def _dies_with_remote(self) -> bool:
+        """Whether a dead remote kernel ends this proxy now: the ``exit`` mode, a kernel that
+        was connected once (one lost before it ever ran is a failed start: the next cell tries
+        again), and not already ending."""
+        return (
+            self.on_remote_death == "exit"
+            and self._had_kernel
+            and self.state is not RemoteState.SHUTTING_DOWN
+        )
+
+    def _remote_died(self, lost: RemoteKernelGoneError) -> list[Action]:
+        """``on_remote_death = exit``: behave as a local kernel that died.
+
+        Each waiting cell gets the error as its output (an ``error`` message, which nbclient
+        and papermill keep in the notebook), but no reply and no ``idle``: a local kernel that
+        died sends neither, and a reply would make nbclient report a failed cell
+        (``CellExecutionError``, which ``allow_errors`` runs carry on past) rather than
+        ``DeadKernelError``. Other waiting requests get nothing either: the frontend learns
+        from the process's exit, as it does from a local kernel's. Then the proxy ends
+        (``EndRun``)."""
+        error = RemoteKernelGoneError(
+            f"{lost} This kernel exits too, so that the frontend sees a dead kernel and applies"
+            " its restart policy, as for a local kernel (a restarted kernel starts a fresh"
+            " remote kernel). To carry on in the same kernel with a fresh remote kernel"
+            " instead, install it with --option on_remote_death=continue."
+        )
+        self.state = RemoteState.SHUTTING_DOWN
+        self.last_error = error
+        content = self._error_content(error)
+        output = {k: content[k] for k in ("ename", "evalue", "traceback")}
+        actions: list[Action] = [
+            Publish(self._make("iopub", "error", output, cell.msg))
+            for cell in self._waiting_cells()
+        ]
+        self._inflight.clear()
+        self._queue.clear()
+        self._unconfirmed.clear()
+        self._open_cells.clear()
+        actions.append(EndRun(error))
+        return actions
 
     def _forward(self, request: Request) -> list[Action]:
         size = request.msg.size

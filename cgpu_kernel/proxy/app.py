@@ -25,11 +25,13 @@ from traitlets.config import Application
 from cgpu_kernel import __version__, kernelspec
 from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.backends.unavailable import UnavailableBackend
+from cgpu_kernel.core.kernel_options import KernelOptions, split_argv
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
 from cgpu_kernel.proxy.kernel import ProxyKernelRun
 from cgpu_kernel.proxy.options import ProxyKernel
 
 log = logging.getLogger("cgpu_kernel")
+REMOTE_DIED_EXIT = 3  # the exit status when the remote kernel died (on_remote_death = exit)
 
 
 class ProxyKernelApp(Application):
@@ -54,6 +56,8 @@ class ProxyKernelApp(Application):
     raise_config_file_errors = Bool(True)
     #: set when the command line itself could not be used: the kernel still comes up and says so
     launch_error: ConfigurationError | None = None
+    #: what the command line held for the kernel, not the proxy (``launch_kernel`` sets it)
+    kernel_options: KernelOptions = KernelOptions()
 
     def start(self) -> None:
         if not self.connection_file:
@@ -99,7 +103,10 @@ class ProxyKernelApp(Application):
             backend = UnavailableBackend(exc)
         if sys.platform == "win32":
             asyncio.set_event_loop_policy(asyncio.WindowsSelectorEventLoopPolicy())  # type: ignore[attr-defined]
-        asyncio.run(ProxyKernelRun(options, connection_info, backend).run())
+        run = ProxyKernelRun(options, connection_info, backend, self.kernel_options)
+        asyncio.run(run.run())
+        if run.died is not None:  # the remote kernel died: so does this one (on_remote_death)
+            raise SystemExit(REMOTE_DIED_EXIT)
 
 
 class _Recorder(logging.Handler):
@@ -111,8 +118,24 @@ class _Recorder(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+#: command-line names traitlets itself takes (besides the app's aliases and flags)
+BUILTIN_OPTIONS = frozenset({"h", "help", "help-all", "version"})
+#: the classes whose ``--Class.trait=value`` options are the proxy's own
+OUR_CLASSES = frozenset({"ProxyKernel", "ProxyKernelApp", "Application"})
+
+
+def split_kernel_argv(argv: list[str]) -> tuple[list[str], KernelOptions]:
+    """The proxy's own arguments, and the options a frontend meant for the kernel (nbclient's
+    ``--HistoryManager.hist_file=:memory:``, ``--profile-dir DIR``): those are applied to the
+    remote kernel where they can be, never a reason for the proxy to be unusable."""
+    ours = {*ProxyKernelApp.aliases, *ProxyKernelApp.flags, *BUILTIN_OPTIONS}
+    return split_argv(argv, ours, OUR_CLASSES)
+
+
 def launch_kernel(argv: list[str]) -> None:
+    argv, kernel_options = split_kernel_argv(argv)
     app = ProxyKernelApp()
+    app.kernel_options = kernel_options
     recorder = _Recorder()
     app.log.addHandler(recorder)  # traitlets reports a bad value here, then exits
     captured = io.StringIO()  # argparse writes an unknown option's error to stderr, then exits
@@ -130,6 +153,7 @@ def launch_kernel(argv: list[str]) -> None:
             said = [line for line in captured.getvalue().splitlines() if "error:" in line]
             reason = "; ".join(recorder.lines + said) or "see the kernel's log"
             app = ProxyKernelApp(connection_file=connection_file)
+            app.kernel_options = kernel_options
             app.launch_error = ConfigurationError(
                 f"The kernel's command line could not be used ({reason}). Reinstall the"
                 " kernelspec with `cgpu-kernel install` (options as --option NAME=VALUE), then"

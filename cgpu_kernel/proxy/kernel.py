@@ -28,6 +28,7 @@ from cgpu_kernel.core.actions import (
     AwaitRestartedKernel,
     CloseRemote,
     ConnectRemote,
+    EndRun,
     InterruptRemote,
     Publish,
     Request,
@@ -38,6 +39,7 @@ from cgpu_kernel.core.actions import (
     SpoolOutput,
 )
 from cgpu_kernel.core.files import FileCommand
+from cgpu_kernel.core.kernel_options import KernelOptions
 from cgpu_kernel.core.limits import Budgets, OutputLimiter
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import Message
@@ -74,7 +76,11 @@ class ProxyKernelRun:
     """One run of the proxy: from binding the sockets to deleting the remote kernel."""
 
     def __init__(
-        self, options: ProxyKernel, connection_info: dict[str, Any], backend: Backend
+        self,
+        options: ProxyKernel,
+        connection_info: dict[str, Any],
+        backend: Backend,
+        kernel_options: KernelOptions | None = None,
     ) -> None:
         self.options = options
         self.backend = backend
@@ -95,6 +101,7 @@ class ProxyKernelRun:
             max_queue=options.max_queue,
             intercept=backend.intercepts,
             limiter=limiter,
+            on_remote_death=options.on_remote_death,
         )
         self.tracker = ExecutionTracker(
             str(connection_info.get("kernel_name") or backend.description), deferred=True
@@ -118,7 +125,10 @@ class ProxyKernelRun:
             connected=self.tracker.connected,
         )
         backend.announce_to(lambda text: self.perform(self.relay.announce(text)))
+        self.remote.kernel_options = kernel_options or KernelOptions()
         self._stopped = asyncio.Event()
+        #: set when the run ended because the remote kernel died: the process exits non-zero
+        self.died: CgpuError | None = None
         self._stopping = False
         self._shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -267,8 +277,21 @@ class ProxyKernelRun:
                         self._spawn(self.remote.after_restart(self.channels))
                 case RunFiles():
                     self._start_files(action.request, [action.command], action.command.rest)
+                case EndRun():
+                    self._end_with_remote(action.error)
                 case _:
                     assert_never(action)
+
+    def _end_with_remote(self, error: CgpuError) -> None:
+        """The remote kernel died (``on_remote_death = exit``): say so once in the log, then
+        end the run; the cleanup deletes what the server kept of the remote kernel (a restarted
+        process), so none is left behind, and the frontend sees this kernel die."""
+        if self.died is not None:
+            return
+        self.died = error
+        log.error("exiting: %s", error)
+        self.iopub.flush()  # the cells' error outputs go out before the sockets close
+        self.stop()
 
     def _publish(self, msg: Message) -> None:
         """Count ``msg`` in the execution history, then publish it on iopub."""

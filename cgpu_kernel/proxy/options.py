@@ -138,6 +138,18 @@ class ProxyKernel(EnvConfigurable):
         help="""Seconds between WebSocket pings; a connection whose pong does not come back
         within one more interval is treated as lost. 0 disables pings.""",
     ).tag(env="CGPU_PING_INTERVAL")
+    on_remote_death = Enum(
+        ["exit", "continue"],
+        "exit",
+        config=True,
+        help="""What happens when the remote kernel dies (it crashes or runs out of memory and
+        the server restarts it, it is deleted, or a reconnection finds it gone). 'exit': this
+        kernel dies too, as a local kernel would: the running cell shows the error, nbclient
+        and papermill stop with DeadKernelError, and JupyterLab or VS Code restart the kernel
+        as they restart any dead kernel (a fresh remote kernel). 'continue': the waiting cells
+        fail with RemoteKernelLost and this kernel stays up; the next cell runs on a fresh
+        remote kernel.""",
+    ).tag(env="CGPU_ON_REMOTE_DEATH")
     max_queue = Int(
         1000,
         config=True,

@@ -38,6 +38,12 @@ from cgpu_kernel.backends.base import LAUNCH_SLACK, Backend
 from cgpu_kernel.core.actions import Action
 from cgpu_kernel.core.backoff import FailureStreak
 from cgpu_kernel.core.journal import sequence_number, without_sequence_number
+from cgpu_kernel.core.kernel_options import (
+    KernelOptions,
+    apply_request,
+    not_applied,
+    not_applied_notice,
+)
 from cgpu_kernel.core.relay import Relay, RemoteState
 from cgpu_kernel.core.wire import JsonDict, Message
 from cgpu_kernel.exceptions import (
@@ -49,7 +55,7 @@ from cgpu_kernel.exceptions import (
 from cgpu_kernel.proxy.connection import MessageSink, RemoteChannels
 from cgpu_kernel.proxy.options import TOKEN_ENV, ProxyKernel
 from cgpu_kernel.proxy.reconnect import Reconnector
-from cgpu_kernel.proxy.recovery import JournalAnswer, JournalKeeper
+from cgpu_kernel.proxy.recovery import KERNEL_INFO_WAIT, JournalAnswer, JournalKeeper
 
 log = logging.getLogger("cgpu_kernel")
 
@@ -115,6 +121,9 @@ class RemoteSupervisor:
         # the connection whose quiet cells are looked at (``_look_at_quiet_ends``)
         self._looking_at: RemoteChannels | None = None
         self._last_delivery = 0.0  # loop time a remote message last reached the relay
+        #: the command line's options for the kernel (``proxy.kernel`` sets them)
+        self.kernel_options = KernelOptions()
+        self._kernel_options_told = False  # what was not applied is said once per run
         #: the reconnection schedule across outages (connections that die young keep it going)
         self.reconnect_streak = FailureStreak()
         self._last_failure: str | None = None  # the last start failure logged, until one works
@@ -212,6 +221,39 @@ class RemoteSupervisor:
             await asyncio.sleep(interval)
             self.perform(self.relay.startup_progress(loop.time() - started, deadline))
 
+    def _apply_kernel_options(self, channels: RemoteChannels) -> None:
+        """Send the command line's ``--Class.trait=value`` options for the kernel to a fresh
+        (or restarted) remote kernel, before any cell; then say once what was not applied."""
+        options = self.kernel_options
+        if not options:
+            return
+        if not options.settings:
+            self._tell_kernel_options(None)
+            return
+        answer = self.journal.ask(
+            channels, apply_request(self.session_id, options), KERNEL_INFO_WAIT
+        )
+
+        async def applied() -> None:
+            self._tell_kernel_options(await answer)
+
+        self.spawn(applied())
+
+    def _tell_kernel_options(self, reply: Message | None) -> None:
+        if self._kernel_options_told:
+            return
+        self._kernel_options_told = True
+        missed = not_applied(self.kernel_options, reply)
+        if not missed:
+            log.info(
+                "applied to the remote kernel: %s",
+                " ".join(s[0] for s in self.kernel_options.settings),
+            )
+            return
+        text = not_applied_notice(missed)
+        log.warning("%s", text)
+        self.perform(self.relay.first_cell_notice(text))
+
     def _remote_failed(self, error: CgpuError) -> None:
         """Every waiting request gets ``error``; the log says it once while it repeats (the
         proxy's log shares the terminal with ``jupyter console``, where each cell already
@@ -291,6 +333,7 @@ class RemoteSupervisor:
             ready = asyncio.Event()
             self.spawn(self.journal.arm(channels, ready.set))
             await ready.wait()
+            self._apply_kernel_options(channels)
         outage: float | None = None
         hiccup = False
         quiet = False  # the outage was a silence (the server may have stopped reading)
@@ -560,6 +603,7 @@ class RemoteSupervisor:
         slipped through to the restarting kernel anyway must not stay busy forever."""
         self.journal.iopub_heard.clear()
         await self.journal.arm(channels, lambda: None)
+        self._apply_kernel_options(channels)
         if not await self.journal.iopub_flowing(channels):
             log.warning("no output from the restarted remote kernel yet; sending cells anyway")
         if self.channels is channels and self.relay.state is RemoteState.RESTARTING:
