@@ -121,6 +121,12 @@ class RemoteUnreachableError(RemoteError):
     category = "connection"
 
 
+class RemoteNoAnswerError(RemoteUnreachableError):
+    """The server accepted the connection and the request, then sent no answer within the
+    request timeout. Colab's keep-alive reads this as a ping sent (the runtime often never
+    answers it); everything else treats it as unreachable."""
+
+
 class RemoteAuthError(RemoteError):
     ename = "RemoteAuthenticationFailed"
     category = "auth"

@@ -38,6 +38,7 @@ from cgpu_kernel.exceptions import (
     CgpuError,
     RemoteAuthError,
     RemoteHTTPError,
+    RemoteNoAnswerError,
     RemoteUnreachableError,
 )
 
@@ -166,7 +167,8 @@ def error_for(
     where = safe_url(url)
     if isinstance(exc, HTTPTimeoutError) and request_timeout is not None:
         reason = timeout_reason(exc, service, connect_timeout or request_timeout, request_timeout)
-        return RemoteUnreachableError(
+        kind = RemoteUnreachableError if "connecting" in exc.message else RemoteNoAnswerError
+        return kind(
             f"Could not reach {service.name}: {reason}. {service.no_answer_hint}", url=where
         )
     if isinstance(exc, HTTPClientError):

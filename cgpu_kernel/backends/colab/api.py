@@ -46,7 +46,7 @@ from cgpu_kernel.exceptions import (
     ColabQuotaError,
     ColabTooManyRuntimesError,
     ColabUnavailableError,
-    RemoteUnreachableError,
+    RemoteNoAnswerError,
 )
 
 #: What ``X-Colab-Client-Agent`` says by default (the ``colab_client_agent`` setting changes it).
@@ -340,10 +340,8 @@ class ColabAPI:
                 headers={TUNNEL_HEADER: "Google"},
                 timeout=self.keep_alive_timeout,
             )
-        except RemoteUnreachableError as exc:
-            if "during request" in str(exc):  # tornado: connected and sent, no answer in time
-                return False
-            raise
+        except RemoteNoAnswerError:  # connected and sent, no answer in time: a ping sent
+            return False
         return True
 
     async def propagate_credentials(
