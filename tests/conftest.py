@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -248,6 +249,33 @@ def install_remote_spec(kernel_dir: Path, name: str, server: RemoteServer, **kwa
     return install_spec(
         kernel_dir, name, "jupyter", url=server.url, token_file=server.token_file, **kwargs
     )
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts TCP connections and never answers (a hung remote)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
 
 
 def install_spec_via(

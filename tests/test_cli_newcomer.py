@@ -11,10 +11,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -504,39 +502,12 @@ def test_console_exit_is_quiet_and_a_crashed_console_is_still_told(
 # --- 7. a server that never answers: which limit, and the real wall time --------------------------
 
 
-@pytest.fixture
-def hung_server() -> Iterator[str]:
-    """Accepts TCP connections and never answers (a hung remote)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    listener.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
-
-
-def test_a_hung_server_names_the_limit_it_hit_and_logs_the_wall_time(
-    kernel_dir: Path, hung_server: str, tmp_path: Path
+def test_a_silent_server_names_the_limit_it_hit_and_logs_the_wall_time(
+    kernel_dir: Path, silent_server: str, tmp_path: Path
 ) -> None:
     history_file = tmp_path / "history.jsonl"
     env = {"CGPU_HISTORY_FILE": str(history_file)}
-    install_spec(kernel_dir, "cgpu-hung", "jupyter", url=hung_server)
+    install_spec(kernel_dir, "cgpu-hung", "jupyter", url=silent_server)
     begun = time.monotonic()
     done = cgpu(
         "run", "--json", "--kernel", "cgpu-hung", "1", env={**env, "CGPU_REQUEST_TIMEOUT": "3"}
@@ -546,8 +517,8 @@ def test_a_hung_server_names_the_limit_it_hit_and_logs_the_wall_time(
     assert done.returncode == 21, done.stderr  # a connection error
     assert document["error"]["name"] == "RemoteUnreachable"
     assert (
-        f"Could not reach the Jupyter server at {hung_server}: it accepted the connection but sent"
-        " no answer within 3 s (the request timeout; raise it with --request-timeout"
+        f"Could not reach the Jupyter server at {silent_server}: it accepted the connection but"
+        " sent no answer within 3 s (the request timeout; raise it with --request-timeout"
         " (CGPU_REQUEST_TIMEOUT))."
     ) in document["error"]["message"]
     # one attempt, not a second one for the code: the run ends with the start's error
@@ -560,7 +531,7 @@ def test_a_hung_server_names_the_limit_it_hit_and_logs_the_wall_time(
     assert f"{record['total_ms']:.0f} ms" in table[1]
 
     # the startup deadline, shorter than the request timeout (an option in the kernelspec)
-    install_spec(kernel_dir, "cgpu-hung-deadline", "jupyter", url=hung_server,
+    install_spec(kernel_dir, "cgpu-hung-deadline", "jupyter", url=silent_server,
                  extra=["--startup-timeout=2", "--request-timeout=30"])  # fmt: skip
     deadline = cgpu("run", "--json", "--kernel", "cgpu-hung-deadline", "1", env=env)
     error = json.loads(deadline.stdout)["error"]

@@ -105,33 +105,6 @@ def test_server_answering_garbage(kernel_dir: Path, garbage_server: str) -> None
     assert "not the JSON of a Jupyter server API" in content["evalue"]
 
 
-@pytest.fixture
-def silent_server() -> Iterator[str]:
-    """Accepts TCP connections and never answers (a hung remote)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
-
-
 def test_startup_deadline(kernel_dir: Path, silent_server: str) -> None:
     name = install_spec(
         kernel_dir,

@@ -622,13 +622,7 @@ class Relay:
         )
         if not complete:
             text += " Some output may still be missing (the journal did not reach back far enough)."
-        running = self._waiting_cells()
-        if running:
-            return [self._notice(r.msg, text) for r in running]
-        if parent.get("msg_id"):
-            return [Publish(stream_notice(self.session, parent, text))]
-        log.warning("%s", text)
-        return []
+        return self._tell(text, parent)
 
     def output_lost(self, count: int, *, parent: JsonDict) -> list[Action]:
         """``count`` numbered iopub messages never arrived, and the kernel's output journal no
@@ -642,13 +636,7 @@ class Relay:
             " journal no longer had them: some output is missing. A larger --journal-max-bytes"
             " or --journal-max-messages keeps more."
         )
-        running = self._waiting_cells()
-        if running:
-            return [self._notice(r.msg, text) for r in running]
-        if parent.get("msg_id"):
-            return [Publish(stream_notice(self.session, parent, text))]
-        log.warning("%s", text)
-        return []
+        return self._tell(text, parent)
 
     def open_cells(self) -> list[Request]:
         """Cells sent to the remote whose ``idle`` has not come back (reply or not)."""
@@ -1001,12 +989,7 @@ class Relay:
         last cell sent, which frontends that show output arriving after a cell finished
         (``jupyter console``) display; and always in the log."""
         log.warning("%s", text)
-        running = self._waiting_cells()
-        if running:
-            return [self._notice(r.msg, text) for r in running]
-        if self._last_cell is not None:
-            return [Publish(stream_notice(self.session, self._last_cell, text))]
-        return []
+        return self._tell(text, self._last_cell or {}, logged=True)
 
     def spool_failed(self, failure: SpoolFailure) -> list[Action]:
         """A ``SpoolOutput`` could not be written in full (a full disk, no permission): the
@@ -1429,6 +1412,18 @@ class Relay:
 
     def _status(self, state: str, parent: Message | None) -> Publish:
         return Publish(self._make("iopub", "status", {"execution_state": state}, parent))
+
+    def _tell(self, text: str, parent: JsonDict, *, logged: bool = False) -> list[Action]:
+        """``text`` in every running cell; else in the output of the request ``parent`` heads
+        (when it has an id); else only in the log (``logged``: it is there already)."""
+        running = self._waiting_cells()
+        if running:
+            return [self._notice(r.msg, text) for r in running]
+        if parent.get("msg_id"):
+            return [Publish(stream_notice(self.session, parent, text))]
+        if not logged:
+            log.warning("%s", text)
+        return []
 
     def _notice(self, parent: Message, text: str) -> Publish:
         """A line from the proxy in the output of the cell ``parent`` started."""
