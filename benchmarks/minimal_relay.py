@@ -42,13 +42,16 @@ NOWAIT_MORE = zmq.NOBLOCK | zmq.SNDMORE
 class RawChannels(RemoteChannels):
     """The proxy's WebSocket transport, handing on each message's bytes unparsed.
 
-    It overrides ``RemoteChannels._message``, a private method: fine for a measuring instrument
-    that lives beside the code it measures, not a pattern for anything else."""
+    It overrides ``RemoteChannels._parse``, a private method, to hand each whole message's
+    payload on and parse nothing (``_deliver`` then gets None and does nothing): fine for a
+    measuring instrument that lives beside the code it measures, not a pattern for anything
+    else. ``tests/test_benchmarks_smoke.py`` fails if the seam moves."""
 
     raw_sink: Any = None
 
-    def _message(self, opcode: Opcode, payload: Buffer) -> None:
+    def _parse(self, opcode: Opcode, payload: Buffer) -> Message | None:
         self.raw_sink(payload)
+        return None
 
 
 class MinimalRelay:
