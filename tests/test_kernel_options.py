@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgpu_kernel.core.kernel_options import KernelOptions, split_argv
+from cgpu_kernel.core.kernel_options import KernelOptions, not_applied, split_argv
 from cgpu_kernel.proxy.app import split_kernel_argv
 
 from .conftest import run_cell, start_kernel, stdout_of
@@ -30,6 +30,16 @@ def test_the_proxy_keeps_its_own_options_and_sets_the_kernels_aside() -> None:
     ]
     assert theirs.unusable == ["--profile-dir /tmp/p", "--matplotlib", "--quiet"]
     assert split_argv(["-f", "x"], {"f"}, set()) == (["-f", "x"], KernelOptions())
+
+
+def test_a_misspelt_proxy_option_is_named_with_the_one_meant() -> None:
+    """An option the proxy does not take is the kernel's; when it is close to one of the
+    proxy's (a typo in a kernelspec's argv), the notice says which was probably meant."""
+    _, theirs = split_kernel_argv(["-f", "k.json", "--ping-intervl=1", "--profile-dir", "p"])
+    assert theirs.suggestions == {"--ping-intervl=1": "--ping-interval"}
+    reasons = dict(not_applied(theirs, None))
+    assert reasons["--ping-intervl=1"] == "not the proxy's either: did you mean --ping-interval?"
+    assert reasons["--profile-dir p"] == "only --Class.trait=value options can be passed on"
 
 
 def cell_notices(outputs: list[dict]) -> str:

@@ -15,6 +15,7 @@ Sans-I/O: builds the request and reads its reply; nothing here sends or waits.
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class KernelOptions:
     settings: list[tuple[str, str, str, str]] = field(default_factory=list)
     #: options that cannot be applied remotely (``--profile-dir DIR``...), as given
     unusable: list[str] = field(default_factory=list)
+    #: of those, the ones that look like a misspelt option of the proxy: option -> the proxy's
+    suggestions: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.settings or self.unusable)
@@ -114,6 +117,9 @@ def split_argv(
             theirs.settings.append((option, section, name.split(".", 1)[1], value))
         else:
             theirs.unusable.append(option)
+            close = difflib.get_close_matches(name.replace("_", "-"), ours, n=1, cutoff=0.8)
+            if close:
+                theirs.suggestions[option] = f"--{close[0]}"
     return kept, theirs
 
 
@@ -143,7 +149,15 @@ def not_applied(options: KernelOptions, reply: Message | None) -> list[tuple[str
     """Each option that did not take effect remotely, with the reason, from ``reply`` (None:
     no reply came, or none was asked)."""
     why = "only --Class.trait=value options can be passed on"
-    missed = [(option, why) for option in options.unusable]
+    missed = [
+        (
+            option,
+            f"not the proxy's either: did you mean {options.suggestions[option]}?"
+            if option in options.suggestions
+            else why,
+        )
+        for option in options.unusable
+    ]
     if not options.settings:
         return missed
     if reply is None:
