@@ -29,8 +29,14 @@ def wait_gone(process: psutil.Process, timeout: float = 15) -> bool:
     return True
 
 
-def test_local_server_is_private_and_stopped_on_shutdown(local_spec: str) -> None:
-    km, kc = start_kernel(local_spec)
+def runtime_dirs(tmp: Path) -> list[Path]:
+    """The private servers' runtime folders left in ``tmp`` (the proxy's TMPDIR)."""
+    return list(tmp.glob("cgpu-local-server-*"))
+
+
+def test_local_server_is_private_and_stopped_on_shutdown(local_spec: str, tmp_path: Path) -> None:
+    km, kc = start_kernel(local_spec, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert len(runtime_dirs(tmp_path)) == 1  # the server's private runtime folder is there
     pid = km.provisioner.pid  # type: ignore[union-attr]
     (server,) = local_servers(pid)
     try:
@@ -46,11 +52,12 @@ def test_local_server_is_private_and_stopped_on_shutdown(local_spec: str) -> Non
         km.shutdown_kernel()
     assert wait_gone(server)
     assert not psutil.pid_exists(remote_pid) or psutil.Process(remote_pid).status() == "zombie"
+    assert runtime_dirs(tmp_path) == []  # and gone with it
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-def test_local_server_stops_when_proxy_is_killed(local_spec: str) -> None:
-    km, kc = start_kernel(local_spec)
+def test_local_server_stops_when_proxy_is_killed(local_spec: str, tmp_path: Path) -> None:
+    km, kc = start_kernel(local_spec, env=dict(os.environ, TMPDIR=str(tmp_path)))
     pid = km.provisioner.pid  # type: ignore[union-attr]
     (server,) = local_servers(pid)
     _, outputs = run_cell(kc, "import os; print(os.getpid())")
@@ -61,6 +68,7 @@ def test_local_server_stops_when_proxy_is_killed(local_spec: str) -> None:
     km.cleanup_resources()
     assert wait_gone(server)
     assert wait_gone(remote)
+    assert runtime_dirs(tmp_path) == []
 
 
 def test_demo_runs_the_quickstart() -> None:

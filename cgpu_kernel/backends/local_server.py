@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -32,8 +33,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parent = psutil.Process(args.parent_pid)
 
-    # A private runtime dir keeps this server out of `jupyter server list`.
-    os.environ["JUPYTER_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="cgpu-local-server-")
+    # A private runtime dir keeps this server out of `jupyter server list`; it goes with the
+    # server (one was left behind per run before, in the system's temporary folder).
+    runtime_dir = tempfile.mkdtemp(prefix="cgpu-local-server-")
+    os.environ["JUPYTER_RUNTIME_DIR"] = runtime_dir
+    try:
+        _serve(args.root_dir, parent)
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _serve(root_dir: str, parent: psutil.Process) -> None:
+    """Run the server until it is stopped (SIGTERM) or its proxy is gone."""
     app = ServerApp()
     app.initialize(
         argv=[
@@ -42,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             "--ServerApp.port_retries=0",
             "--ServerApp.open_browser=False",
             "--ServerApp.log_level=WARN",
-            f"--ServerApp.root_dir={args.root_dir}",
+            f"--ServerApp.root_dir={root_dir}",
             "--ZMQChannelsWebsocketConnection.iopub_data_rate_limit=0",
             "--ZMQChannelsWebsocketConnection.iopub_msg_rate_limit=0",
             "--ServerApp.tornado_settings="
