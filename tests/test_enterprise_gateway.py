@@ -322,24 +322,26 @@ def _gone(server: RemoteServer, kernel_id: str) -> bool:
     return False
 
 
-def next_cell_after_the_kernel_was_lost(
-    km: KernelManager, kc: BlockingKernelClient, code: str
-) -> tuple[dict, list[dict]]:
-    """Run ``code`` after the remote kernel was lost: today the proxy stays up and starts a
-    fresh remote kernel for the next cell, saying so in it. (Where the proxy is made to exit
-    instead, so the frontend sees its kernel die, this is the one place to restart it.)"""
-    return run_cell(kc, code, timeout=60)
+def wait_until_dead(km: KernelManager, timeout: float = 60) -> None:
+    """The proxy process ended (``on_remote_death=exit``): the frontend sees a dead kernel."""
+    deadline = time.monotonic() + timeout
+    while km.is_alive():
+        assert time.monotonic() < deadline, "the proxy outlived its culled remote kernel"
+        time.sleep(0.2)
 
 
+@pytest.mark.parametrize("on_death", ["exit", "continue"])
 def test_a_kernel_culled_by_the_gateway_is_gone_not_a_network_fault(
-    kernel_dir: Path, session_dir: Path
+    kernel_dir: Path, session_dir: Path, on_death: str
 ) -> None:
     """EG culls idle kernels (shortened here to 3 s, connected ones included, as a deployment
     may configure). The proxy asks the gateway, learns the kernel is gone (404, not an
-    outage), and the next cell says so and runs on a fresh kernel. This gateway also has the
-    kernel listing off, as EG ships: nothing the proxy does needs it."""
+    outage), and, as for any dead remote kernel: by default (``exit``) the proxy ends, so the
+    frontend sees its kernel die and its restart gives a fresh one; with ``continue`` the next
+    cell says so and runs on a fresh kernel in the same proxy. This gateway also has the kernel
+    listing off, as EG ships: nothing the proxy does needs it."""
     with enterprise_gateway(
-        session_dir / "eg-cull",
+        session_dir / f"eg-cull-{on_death}",
         "--MappingKernelManager.cull_idle_timeout=3",
         "--MappingKernelManager.cull_interval=1",
         "--MappingKernelManager.cull_connected=True",
@@ -349,7 +351,10 @@ def test_a_kernel_culled_by_the_gateway_is_gone_not_a_network_fault(
             gateway.api("GET", "api/kernels")
         assert listing.value.code == 403
         name = install_remote_spec(
-            kernel_dir, "cgpu-test-eg-cull", gateway, extra=["--outage-notice-after=1"]
+            kernel_dir,
+            f"cgpu-test-eg-cull-{on_death}",
+            gateway,
+            extra=["--outage-notice-after=1", f"--on-remote-death={on_death}"],
         )
         km, kc = start_kernel(name)
         try:
@@ -359,12 +364,17 @@ def test_a_kernel_culled_by_the_gateway_is_gone_not_a_network_fault(
             while not _gone(gateway, culled):
                 assert time.monotonic() < deadline, "the gateway did not cull the idle kernel"
                 time.sleep(0.5)
-            reply, outputs = next_cell_after_the_kernel_was_lost(km, kc, "print('fresh')")
+            if on_death == "exit":
+                wait_until_dead(km)
+                km.restart_kernel(now=True)  # what a frontend's restarter does
+                kc.wait_for_ready(timeout=60)
+            reply, outputs = run_cell(kc, "print('fresh')", timeout=60)
             assert reply["content"]["status"] == "ok", reply["content"]
             told = stream_text(outputs)
             assert "fresh\n" in told
-            assert "previous remote kernel was lost" in told
             assert "reconnecting" not in told  # gone, not a network fault
+            if on_death == "continue":
+                assert "previous remote kernel was lost" in told
             reply, _ = run_cell(kc, "doomed")
             assert reply["content"]["ename"] == "NameError"
             assert _remote_kernel_of(gateway.url) != culled
