@@ -50,6 +50,10 @@ KNOWN = {
     "test_run_all_notebooks[Inline Image.ipynb-opts5]": (
         "the notebook's folder is not the remote kernel's working directory"
     ),
+    # nbclient's conftest sets IPYKERNEL_CELL_NAME, which changes a local traceback's form
+    "test_run_all_notebooks[Skip Exceptions with Cell Tags.ipynb-opts8]": (
+        "the frontend's environment variables do not reach the remote"
+    ),
 }
 SUITE_TIMEOUT = 1800  # seconds one pytest run of one suite may take
 
