@@ -836,7 +836,18 @@ def test_a_first_cell_notice_goes_to_the_running_cell_or_the_next_one_once() -> 
     assert relay.first_cell_notice("cgpu-kernel: options not applied") == []
     first = request("execute_request", code="1")
     out = relay.frontend_message("shell", NOTEBOOK, first)
-    (notice,) = [a for a in out if isinstance(a, Publish)]
+    assert not any(isinstance(a, Publish) for a in out)  # not before the cell's busy
+    busy = Message.build(
+        "iopub", make_header("status", "kernel"), first.header, {}, {"execution_state": "busy"}
+    )
+    (status,) = relay.remote_message(busy)  # busy and execute_input first (the spec's order)
+    assert isinstance(status, Publish) and status.msg.msg_type == "status"
+    echo = Message.build(
+        "iopub", make_header("execute_input", "kernel"), first.header, {}, {"code": "1"}
+    )
+    echoed, notice = relay.remote_message(echo)
+    assert isinstance(echoed, Publish) and echoed.msg.msg_type == "execute_input"
+    assert isinstance(notice, Publish)
     assert notice.msg.parent_id == first.msg_id and "not applied" in notice.msg.content["text"]
     out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
     assert not any(isinstance(a, Publish) for a in out)  # once

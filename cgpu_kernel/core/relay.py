@@ -325,6 +325,7 @@ class Relay:
         self.on_remote_death = on_remote_death
         self._had_kernel = False  # a remote kernel was connected once (its death is a death)
         self._first_cell_notice: str | None = None  # said in the next cell's output, once
+        self._notice_in_cell: tuple[str, str] | None = None  # (cell msg_id, that notice)
         self.intercept = intercept
         self.limiter = limiter
         self.remote_description = remote_description
@@ -420,7 +421,9 @@ class Relay:
             else self._enqueue(request)
         )
         if channel == "shell" and msg_type == "execute_request" and self._first_cell_notice:
-            actions.append(self._notice(msg, self._first_cell_notice))
+            # said among the cell's own output, after its busy and execute_input (the order
+            # ipykernel's message-spec tests check), see _with_first_cell_notice
+            self._notice_in_cell = (msg.msg_id, self._first_cell_notice)
             self._first_cell_notice = None
         return actions
 
@@ -910,6 +913,8 @@ class Relay:
                 self._open_cells.pop(msg.parent_id or "", None)
             elif msg.msg_type == "shutdown_reply" and msg.parent_id not in self._inflight:
                 return [Publish(msg), *self._shut_down_by_others(msg)]
+            if self._notice_in_cell is not None and msg.parent_id == self._notice_in_cell[0]:
+                return self._with_first_cell_notice(msg)
             return self._limited(msg)
         if msg.channel not in ("shell", "control", "stdin"):
             log.warning("remote sent %s on unknown channel %r; not forwarded", msg, msg.channel)
@@ -931,6 +936,23 @@ class Relay:
             self._asked.add(msg.msg_id, request.msg.msg_id)
             self._asking[request.identities] = request.msg.msg_id
         return [SendToFrontend(msg.channel, request.identities, msg)]
+
+    def _with_first_cell_notice(self, msg: Message) -> list[Action]:
+        """``msg`` (iopub, of the cell that is to show the first-cell notice) with the notice
+        where a cell's output goes: after the cell's ``busy`` and ``execute_input``, before
+        anything else it sends."""
+        assert self._notice_in_cell is not None
+        cell, text = self._notice_in_cell
+        if msg.msg_type == "status" and msg.content.get("execution_state") == "busy":
+            return self._limited(msg)
+        self._notice_in_cell = None
+        request = self._inflight.get(cell)
+        if request is None:
+            return self._limited(msg)
+        notice = self._notice(request.msg, text)
+        if msg.msg_type == "execute_input":
+            return [*self._limited(msg), notice]
+        return [notice, *self._limited(msg)]
 
     def _asking_cell(self, msg: Message) -> Request | None:
         """The frontend request a remote kernel's own request (``colab_request``) belongs to.
