@@ -58,6 +58,13 @@ def install_request(session: str, max_messages: int, max_bytes: int) -> Message:
         f"exec(compile({source!r}, '<cgpu-kernel journal>', 'exec'),"
         " {'__name__': 'cgpu_kernel_journal'})"
     )
+    return silent_execute_request(session, code)
+
+
+def silent_execute_request(session: str, code: str) -> Message:
+    """An internal ``execute_request`` for ``code``: silent, no history, no stdin, its
+    ``msg_id`` marked internal so its reply never reaches a frontend (the journal's install,
+    ``core.kernel_options``' settings)."""
     content = {
         "code": code,
         "silent": True,

@@ -20,8 +20,8 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from cgpu_kernel.core.journal_agent import INTERNAL_PREFIX
-from cgpu_kernel.core.wire import Message, make_header, new_id
+from cgpu_kernel.core.journal import silent_execute_request
+from cgpu_kernel.core.wire import Message
 
 #: The ename the remote code raises to list what it could not apply (the reply carries it).
 NOT_APPLIED = "CgpuKernelOptionsNotApplied"
@@ -132,17 +132,7 @@ def apply_request(session: str, options: KernelOptions) -> Message:
         f"exec(compile({_REMOTE_CODE!r} + '\\n_cgpu_apply(' + {json.dumps(settings)!r} + ')',"
         " '<cgpu-kernel options>', 'exec'), {'get_ipython': get_ipython})"
     )
-    header = make_header("execute_request", session)
-    header["msg_id"] = INTERNAL_PREFIX + new_id()
-    content = {
-        "code": code,
-        "silent": True,
-        "store_history": False,
-        "user_expressions": {},
-        "allow_stdin": False,
-        "stop_on_error": False,
-    }
-    return Message.build("shell", header, {}, {}, content)
+    return silent_execute_request(session, code)
 
 
 def not_applied(options: KernelOptions, reply: Message | None) -> list[tuple[str, str]]:
