@@ -1008,8 +1008,12 @@ def test_a_refusal_says_what_the_account_may_ask_for_when_colab_tells(
     assert colab.runtimes == {}
 
 
-def test_the_assignment_names_the_tier(colab: ColabDouble) -> None:
-    """``subTier`` in an assignment (VSC ``api.ts``: 1 Pro, 2 Pro+, else unknown)."""
+def test_the_assignment_names_the_tier(
+    colab: ColabDouble, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``subTier`` in an assignment (VSC ``api.ts``: 1 Pro, 2 Pro+, else unknown), named in
+    the kernel's log (``auth status`` tells users to look there)."""
+    caplog.set_level(logging.INFO)
     colab.sub_tier = 2
 
     async def scenario() -> None:
@@ -1017,6 +1021,7 @@ def test_the_assignment_names_the_tier(colab: ColabDouble) -> None:
         try:
             await backend.start_kernel()
             assert backend.assignment is not None and backend.assignment.tier == "Colab Pro+"
+            assert any("tier Colab Pro+" in r.getMessage() for r in caplog.records)
         finally:
             await backend.shutdown_kernel()
             await backend.close()

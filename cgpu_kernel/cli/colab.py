@@ -126,7 +126,7 @@ async def _tier(colab_url: str) -> str:
         why = f"HTTP {exc.status}" if exc.status else "no answer"
         return (
             f"Colab's user-info service ({api.gapi_url}) did not say this account's tier"
-            f" ({why}; it often refuses tokens that are not Google's own clients'). A refused"
+            f" ({why}; google-colab-cli found it refusing ordinary user tokens). A refused"
             " accelerator's error names what Colab allows when it can, and the kernel's log"
             " names the tier of each runtime it is assigned."
         )
