@@ -634,10 +634,10 @@ class Relay:
         the running cells, else in the output of the request that the next message answered."""
         text = (
             f"cgpu-kernel: {count} output message{'s' if count != 1 else ''} from"
-            f" {self.remote_description} never arrived (the server dropped"
-            f" {'them' if count != 1 else 'it'} while it fell behind) and the kernel's output"
-            " journal no longer had them: some output is missing. A larger --journal-max-bytes"
-            " or --journal-max-messages keeps more."
+            f" {self.remote_description} never arrived (lost on the way from the kernel, as"
+            " its numbering shows) and the kernel's output journal could not give them back:"
+            " some output is missing. A larger --journal-max-bytes or --journal-max-messages"
+            " keeps more."
         )
         return self._tell(text, parent)
 
