@@ -99,6 +99,32 @@ def _wait_until_up(server: RemoteServer, timeout: float = 60) -> None:
     raise RuntimeError(f"server did not come up: {server.log_path.read_text()[-3000:]}")
 
 
+def serving(
+    process: subprocess.Popen[bytes],
+    port: int,
+    token: str,
+    workdir: Path,
+    log_path: Path,
+    *,
+    ca_file: Path | None = None,
+) -> RemoteServer:
+    """The record of a server just started on ``port`` (https when ``ca_file`` is given), its
+    token in a 0600 file in ``workdir``, once it answers; stopped if it never does."""
+    token_file = workdir / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    scheme = "https" if ca_file else "http"
+    server = RemoteServer(
+        f"{scheme}://127.0.0.1:{port}/", token, process, token_file, log_path, ca_file=ca_file
+    )
+    try:
+        _wait_until_up(server)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
 def start_jupyter_server(
     workdir: Path,
     *extra: str,
@@ -130,20 +156,7 @@ def start_jupyter_server(
         stdout=subprocess.DEVNULL,
         stderr=log_path.open("wb"),
     )
-    token_file = workdir / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    scheme = "https" if tls else "http"
-    server = RemoteServer(
-        f"{scheme}://127.0.0.1:{port}/",
-        token,
-        process,
-        token_file,
-        log_path,
-        ca_file=tls[0] if tls else None,
-    )
-    _wait_until_up(server)
-    return server
+    return serving(process, port, token, workdir, log_path, ca_file=tls[0] if tls else None)
 
 
 def start_kernel_gateway(workdir: Path) -> RemoteServer:
@@ -167,12 +180,7 @@ def start_kernel_gateway(workdir: Path) -> RemoteServer:
         stdout=subprocess.DEVNULL,
         stderr=log_path.open("wb"),
     )
-    token_file = workdir / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    server = RemoteServer(f"http://127.0.0.1:{port}/", token, process, token_file, log_path)
-    _wait_until_up(server)
-    return server
+    return serving(process, port, token, workdir, log_path)
 
 
 @pytest.fixture(scope="session")

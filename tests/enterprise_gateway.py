@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RemoteServer, _wait_until_up, free_port
+from .conftest import RemoteServer, free_port, serving
 
 EG_VERSION = "3.3.0"
 #: What the gateway's venv gets (ipykernel: the kernels the gateway launches).
@@ -194,16 +194,7 @@ def start_enterprise_gateway(
         stdout=subprocess.DEVNULL,
         stderr=log_path.open("wb"),
     )
-    token_file = workdir / "token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
-    server = RemoteServer(f"http://127.0.0.1:{port}/", token, process, token_file, log_path)
-    try:
-        _wait_until_up(server)
-    except RuntimeError:
-        server.stop()
-        raise
-    return server
+    return serving(process, port, token, workdir, log_path)
 
 
 @contextlib.contextmanager
