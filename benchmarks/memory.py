@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+
 from benchmarks.run import ECHO_TARGET, SETUP_CODE
 from tests.conftest import install_spec, run_cell, start_kernel
 from tests.test_memory_bounds import PeakRss
@@ -129,6 +131,8 @@ def main() -> None:
         km, kc = start_kernel(install_spec(root / "jupyter", "bench-memory", "local"))
         try:
             run_cell(kc, "1")
+            assert isinstance(km.provisioner, LocalProvisioner)  # the kernel is a local process
+            assert km.provisioner.pid is not None
             results = measure(kc, km.provisioner.pid, args.mb * MB, args.header_mb * MB)
         finally:
             kc.stop_channels()

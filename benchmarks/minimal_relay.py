@@ -48,9 +48,15 @@ class RawChannels(RemoteChannels):
     else. ``tests/test_benchmarks_smoke.py`` fails if the seam moves."""
 
     raw_sink: Any = None
+    #: Payloads that arrive while ``open`` is still settling, before the relay sets
+    #: ``raw_sink`` (jupyter-server may send a status message as soon as the socket opens).
+    early: list[bytes] | None = None
 
     def _parse(self, opcode: Opcode, payload: Buffer) -> Message | None:
-        self.raw_sink(payload)
+        if self.raw_sink is None:
+            self.early = [*(self.early or []), bytes(payload)]
+        else:
+            self.raw_sink(payload)
         return None
 
 
@@ -77,6 +83,9 @@ class MinimalRelay:
     def start(self, channels: RawChannels) -> None:
         self.channels = channels
         channels.raw_sink = self.from_remote
+        early, channels.early = channels.early or [], None
+        for payload in early:
+            self.from_remote(payload)
         loop = asyncio.get_running_loop()
         for channel in ("shell", "control", "stdin"):
             sock = self.sockets[channel]

@@ -46,9 +46,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import install_spec, run_cell, start_jupyter_server, start_kernel
+from tests.conftest import (
+    install_spec,
+    install_spec_via,
+    run_cell,
+    start_jupyter_server,
+    start_kernel,
+)
 from tests.faults import FaultyPath
-from tests.test_inflight import inflight_rounds, spec_through
+from tests.test_inflight import inflight_rounds
 
 FAULTS = ("cut", "reset", "blackhole-2s", "blackhole-0.3s")
 STALLS = ("stall", "stall-end", "stall-short")
@@ -197,8 +203,13 @@ def measure_inflight(
 ) -> dict[str, Any]:
     """One in-flight case: a fresh proxy kernel behind a fresh FaultyPath, ``rounds`` rounds."""
     with FaultyPath(server.port) as path:
-        name = spec_through(
-            kernel_dir, f"bench-inflight-{kind}-{mode}-{journal}", path, server, journal
+        name = install_spec_via(
+            kernel_dir,
+            f"bench-inflight-{kind}-{mode}-{journal}",
+            path.url,
+            server,
+            f"--output-journal={journal}",
+            outage_notice_after=0,
         )
         km, kc = start_kernel(name)
         try:

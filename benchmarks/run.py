@@ -251,7 +251,7 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / MB
+    return float(psutil.Process(pid).memory_info().rss) / MB
 
 
 def reset_peak_rss(pid: int) -> bool:
@@ -311,7 +311,7 @@ async def setup_zmq(path: Path_, settings: Settings) -> None:
     km = AsyncKernelManager(kernel_name="python3")
     started = time.perf_counter()
     await km.start_kernel()
-    client = ZmqClient(km.get_connection_info())
+    client = ZmqClient(dict(km.get_connection_info()))
     await client.start()
     path.closers += [client.close, lambda: km.shutdown_kernel(now=True)]
     await kernel_info(client, settings.timeout)
@@ -808,6 +808,7 @@ def table(results: dict[str, dict[str, Any]], markdown: bool = False) -> str:
     for name, values in results.items():
         row = [name]
         for _, key, digits in COLUMNS[1:]:
+            assert key is not None  # only the first column, the path's name, has none
             row.append(fmt(values.get(key), digits))
         rows.append(row)
     if markdown:
@@ -930,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         for values in results.values():
             values.pop("log", None)
     ratios(results)
-    report = {
+    report: dict[str, Any] = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "python": platform.python_version(),
