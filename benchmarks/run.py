@@ -50,6 +50,7 @@ import zmq.asyncio
 
 from . import servers
 from .clients import Msg, TornadoWsClient, WebsocketsWsClient, ZmqClient
+from .suites import SUITES, compare_suites, run_suites, suite_goals
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -894,6 +895,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also measure the proxy from another checkout (say, a git worktree of HEAD) as"
         " proxy_baseline",
     )
+    parser.add_argument(
+        "--suites",
+        help=f"comma-separated suites to run after the paths, of: {', '.join(SUITES) or 'none yet'}"
+        " ('none' for none; default: all, or none with --quick)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     return parser.parse_args(argv)
 
@@ -914,6 +920,14 @@ def main(argv: list[str] | None = None) -> int:
         profile=args.profile,
         baseline=args.baseline.resolve() if args.baseline else None,
     )
+    if args.suites is None:
+        suite_names = [] if args.quick else list(SUITES)
+    else:
+        suite_names = [n for n in args.suites.split(",") if n and n != "none"]
+    unknown_suites = set(suite_names) - set(SUITES)
+    if unknown_suites:
+        print(f"unknown suites: {', '.join(sorted(unknown_suites))}", file=sys.stderr)
+        return 2
     if settings.baseline is not None and "proxy_baseline" not in settings.paths:
         settings.paths = (*settings.paths, "proxy_baseline")
     unknown = set(settings.paths) - set(ALL_PATHS)
@@ -931,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         for values in results.values():
             values.pop("log", None)
     ratios(results)
+    suite_reports = run_suites(suite_names, quick=args.quick, log=log)
     report: dict[str, Any] = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -948,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seconds": round(time.perf_counter() - began, 1),
         "paths": results,
-        "goals": goals(results, settings),
+        "suites": suite_reports,
+        "goals": goals(results, settings) + suite_goals(suite_reports),
     }
     out = args.out or RESULTS / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -959,12 +975,17 @@ def main(argv: list[str] | None = None) -> int:
     for g in report["goals"]:
         mark = "met" if g["met"] else "NOT met"
         print(f"{g['path']:<14} {g['goal']:<44} {fmt(g['value'], 2):>8} {g['target']:<14} {mark}")
+    for name, suite_report in suite_reports.items():
+        if "failed" in suite_report:
+            print(f"\nsuite {name} FAILED: {suite_report['failed']}")
     print(f"\n{report['seconds']} s; JSON written to {out}")
     if args.compare:
         old = json.loads(args.compare.read_text())
         text, worse = compare(old, report, args.threshold)
+        suite_lines, suite_worse = compare_suites(old, report, args.threshold)
+        text, worse = "\n".join([text, *suite_lines]), worse + suite_worse
         print(f"\ncompared with {args.compare}:\n{text}")
         if worse:
             print(f"\n{worse} metric(s) worse by more than {args.threshold:.0%}")
             return 1
-    return 0
+    return 1 if any("failed" in r for r in suite_reports.values()) else 0
