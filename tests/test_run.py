@@ -142,7 +142,7 @@ def test_json_success_has_every_field(jupyter_spec: str) -> None:
         "40 + 2\n"
     )
     result, status = run_json("--kernel", jupyter_spec, code)
-    assert status == 0
+    assert status == 0, result
     assert result["status"] == "ok"
     assert result["errorCode"] == 0
     assert result["stdout"] == f"out {marker}\n"
