@@ -76,6 +76,17 @@ def silent_execute_request(session: str, code: str) -> Message:
     return _request("shell", "execute_request", session, content)
 
 
+def control_probe_request(session: str) -> Message:
+    """A ``kernel_info_request`` on control, sent right behind a journal request.
+
+    A kernel answers its control messages one at a time, in order, and sends no reply to a
+    type it has no handler for (ipykernel's ``dispatch_control`` logs "UNKNOWN CONTROL MESSAGE
+    TYPE" and moves on), nor does a gateway that filters types it does not know pass the request
+    on. So a probe's reply that comes while the journal request before it has none proves the
+    journal will never answer; a kernel merely too busy answers neither."""
+    return _request("control", "kernel_info_request", session, {})
+
+
 def journal_request(session: str, after: dict[str, str | None]) -> Message:
     """Ask for every message sent after ``after[channel]`` (None: all it has) on each channel."""
     return _request("control", REQUEST_TYPE, session, {"after": dict(after)})

@@ -8,7 +8,11 @@ gets a fair chance: it is asked again with waits doubling, for up to ``JOURNAL_P
 outage, and any of the answers is taken. One that never answers costs that outage its check
 (the user is told so) but is asked again after the next one, for ``ANSWER_WAIT`` s, until it
 answers again (late answers count): one slow answer never switches it off for the kernel's
-life. Only an answer of the wrong shape (a broken agent) does.
+life. Only an answer of the wrong shape (a broken agent) does, or proof that the journal is not
+there: each request goes with a control-channel probe behind it, and the kernel (which answers
+control messages in order) answering the probe but not the request means nothing handles the
+request (the handler is gone, or a gateway filters the type). That costs one round trip, not
+``JOURNAL_PATIENCE`` s of held output at every outage.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cgpu_kernel.core.journal import (
     OutputSequence,
     answer_sequence,
     can_hold_journal,
+    control_probe_request,
     install_request,
     is_internal,
     journal_request,
@@ -224,25 +229,48 @@ class JournalKeeper:
         deadline = loop.time() + patience
         wait = ANSWER_WAIT
         asked: list[asyncio.Future[Message | None]] = []
+        asked_ids: list[str] = []
+        probes: list[asyncio.Future[Message | None]] = []
         reply: Message | None = None
-        while reply is None and not channels.closed.is_set():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            if asked:
-                log.info("the output journal has not answered yet; asking again")
-            future = self.ask(channels, journal_request(self.session, after), LATE_ANSWER_WAIT)
-            if not casual:
-                future.add_done_callback(self._answered)
-            asked.append(future)
-            done, _ = await asyncio.wait(
-                asked, timeout=min(wait, remaining), return_when="FIRST_COMPLETED"
-            )
-            for finished in done:
-                asked.remove(finished)
-                if not finished.cancelled() and finished.result() is not None:
-                    reply = finished.result()
-            wait *= 2
+        try:
+            while reply is None and not channels.closed.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                if asked:
+                    log.info("the output journal has not answered yet; asking again")
+                request = journal_request(self.session, after)
+                future = self.ask(channels, request, LATE_ANSWER_WAIT)
+                if not casual:
+                    future.add_done_callback(self._answered)
+                asked.append(future)
+                asked_ids.append(request.msg_id)
+                probes.append(self.ask(channels, control_probe_request(self.session), remaining))
+                done, _ = await asyncio.wait(
+                    [*asked, *probes], timeout=min(wait, remaining), return_when="FIRST_COMPLETED"
+                )
+                probe_answered = False
+                for finished in done:
+                    answer = None if finished.cancelled() else finished.result()
+                    if finished in probes:
+                        probes.remove(finished)
+                        probe_answered = probe_answered or answer is not None
+                    else:
+                        asked.remove(finished)
+                        reply = reply or answer
+                if reply is None and probe_answered and self._unanswered(asked_ids):
+                    log.warning(
+                        "the remote kernel answers control requests but not the output"
+                        " journal's (its handler is gone, or a gateway filters the message"
+                        " type): output lost in an outage can no longer be fetched, only"
+                        " reported"
+                    )
+                    self.active = False
+                    return None
+                wait *= 2
+        finally:
+            for probe in probes:
+                probe.cancel()
         if reply is None:
             if not channels.closed.is_set() and not casual:
                 log.warning(
@@ -262,6 +290,12 @@ class JournalKeeper:
         for msg in messages:
             end[msg.channel] = msg.msg_id
         return JournalAnswer(messages, complete, known_gaps(reply), end, answer_sequence(reply))
+
+    def _unanswered(self, msg_ids: list[str]) -> bool:
+        """Whether none of these journal requests has had its reply yet (one received but not
+        yet handed on has already left ``_waiting``). Called once a probe sent behind each of
+        them was answered: their replies would have come first."""
+        return all(msg_id in self._waiting for msg_id in msg_ids)
 
     def _answered(self, future: asyncio.Future[Message | None]) -> None:
         """A journal request was answered (in time or late): the journal is alive."""
