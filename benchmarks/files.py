@@ -1,6 +1,7 @@
 """File transfer benchmark: ``%cgpu upload``/``download`` against a direct Contents API client.
 
     python -m benchmarks.files [--megabytes 100] [--rounds 3] [--json PATH] [--work DIR]
+        [--baseline CHECKOUT]
     python -m benchmarks.files --suite-json PATH [--quick]      (as ``python -m benchmarks``)
 
 A real jupyter-server on loopback and the proxy kernel (``jupyter`` backend) in front of it.
@@ -24,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -51,6 +54,8 @@ GOAL = 0.9
 QUICK_MEGABYTES = 4
 QUICK_ROUNDS = 2
 WAYS = ("upload", "download")
+#: The clients timed each way: ``verified`` is :func:`direct_verified_download`.
+WHO = {"upload": ("direct", "proxy"), "download": ("direct", "verified", "proxy")}
 
 
 def direct_upload(server: RemoteServer, source: Path, name: str) -> None:
@@ -96,15 +101,68 @@ def direct_download(server: RemoteServer, name: str, target: Path) -> None:
             out.write(block)
 
 
+def direct_verified_download(server: RemoteServer, name: str, target: Path) -> None:
+    """The yardstick with the proxy's guarantees and nothing else, as plainly: the server's
+    SHA-256 asked for (``hash=1``) while the file streams into a temporary name, hashed on the
+    way, ``fsync``, compared, renamed. What it loses to :func:`direct_download` is what the
+    guarantees cost; what the proxy loses to it is the proxy's own overhead."""
+    headers = {"Authorization": f"token {server.token}"}
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        request = urllib.request.Request(
+            server.url + "api/contents/" + name + "?content=0&hash=1", headers=headers
+        )
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer.update(json.loads(response.read()))
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    partial = target.with_name(f".{target.name}.partial")
+    digest = hashlib.sha256()
+    request = urllib.request.Request(server.url + "files/" + name, headers=headers)
+    with urllib.request.urlopen(request, timeout=300) as response, partial.open("wb") as out:
+        while block := response.read(1 << 20):
+            out.write(block)
+            digest.update(block)
+        out.flush()
+        os.fsync(out.fileno())
+    asking.join()
+    if answer.get("hash") != digest.hexdigest() or answer.get("size") != partial.stat().st_size:
+        partial.unlink()
+        raise RuntimeError(f"the verified direct download of {name} differs from the server's")
+    os.replace(partial, target)
+
+
+def server_hash(server: RemoteServer, name: str) -> None:
+    """The server's SHA-256 of ``name`` alone (``hash=1``: it reads the file whole and hashes
+    it): the part of the download's check that no client can do for it."""
+    request = urllib.request.Request(
+        server.url + "api/contents/" + name + "?content=0&hash=1",
+        headers={"Authorization": f"token {server.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        response.read()
+
+
 def timed(function: Callable[..., Any], *args: Any) -> float:
     start = time.perf_counter()
     function(*args)
     return time.perf_counter() - start
 
 
-def measure(work: Path, megabytes: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+def measure(
+    work: Path,
+    megabytes: int,
+    rounds: int,
+    log: Callable[[str], None],
+    baseline: Path | None = None,
+) -> dict[str, Any]:
     """Run the rounds in ``work`` (a server root ``remote/``, the notebook's folder ``here/``);
-    returns every round's seconds and how many copies were compared, and which differed."""
+    returns every round's seconds and how many copies were compared, and which differed.
+    ``baseline``: another checkout whose proxy is timed too, as ``baseline``, in the same
+    rounds (a change measured against its base side by side)."""
+    who = {way: WHO[way] + (("baseline",) if baseline else ()) for way in WAYS}
     size = megabytes * MB
     os.environ["JUPYTER_PATH"] = str(work / "jupyter")
     os.environ["CGPU_STATE_DIR"] = str(work / "state")
@@ -114,44 +172,60 @@ def measure(work: Path, megabytes: int, rounds: int, log: Callable[[str], None])
     here.mkdir(parents=True, exist_ok=True)
     source = here / "payload.bin"
     source.write_bytes(os.urandom(size))
-    seconds: dict[str, list[float]] = {
-        f"{who}_{way}": [] for who in ("direct", "proxy") for way in WAYS
-    }
+    seconds: dict[str, list[float]] = {f"{w}_{way}": [] for way in WAYS for w in who[way]}
+    seconds["server_hash"] = []
     copies = {
         "direct upload": remote / "direct.bin",
         "proxy upload": remote / "payload.bin",
         "direct download": here / "direct-back.bin",
+        "verified download": here / "verified-back.bin",
         "proxy download": here / "back.bin",
     }
+    if baseline:
+        copies["baseline download"] = here / "base-back.bin"
     differ: list[str] = []
     compared = 0
     original = source.read_bytes()
     try:
         spec = install_remote_spec(work / "jupyter", "bench-files", server)
-        km, kc = start_kernel(spec, cwd=str(here))
+        kernels = {"proxy": start_kernel(spec, cwd=str(here))}
         try:
-            run_cell(kc, "1")
+            if baseline:
+                env = dict(os.environ, PYTHONPATH=str(baseline))
+                kernels["baseline"] = start_kernel(spec, cwd=str(here), env=env)
+            for _, kc in kernels.values():
+                run_cell(kc, "1")
 
-            def cell(code: str) -> None:
-                reply, _ = run_cell(kc, code, timeout=600)
+            def cell(kernel: str, code: str) -> None:
+                reply, _ = run_cell(kernels[kernel][1], code, timeout=600)
                 if reply["content"]["status"] != "ok":
                     raise RuntimeError(f"{code!r} failed: {reply['content']}")
 
             steps: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
                 "direct_upload": (direct_upload, (server, source, "direct.bin")),
-                "proxy_upload": (cell, ("%cgpu upload payload.bin",)),
+                "proxy_upload": (cell, ("proxy", "%cgpu upload payload.bin")),
+                "baseline_upload": (cell, ("baseline", "%cgpu upload payload.bin")),
                 "direct_download": (
                     direct_download,
                     (server, "payload.bin", copies["direct download"]),
                 ),
-                "proxy_download": (cell, ("%cgpu download payload.bin back.bin",)),
+                "verified_download": (
+                    direct_verified_download,
+                    (server, "payload.bin", copies["verified download"]),
+                ),
+                "proxy_download": (cell, ("proxy", "%cgpu download payload.bin back.bin")),
+                "baseline_download": (
+                    cell,
+                    ("baseline", "%cgpu download payload.bin base-back.bin"),
+                ),
             }
             for number in range(rounds):
                 for way in WAYS:
-                    order = ("direct", "proxy") if number % 2 == 0 else ("proxy", "direct")
-                    for who in order:
-                        function, args = steps[f"{who}_{way}"]
-                        seconds[f"{who}_{way}"].append(timed(function, *args))
+                    turn = number % len(who[way])  # who goes first changes every round
+                    for w in who[way][turn:] + who[way][:turn]:
+                        function, args = steps[f"{w}_{way}"]
+                        seconds[f"{w}_{way}"].append(timed(function, *args))
+                seconds["server_hash"].append(timed(server_hash, server, "payload.bin"))
                 for name, path in copies.items():
                     compared += 1
                     if path.read_bytes() != original:
@@ -161,8 +235,9 @@ def measure(work: Path, megabytes: int, rounds: int, log: Callable[[str], None])
                     + "  ".join(f"{k} {size / MB / v[-1]:.0f} MB/s" for k, v in seconds.items())
                 )
         finally:
-            kc.stop_channels()
-            km.shutdown_kernel()
+            for km, kc in kernels.values():
+                kc.stop_channels()
+                km.shutdown_kernel()
     finally:
         server.stop()
     return {"seconds": seconds, "compared": compared, "differ": differ}
@@ -182,6 +257,12 @@ def summarize(megabytes: int, measured: dict[str, Any]) -> dict[str, Any]:
         results[f"{way}_ratio"] = round(
             results[f"proxy_{way}_mb_s"] / results[f"direct_{way}_mb_s"], 2
         )
+    results["verified_download_ratio"] = round(
+        results["verified_download_mb_s"] / results["direct_download_mb_s"], 2
+    )
+    results["download_ratio_to_verified"] = round(
+        results["proxy_download_mb_s"] / results["verified_download_mb_s"], 2
+    )
     results["compared"] = measured["compared"]
     results["differ"] = measured["differ"]
     return results
@@ -192,10 +273,14 @@ def suite_report(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
     metrics = {
         f"{who}_{way}_mbps": metric(results[f"{who}_{way}_mb_s"], "MB/s", higher_better=True)
         for way in WAYS
-        for who in ("direct", "proxy")
+        for who in WHO[way]
     }
-    for way in WAYS:
-        metrics[f"{way}_ratio"] = metric(results[f"{way}_ratio"], "x", higher_better=True)
+    metrics["server_hash_s"] = metric(results["server_hash_s"], "s", higher_better=False)
+    for key in ("upload_ratio", "download_ratio", "verified_download_ratio"):
+        metrics[key] = metric(results[key], "x", higher_better=True)
+    metrics["download_ratio_to_verified"] = metric(
+        results["download_ratio_to_verified"], "x", higher_better=True
+    )
     goals = [
         goal(
             f"{way} vs direct client",
@@ -205,6 +290,15 @@ def suite_report(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
         )
         for way in WAYS
     ]
+    # the proxy's own overhead: against a client that checks as much, as plainly
+    goals.append(
+        goal(
+            "download vs direct client with the same checks",
+            results["download_ratio_to_verified"],
+            f">= {GOAL}x",
+            results["download_ratio_to_verified"] >= GOAL,
+        )
+    )
     compared = results["compared"]
     goals.append(
         goal(
@@ -225,21 +319,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite-json", type=Path, help="write the suite report here")
     parser.add_argument("--quick", action="store_true", help="a few MB: a smoke run")
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also time the proxy from another checkout (say, a git worktree of main)",
+    )
+    parser.add_argument(
         "--work", type=Path, help="keep the server's and the notebook's folders here"
     )
     args = parser.parse_args(argv)
     megabytes = args.megabytes or (QUICK_MEGABYTES if args.quick else 100)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else 3)
+    baseline = args.baseline.resolve() if args.baseline else None
 
     def log(text: str) -> None:
         print(text, flush=True)
 
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        measured = measure(args.work.resolve(), megabytes, rounds, log)
+        measured = measure(args.work.resolve(), megabytes, rounds, log, baseline)
     else:
         with tempfile.TemporaryDirectory() as scratch:
-            measured = measure(Path(scratch), megabytes, rounds, log)
+            measured = measure(Path(scratch), megabytes, rounds, log, baseline)
     results = summarize(megabytes, measured)
     for way in WAYS:
         direct, proxy = results[f"direct_{way}_mb_s"], results[f"proxy_{way}_mb_s"]
@@ -247,6 +348,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{way:>8}: proxy {proxy:7.1f} MB/s  direct {direct:7.1f} MB/s"
             f"  ratio {results[f'{way}_ratio']:.2f}x (medians of {rounds}; goal >= {GOAL}x;"
             " the proxy also verifies SHA-256)"
+        )
+    print(
+        f"          direct with the proxy's checks {results['verified_download_mb_s']:7.1f} MB/s"
+        f" ({results['verified_download_ratio']:.2f}x direct; the proxy"
+        f" {results['download_ratio_to_verified']:.2f}x it); the server's hash=1 alone"
+        f" {results['server_hash_s']:.3f} s"
+    )
+    for way in WAYS if baseline else ():
+        print(
+            f"{way:>8}: baseline {results[f'baseline_{way}_mb_s']:7.1f} MB/s"
+            f" ({results[f'baseline_{way}_mb_s'] / results[f'direct_{way}_mb_s']:.2f}x direct)"
         )
     if results["differ"]:
         print(f"DIFFERENT from the source: {', '.join(results['differ'])}")
