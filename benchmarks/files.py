@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.suites import goal, metric, write_report
 from tests.conftest import (
     RemoteServer,
@@ -56,6 +58,11 @@ QUICK_ROUNDS = 2
 WAYS = ("upload", "download")
 #: The clients timed each way: ``verified`` is :func:`direct_verified_download`.
 WHO = {"upload": ("direct", "proxy"), "download": ("direct", "verified", "proxy")}
+#: Medians of the CPU seconds one transfer took, the client's (the proxy's process for the
+#: proxy) and the server's: on a machine short of cores this is what decides the rates.
+CPU_METRICS = tuple(
+    f"{who}_{way}{side}_cpu_s" for way in WAYS for who in WHO[way] for side in ("", "_server")
+)
 
 
 def direct_upload(server: RemoteServer, source: Path, name: str) -> None:
@@ -145,6 +152,17 @@ def server_hash(server: RemoteServer, name: str) -> None:
         response.read()
 
 
+def kernel_pid(km: Any) -> int:
+    """The proxy kernel's process (started by jupyter_client's local provisioner)."""
+    return int(km.provisioner.process.pid)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of ``pid`` so far (psutil: 10 ms ticks on Linux)."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def timed(function: Callable[..., Any], *args: Any) -> float:
     start = time.perf_counter()
     function(*args)
@@ -174,6 +192,9 @@ def measure(
     source.write_bytes(os.urandom(size))
     seconds: dict[str, list[float]] = {f"{w}_{way}": [] for way in WAYS for w in who[way]}
     seconds["server_hash"] = []
+    cpu: dict[str, list[float]] = {}
+    for key in list(seconds)[:-1]:
+        cpu[key], cpu[f"{key}_server"] = [], []
     copies = {
         "direct upload": remote / "direct.bin",
         "proxy upload": remote / "payload.bin",
@@ -219,12 +240,18 @@ def measure(
                     ("baseline", "%cgpu download payload.bin base-back.bin"),
                 ),
             }
+            pids = {name: kernel_pid(km) for name, (km, _) in kernels.items()}
             for number in range(rounds):
                 for way in WAYS:
                     turn = number % len(who[way])  # who goes first changes every round
                     for w in who[way][turn:] + who[way][:turn]:
                         function, args = steps[f"{w}_{way}"]
+                        # the client's CPU: this process for the direct ones, else the proxy's
+                        client = pids.get(w, os.getpid())
+                        before = cpu_seconds(client), cpu_seconds(server.process.pid)
                         seconds[f"{w}_{way}"].append(timed(function, *args))
+                        cpu[f"{w}_{way}"].append(cpu_seconds(client) - before[0])
+                        cpu[f"{w}_{way}_server"].append(cpu_seconds(server.process.pid) - before[1])
                 seconds["server_hash"].append(timed(server_hash, server, "payload.bin"))
                 for name, path in copies.items():
                     compared += 1
@@ -240,7 +267,7 @@ def measure(
                 km.shutdown_kernel()
     finally:
         server.stop()
-    return {"seconds": seconds, "compared": compared, "differ": differ}
+    return {"seconds": seconds, "cpu": cpu, "compared": compared, "differ": differ}
 
 
 def summarize(megabytes: int, measured: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +290,8 @@ def summarize(megabytes: int, measured: dict[str, Any]) -> dict[str, Any]:
     results["download_ratio_to_verified"] = round(
         results["proxy_download_mb_s"] / results["verified_download_mb_s"], 2
     )
+    for key, values in measured["cpu"].items():
+        results[f"{key}_cpu_s"] = round(statistics.median(values), 3)
     results["compared"] = measured["compared"]
     results["differ"] = measured["differ"]
     return results
@@ -276,6 +305,8 @@ def suite_report(results: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str
         for who in WHO[way]
     }
     metrics["server_hash_s"] = metric(results["server_hash_s"], "s", higher_better=False)
+    for key in CPU_METRICS:
+        metrics[key] = metric(results[key], "s", higher_better=False)
     for key in ("upload_ratio", "download_ratio", "verified_download_ratio"):
         metrics[key] = metric(results[key], "x", higher_better=True)
     metrics["download_ratio_to_verified"] = metric(
@@ -355,10 +386,22 @@ def main(argv: list[str] | None = None) -> int:
         f" {results['download_ratio_to_verified']:.2f}x it); the server's hash=1 alone"
         f" {results['server_hash_s']:.3f} s"
     )
+    print(
+        "     CPU: "
+        + "  ".join(
+            f"{w} {way} {results[f'{w}_{way}_cpu_s']:.2f}+{results[f'{w}_{way}_server_cpu_s']:.2f}"
+            " s"
+            for way in WAYS
+            for w in WHO[way]
+        )
+        + " (client + server, medians)"
+    )
     for way in WAYS if baseline else ():
         print(
             f"{way:>8}: baseline {results[f'baseline_{way}_mb_s']:7.1f} MB/s"
-            f" ({results[f'baseline_{way}_mb_s'] / results[f'direct_{way}_mb_s']:.2f}x direct)"
+            f" ({results[f'baseline_{way}_mb_s'] / results[f'direct_{way}_mb_s']:.2f}x direct;"
+            f" CPU {results[f'baseline_{way}_cpu_s']:.2f}"
+            f"+{results[f'baseline_{way}_server_cpu_s']:.2f} s)"
         )
     if results["differ"]:
         print(f"DIFFERENT from the source: {', '.join(results['differ'])}")
