@@ -185,7 +185,8 @@ def measure(
     os.environ["JUPYTER_PATH"] = str(work / "jupyter")
     os.environ["CGPU_STATE_DIR"] = str(work / "state")
     remote = work / "remote"
-    server = start_jupyter_server(remote)
+    # each round's upload replaces the last one's, which the server would keep in its trash
+    server = start_jupyter_server(remote, "--FileContentsManager.delete_to_trash=False")
     here = work / "here"
     here.mkdir(parents=True, exist_ok=True)
     source = here / "payload.bin"
