@@ -49,6 +49,8 @@ from tests.conftest import (
 )
 
 CHUNK = 8 << 20
+ROOT = Path(__file__).resolve().parent.parent
+PYTHONPATH = os.environ.get("PYTHONPATH", "")
 MB = 1_000_000
 #: The ratio proxy/direct each way must reach (issue 17).
 GOAL = 0.9
@@ -210,7 +212,9 @@ def measure(
     original = source.read_bytes()
     try:
         spec = install_remote_spec(work / "jupyter", "bench-files", server)
-        kernels = {"proxy": start_kernel(spec, cwd=str(here))}
+        # the proxy of this checkout, whatever the environment has installed
+        mine = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), PYTHONPATH])))
+        kernels = {"proxy": start_kernel(spec, cwd=str(here), env=mine)}
         try:
             if baseline:
                 env = dict(os.environ, PYTHONPATH=str(baseline))
