@@ -10,12 +10,15 @@ The direct client is the plainest one could write with the standard library: the
 no verification. The proxy's numbers are whole cells (a ``%cgpu`` line from ``execute`` to
 ``execute_reply``): temporary name, SHA-256 on both sides, rename.
 
-Each round times the four transfers once (direct and proxy interleaved, which goes first
-alternating per round, so that a burst of load on the shared machine hits both ways alike);
-printed and reported are the medians over the rounds, in MB/s each way, and the ratio
-proxy/direct of the medians (the goal, issue 17: at least 0.9x each way). Every copy is
-compared byte for byte with the source afterwards (the remote ones on the server's disk,
-which is this machine's); a difference fails the run. No thresholds: the machine is shared.
+Downloads have a second yardstick, :func:`direct_verified_download`: the plainest client with
+the proxy's checks, which tells what the checks cost from what the proxy itself costs; and the
+server's ``hash=1`` is timed alone. Each round times every client once each way, interleaved
+(who goes first changes every round, so that a burst of load on the shared machine hits all
+alike), with the CPU seconds of the client's process and of the server's; printed and
+reported are the medians over the rounds, in MB/s, and the ratios of the medians (the goal,
+issue 17: proxy/direct at least 0.9x each way). Every copy is compared byte for byte with the
+source after each round (the remote ones on the server's disk, which is this machine's); a
+difference fails the run. No thresholds: the machine is shared. docs/files.md has figures.
 
 ``benchmarks.suites`` runs it as the ``files`` suite (``--suite-json``; ``--quick`` moves a
 few MB, for the smoke test), and ``tests/test_benchmarks_files.py`` runs that.
@@ -206,6 +209,7 @@ def measure(
         "proxy download": here / "back.bin",
     }
     if baseline:
+        copies["baseline upload"] = remote / "base.bin"
         copies["baseline download"] = here / "base-back.bin"
     differ: list[str] = []
     compared = 0
@@ -230,7 +234,7 @@ def measure(
             steps: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
                 "direct_upload": (direct_upload, (server, source, "direct.bin")),
                 "proxy_upload": (cell, ("proxy", "%cgpu upload payload.bin")),
-                "baseline_upload": (cell, ("baseline", "%cgpu upload payload.bin")),
+                "baseline_upload": (cell, ("baseline", "%cgpu upload payload.bin base.bin")),
                 "direct_download": (
                     direct_download,
                     (server, "payload.bin", copies["direct download"]),
