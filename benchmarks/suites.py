@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 #: Suite name -> module run as ``python -m MODULE --suite-json PATH [--quick]``.
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {
+    "files": "benchmarks.files",  # %cgpu upload/download against a direct Contents API client
+}
 
 SuiteReport = dict[str, Any]
 

@@ -504,6 +504,30 @@ def test_an_interrupt_stops_a_transfer_and_keeps_nothing(
     (here / "slow.bin").unlink()
 
 
+def test_an_interrupt_stops_a_download_and_keeps_nothing(
+    kernel: tuple[KernelManager, BlockingKernelClient], here: Path, remote_root: Path
+) -> None:
+    km, kc = kernel
+    with (remote_root / "big.bin").open("wb") as remote_file:
+        remote_file.truncate(500 * MB)  # sparse: the server sends it fast, the proxy writes it
+    msg_id = kc.execute("%cgpu download big.bin")
+    while True:  # the transfer is under way once its first progress line is out
+        msg = kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            break
+    km.interrupt_kernel()
+    reply = kc.get_shell_msg(timeout=TIMEOUT)
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+    assert not (here / "big.bin").exists()
+    no_partials(here)
+    _, outputs = cell(kernel, "print('after')")
+    assert stdout_of(outputs).strip() == "after"
+    (remote_root / "big.bin").unlink()
+
+
 def test_a_session_gets_its_inputs_from_the_shell_and_its_cells_read_them(
     files_spec: str, tmp_path: Path
 ) -> None:
