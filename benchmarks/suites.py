@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 #: Suite name -> module run as ``python -m MODULE --suite-json PATH [--quick]``.
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {
+    "wan": "benchmarks.wan",  # issue 19 goal 1: a WAN-shaped link (benchmarks/shaper.py)
+}
 
 SuiteReport = dict[str, Any]
 
