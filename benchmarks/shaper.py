@@ -9,7 +9,7 @@ need root. What it models, per direction of each connection:
   sender's side of the link;
 * **bandwidth** (``rate``, bytes per second): bytes leave one after the other, each segment
   taking ``len / rate`` on the link (its serialization delay), so a queue builds behind a large
-  message as it would at a bottleneck;
+  message as it would at a bottleneck; all connections through one shaper share it;
 * **jitter**: each segment gets an extra delay drawn uniformly from ``[0, jitter]``, but
   never overtakes the one before it (TCP hides reordering from applications: what a receiver
   sees is the later segment waiting for the earlier one);
@@ -209,7 +209,6 @@ class _Direction:
     watch: _Watch
     sock: socket.socket | None = None  # the socket read from (for TCP_QUICKACK)
     queue: deque[tuple[float, bytes]] = field(default_factory=deque)
-    link_free: float = 0.0  # when the link has sent everything read so far
     last_release: float = 0.0
     in_flight: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -233,10 +232,12 @@ class _Direction:
                     self._queue(max(now + link.delay, self.last_release), b"")
                     return
                 self.watch.observe(self.up, data)
-                start = max(now, self.link_free)
-                self.link_free = start + (len(data) / link.rate if link.rate else 0.0)
+                # The link's bandwidth is shared by every connection through this shaper.
+                start = max(now, self.shaper.link_free[self.up])
+                sent = start + (len(data) / link.rate if link.rate else 0.0)
+                self.shaper.link_free[self.up] = sent
                 extra = self.shaper.random.uniform(0, link.jitter) if link.jitter else 0.0
-                release = max(self.link_free + link.delay + extra, self.last_release)
+                release = max(sent + link.delay + extra, self.last_release)
                 self.in_flight += len(data)
                 self._queue(release, data)
         except (OSError, asyncio.IncompleteReadError):
@@ -296,6 +297,8 @@ class Shaper:
         self.target = (target_host, target_port)
         self.link = link
         self.counts = Counts()
+        #: Per direction (True: towards the server), when the link has sent all it was given.
+        self.link_free = {True: 0.0, False: 0.0}
         self.random = random.Random(seed)  # jitter, reproducible run to run
         self.port = 0
         self._server: asyncio.Server | None = None

@@ -8,11 +8,14 @@ through its own :mod:`benchmarks.shaper` process with the same link, so that the
 in what they are:
 
 * ``direct``: the benchmarks' tornado WebSocket client with ``TCP_QUICKACK``, straight to the
-  remote over the link (the best a client can do: the yardstick);
+  remote over the link (the best a client can do: what the goal compares with);
 * ``gateway``: jupyter_server's gateway mode on the laptop's side (loopback from the client),
   its own connection to the remote over the link;
 * ``proxy``: the proxy kernel (jupyter backend) on the laptop's side, driven over ZMQ as a
-  frontend does, its WebSocket (and REST) to the remote over the link.
+  frontend does, its WebSocket (and REST) to the remote over the link;
+* ``relay_minimal``, with ``--yardstick``: ``benchmarks/minimal_relay.py`` in the proxy's
+  place, the least a relay of the proxy's shape (ZMQ in, WebSocket out) can do: what part of a
+  gap to the direct client any such relay pays.
 
 The kernels and connections are set up once; each link setting (25 ms one way at 100 Mbit/s,
 80 ms at 20 Mbit/s) is then applied to all three shapers together and measured with the path
@@ -63,8 +66,14 @@ LINKS: dict[str, Link] = {
     "80ms_20mbit": Link.of(80, 20),
 }
 PATHS = ("direct", "gateway", "proxy")
+YARDSTICK = "relay_minimal"
 #: What each path's name stands for in the path table (the client's TCP_QUICKACK follows it).
-TABLE_NAMES = {"direct": "ws_quickack", "gateway": "gateway", "proxy": "proxy_jupyter"}
+TABLE_NAMES = {
+    "direct": "ws_quickack",
+    "gateway": "gateway",
+    "proxy": "proxy_jupyter",
+    YARDSTICK: YARDSTICK,
+}
 TARGET = 1.03  # the proxy's times within this of the direct client's
 WARM_UPS = 3  # measure_rtt's warm-up cells, counted with the measured ones
 
@@ -135,19 +144,23 @@ async def measure_link(
 
 
 async def run(
-    settings: Settings, links: dict[str, Link], workdir: Path, log: Any
+    settings: Settings,
+    links: dict[str, Link],
+    workdir: Path,
+    log: Any,
+    names: tuple[str, ...] = PATHS,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Set the three paths up once, then measure at each link: {link: {path: results}}."""
+    """Set the paths up once, then measure at each link: {link: {path: results}}."""
     first = next(iter(links.values()))
     remote = servers.start_server(workdir, "remote")
     started = [remote]
     shapers: dict[str, ShaperProcess] = {}
-    paths = {name: Path_(name) for name in PATHS}
+    paths = {name: Path_(name) for name in names}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         port = int(remote.url.rsplit(":", 1)[1].strip("/"))
-        made = await asyncio.gather(*(asyncio.to_thread(ShaperProcess, port, first) for _ in PATHS))
-        shapers.update(zip(PATHS, made, strict=True))
+        made = await asyncio.gather(*(asyncio.to_thread(ShaperProcess, port, first) for _ in names))
+        shapers.update(zip(names, made, strict=True))
         shaped = {n: dataclasses.replace(remote, url=s.url) for n, s in shapers.items()}
         gateway = servers.start_gateway_mode(workdir, shaped["gateway"])
         started.append(gateway)
@@ -160,8 +173,17 @@ async def run(
             elif name == "gateway":
                 await setup_ws(path, gateway, settings, "tornado")
                 path.pid = gateway.process.pid
-            else:
+            elif name == "proxy":
                 await setup_proxy(path, workdir, "jupyter", shaped["proxy"], settings)
+            else:
+                await setup_proxy(
+                    path,
+                    workdir,
+                    "jupyter",
+                    shaped[name],
+                    settings,
+                    module="benchmarks.minimal_relay",
+                )
             await execute(path.client, SETUP_CODE, settings.timeout)
             log(f"{name}: ready in {path.results['start_s']:.2f} s")
 
@@ -226,6 +248,11 @@ def report(
                     )
         proxy, direct, gateway = paths["proxy"], paths["direct"], paths["gateway"]
         for title, key in MEASURES:
+            least = time_ratio(paths.get(YARDSTICK, {}), direct, key)
+            if least is not None:
+                metrics[f"{link}.yardstick_x_direct.{key}"] = metric(
+                    least, "x", higher_better=False
+                )
             what = f"{link} {sizes.get(title, title)}"
             ratio = time_ratio(proxy, direct, key)
             if key == "buffer_mbps" and not proxy.get("buffer_ok"):
@@ -312,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="cell round trips per path and link")
     parser.add_argument("--stream-mib", type=int, help="MiB a cell prints")
     parser.add_argument("--buffer-mb", type=int, help="comm buffer size in MB")
+    parser.add_argument(
+        "--yardstick",
+        action="store_true",
+        help="also measure benchmarks/minimal_relay.py in the proxy's place (the least a relay"
+        " of its shape adds)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -321,19 +354,20 @@ def main(argv: list[str] | None = None) -> int:
         stream_mib=args.stream_mib or base.stream_mib,
         buffer_mb=args.buffer_mb or base.buffer_mb,
     )
-    names = args.links.split(",") if args.links else list(LINKS)
-    unknown = set(names) - set(LINKS)
+    wanted = args.links.split(",") if args.links else list(LINKS)
+    unknown = set(wanted) - set(LINKS)
     if unknown:
         print(f"unknown links: {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    links = {n: dataclasses.replace(LINKS[n], jitter=args.jitter_ms / 1000) for n in names}
+    links = {n: dataclasses.replace(LINKS[n], jitter=args.jitter_ms / 1000) for n in wanted}
 
     def log(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] wan: {text}", file=sys.stderr, flush=True)
 
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cgpu-wan-") as folder:
-        results = asyncio.run(run(settings, links, Path(folder), log))
+        chosen = (*PATHS, YARDSTICK) if args.yardstick else PATHS
+        results = asyncio.run(run(settings, links, Path(folder), log, chosen))
     for paths in results.values():
         for values in paths.values():
             values.pop("log", None)
@@ -343,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     for g in goals:
         mark = "met" if g["met"] else "NOT met"
         print(f"{g['goal']:<58} {fmt(g['value'], 3):>10} {g['target']:<16} {mark}")
+    for key, entry in metrics.items():
+        if ".yardstick_x_direct." in key:
+            print(f"{key:<58} {entry['value']:>10.3f} (the least a relay of the proxy's shape)")
     print(f"\n{time.perf_counter() - began:.0f} s")
     if args.suite_json:
         write_report(args.suite_json, metrics, goals)

@@ -88,6 +88,33 @@ def test_bytes_arrive_intact_and_in_order_under_bandwidth_and_jitter() -> None:
     assert elapsed >= size / link.rate
 
 
+def test_connections_through_one_shaper_share_its_bandwidth() -> None:
+    size, rate = 1_000_000, 10e6
+
+    async def go() -> float:
+        server, port = await _echo_server()
+        shaper = Shaper(port, Link(rate=rate))
+        await shaper.start()
+
+        async def one(seed: int) -> None:
+            payload = random.Random(seed).randbytes(size)
+            reader, writer = await asyncio.open_connection("127.0.0.1", shaper.port)
+            writer.write(payload)
+            writer.write_eof()
+            assert await reader.read(-1) == payload
+            writer.close()
+
+        started = time.perf_counter()
+        await asyncio.gather(one(1), one(2))
+        elapsed = time.perf_counter() - started
+        await shaper.close()
+        server.close()
+        return elapsed
+
+    # Each direction carried both connections' bytes over one link.
+    assert asyncio.run(go()) >= 2 * size / rate
+
+
 def _frame(payload: bytes, opcode: int = 2, fin: bool = True, mask: bool = True) -> bytes:
     """An RFC 6455 frame (the mask key is random; the counter must not care)."""
     first = (0x80 if fin else 0) | opcode
@@ -116,8 +143,8 @@ def test_frame_counter_counts_messages_not_frames_whatever_the_cuts() -> None:
     )
     rng = random.Random(2)
     for _ in range(20):
-        seen = []
-        counter = FrameCounter(lambda: seen.append(1))
+        seen: list[int] = []
+        counter = FrameCounter(lambda seen=seen: seen.append(1))
         view = memoryview(stream)
         while view:  # cut anywhere, headers included
             cut = rng.randint(1, 9) if rng.random() < 0.7 else rng.randint(1, 50_000)
