@@ -273,6 +273,7 @@ def report(
         "turns_per_cell": ("", False),
         "ws_up_per_cell": ("", False),
         "ws_down_per_cell": ("", False),
+        "connections_during_cells": ("", False),
     }
     sizes = {
         "stream": f"{settings.stream_mib} MiB stream",
@@ -348,6 +349,7 @@ COLUMNS = [
     ("turns/cell", "turns_per_cell", 2),
     ("ws up/cell", "ws_up_per_cell", 2),
     ("ws down/cell", "ws_down_per_cell", 2),
+    ("new conns", "connections_during_cells", 0),
 ]
 
 

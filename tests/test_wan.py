@@ -60,6 +60,9 @@ def test_the_proxy_adds_no_round_trip_over_the_link_per_cell(report: dict[str, A
         direct = {k: value(report, link, "direct", k) for k in ("turns_per_cell", "ws_up_per_cell")}
         # One execute_request up, its answers down: one turn-around, as counted by the shaper.
         assert direct == {"turns_per_cell": 1.0, "ws_up_per_cell": 1.0}, link
+        # No connection opened for a cell (a REST call per cell would open or reuse one; reused,
+        # its request would show as a turn-around above).
+        assert value(report, link, "proxy", "connections_during_cells") == 0, link
         for key in ("turns_per_cell", "ws_up_per_cell", "ws_down_per_cell"):
             assert value(report, link, "proxy", key) == value(report, link, "direct", key), (
                 link,
