@@ -393,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure benchmarks/minimal_relay.py in the proxy's place (the least a relay"
         " of its shape adds)",
     )
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the servers' and proxies' folders and logs here"
+    )
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -413,9 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] wan: {text}", file=sys.stderr, flush=True)
 
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="cgpu-wan-") as folder:
+    with tempfile.TemporaryDirectory(prefix="cgpu-wan-") as scratch:
+        folder = Path(scratch)
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            folder = args.workdir.resolve()
         chosen = (*PATHS, YARDSTICK) if args.yardstick else PATHS
-        results = asyncio.run(run(settings, links, Path(folder), log, chosen))
+        results = asyncio.run(run(settings, links, folder, log, chosen))
     for paths in results.values():
         for values in paths.values():
             values.pop("log", None)
