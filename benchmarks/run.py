@@ -114,6 +114,8 @@ for _ in range({count}):
 """
 MB = 1_000_000
 MIB = 1 << 20
+#: Cells each path runs before :func:`measure_rtt` times any (the WAN suite counts them too).
+WARM_UP_CELLS = 3
 
 
 @dataclass
@@ -389,7 +391,7 @@ async def setup_proxy(
 async def measure_rtt(paths: list[Path_], settings: Settings) -> None:
     """Trivial execute round trips, in interleaved rounds across every path."""
     for path in paths:
-        for _ in range(3):  # warm up
+        for _ in range(WARM_UP_CELLS):
             await execute(path.client, "pass", settings.timeout)
     done = 0
     while done < settings.rtt_runs:

@@ -47,6 +47,7 @@ from . import servers
 from .run import (
     MB,
     SETUP_CODE,
+    WARM_UP_CELLS,
     Failed,
     Path_,
     Settings,
@@ -77,7 +78,6 @@ TABLE_NAMES = {
     YARDSTICK: YARDSTICK,
 }
 TARGET = 1.03  # the proxy's times within this of the direct client's
-WARM_UPS = 3  # measure_rtt's warm-up cells, counted with the measured ones
 
 FULL = Settings(
     rtt_runs=100, rtt_round=20, stream_mib=50, stream_rounds=3, buffer_mb=100, timeout=120.0
@@ -111,7 +111,8 @@ async def measure_link(
     settings: Settings,
     log: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Every measurement at one link setting (already applied); results by path."""
+    """Every measurement at one link setting, already applied to the shapers by :func:`run`:
+    the results by path (the cells' counts from the shapers included)."""
     table = {
         TABLE_NAMES[name]: Path_(TABLE_NAMES[name], p.client, p.pid) for name, p in paths.items()
     }
@@ -123,7 +124,7 @@ async def measure_link(
     await measure_rtt(list(table.values()), settings)
     after = {name: await asyncio.to_thread(s.counts) for name, s in shapers.items()}
     for name, path in by_name.items():
-        cells = WARM_UPS + settings.rtt_runs
+        cells = WARM_UP_CELLS + settings.rtt_runs
         path.results.update(per_cell(before[name], after[name], cells))
     await measure_streams(table, settings, log)
     order = list(by_name.items())
