@@ -114,6 +114,8 @@ for _ in range({count}):
 """
 MB = 1_000_000
 MIB = 1 << 20
+#: Cells each path runs before :func:`measure_rtt` times any (the WAN suite counts them too).
+WARM_UP_CELLS = 3
 
 
 @dataclass
@@ -389,7 +391,7 @@ async def setup_proxy(
 async def measure_rtt(paths: list[Path_], settings: Settings) -> None:
     """Trivial execute round trips, in interleaved rounds across every path."""
     for path in paths:
-        for _ in range(3):  # warm up
+        for _ in range(WARM_UP_CELLS):
             await execute(path.client, "pass", settings.timeout)
     done = 0
     while done < settings.rtt_runs:
@@ -568,6 +570,21 @@ def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
 # --- the run ---------------------------------------------------------------------------------
 
 
+async def tear_down(path: Path_, log: Any) -> None:
+    """Run a path's closers in order (clients first), each bounded, logging what fails; called
+    once a run is over, by :func:`run` and by the suites that set paths up with these helpers."""
+    for closer in path.closers:
+        try:
+            if asyncio.iscoroutinefunction(closer):
+                await asyncio.wait_for(closer(), 15)
+            else:
+                result = await asyncio.to_thread(closer)
+                if asyncio.iscoroutine(result):
+                    await asyncio.wait_for(result, 15)
+        except Exception as exc:
+            log(f"teardown of {path.name}: {exc}")
+
+
 async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
     wanted = set(settings.paths)
     if settings.baseline is None:
@@ -660,21 +677,8 @@ async def run(settings: Settings, workdir: Path, log: Any) -> dict[str, Any]:
                     if key in paths[base].results:
                         paths[twin].results[key] = paths[base].results[key]
     finally:
-
-        async def tear_down(path: Path_) -> None:
-            for closer in path.closers:
-                try:
-                    if asyncio.iscoroutinefunction(closer):
-                        await asyncio.wait_for(closer(), 15)
-                    else:
-                        result = await asyncio.to_thread(closer)
-                        if asyncio.iscoroutine(result):
-                            await asyncio.wait_for(result, 15)
-                except Exception as exc:
-                    log(f"teardown of {path.name}: {exc}")
-
         stopping = time.perf_counter()
-        await asyncio.gather(*(tear_down(path) for path in paths.values()))
+        await asyncio.gather(*(tear_down(path, log) for path in paths.values()))
         log(f"paths closed in {time.perf_counter() - stopping:.1f} s")
         for server in reversed(started_servers):  # gateway mode first: it talks to the remote
             await asyncio.to_thread(server.stop)
