@@ -255,7 +255,7 @@ class OutputLimiter:
 
     def _stream(self, cell: _Cell, msg: Message) -> list[Decision]:
         budget = self.budgets.max_stream_bytes
-        raw = msg.parts[3]
+        raw = msg.raw(3)
         # A small message is parsed: the JSON around its text would count for much of it.
         bound = _text_bound(raw) if len(raw) >= UNPARSED_STREAM else None
         if (
@@ -268,7 +268,7 @@ class OutputLimiter:
         if len(raw) >= SLICED_STREAM:
             span = _stream_text_span(raw)
             if span is not None:
-                return self._sliced_stream(cell, msg, *span)
+                return self._sliced_stream(cell, msg, raw, *span)
         text = str(msg.content.get("text", ""))
         name = str(msg.content.get("name", "stdout"))
         committed, line = visible_size(cell.stream_shown, cell.open_line, text)
@@ -302,12 +302,12 @@ class OutputLimiter:
         return decisions
 
     def _sliced_stream(
-        self, cell: _Cell, msg: Message, name: str, start: int, end: int
+        self, cell: _Cell, msg: Message, raw: bytes, name: str, start: int, end: int
     ) -> list[Decision]:
         """A big stream message past the budget, from its raw JSON (no carriage return or
         ``\\u`` escape in it, see ``_stream_text_span``): the head that fits is decoded and
-        shown, the rest is spooled as it is decoded, one slice at a time."""
-        raw = msg.parts[3]
+        shown, the rest is spooled as it is decoded, one slice at a time (``raw``: the
+        content's bytes, as :meth:`_stream` got them)."""
         slices = _stream_slices(raw, start, end)
         decisions: list[Decision] = []
         first = ""
@@ -612,7 +612,7 @@ class Coalescer:
             msg.channel != "iopub"
             or msg.msg_type != "stream"
             or len(msg.parts[3]) >= UNMERGED
-            or _NOTICE_KEY in msg.parts[2]  # a notice is never merged into output
+            or _NOTICE_KEY in msg.raw(2)  # a notice is never merged into output
         ):
             return [*self.flush(), msg]  # big ones go as they are, without parsing them
         out: list[Message] = []

@@ -1055,7 +1055,13 @@ class Relay:
             # comm_open/msg/close are never sent again (see settle_after_probe): keep only
             # what a notice needs, not their content and buffers (an upload can be large).
             msg = request.msg
-            bare = Message.build(msg.channel, msg.header, msg.parent_header, {}, {})
+            bare = Message(  # its header's bytes as they came: a large one is not encoded again
+                msg.channel,
+                [msg.parts[0], msg.parts[1], b"{}", b"{}"],
+                header=msg.header,
+                parent_header=msg.parent_header,
+                content={},
+            )
             request = Request(request.channel, request.identities, bare)
         msg_id = request.msg.msg_id
         self._unconfirmed.pop(msg_id, None)

@@ -5,8 +5,13 @@ I/O and imports no I/O library, so every format is tested by round trips on plai
 
 A :class:`Message` keeps the four JSON parts (header, parent header, metadata, content) as the
 exact bytes they arrived in. Forwarding a message from ZMQ to a v1 WebSocket (or back) therefore
-never decodes and re-encodes the content: only the small header and parent header are parsed,
+never decodes and re-encodes the content: only the header and parent header are parsed,
 because routing needs them. The content is parsed lazily, the first time something asks.
+
+A part of :data:`VIEW_MIN` bytes or more is not copied out of what it arrived in: it is a
+``memoryview`` of the ZMQ frame or of the WebSocket frame (issue 19: the proxy's memory for a
+100 MB code string or a 20 MB header stays near the message's own size). Code that needs
+``bytes`` methods on a part (``in``, ``count``, ``rfind``) asks :meth:`Message.raw` for it.
 
 Formats:
 
@@ -38,6 +43,10 @@ CHANNELS = ("shell", "control", "stdin", "iopub")
 
 JsonDict = dict[str, Any]
 Buffer = bytes | bytearray | memoryview
+#: One JSON part of a message: ``bytes``, or a view of the frame it came in (a large part).
+Part = bytes | memoryview
+#: Parts from this size on are kept as views of their frame instead of copied out of it.
+VIEW_MIN = 64 * 1024
 
 
 def _loads_dict(raw: Buffer, what: str) -> JsonDict:
@@ -92,7 +101,7 @@ class Message:
     def __init__(
         self,
         channel: str,
-        parts: list[bytes],
+        parts: list[Part],
         buffers: list[Buffer] | None = None,
         *,
         header: JsonDict | None = None,
@@ -143,6 +152,13 @@ class Message:
     def parent_id(self) -> str | None:
         value = self.parent_header.get("msg_id")
         return value if isinstance(value, str) else None
+
+    def raw(self, index: int) -> bytes:
+        """Part ``index`` as ``bytes`` (a copy only where the part is a view of a large frame):
+        for the output limits and the journal, which search the raw JSON with ``bytes``
+        methods that a ``memoryview`` lacks (``b"x" in view`` is silently False)."""
+        part = self.parts[index]
+        return part if isinstance(part, bytes) else part.tobytes()
 
     @property
     def content(self) -> JsonDict:
@@ -247,10 +263,18 @@ def to_ws_v1(msg: Message) -> bytes:
     return b"".join(to_ws_v1_pieces(msg))
 
 
+def _cut(view: memoryview, start: int, end: int) -> Part:
+    """A part of a frame: a view from :data:`VIEW_MIN` bytes on, a small copy below."""
+    if end - start >= VIEW_MIN:
+        return view[start:end]
+    return view[start:end].tobytes()
+
+
 def from_ws_v1(frame: Buffer) -> Message:
-    """Parse a v1 frame. Buffers are views into ``frame`` when it is immutable ``bytes`` or a
-    ``bytearray`` handed over by its owner (no copy of a large buffer on its way to ZMQ),
-    copies otherwise."""
+    """Parse a v1 frame. Large parts and the buffers are views into ``frame`` when it is
+    immutable ``bytes`` or a ``bytearray`` handed over by its owner (``proxy.connection``
+    hands over each frame it reads: nothing large is copied on its way to ZMQ), copies
+    otherwise."""
     view = memoryview(frame)
     size = len(view)
     if size < 8:
@@ -264,24 +288,18 @@ def from_ws_v1(frame: Buffer) -> Message:
     for i in range(count - 1):
         if offsets[i] > offsets[i + 1]:
             raise MalformedMessageError("v1 frame offsets are out of order or out of range")
-    if isinstance(frame, bytes):
-        data: bytes | bytearray = frame
-        parts = [frame[offsets[i] : offsets[i + 1]] for i in range(1, 5)]
-    else:
-        # A bytearray is the caller's to hand over (never changed afterwards); anything else
-        # may change under a view, so it is copied.
-        data = frame if isinstance(frame, bytearray) else bytes(view)
-        parts = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, 5)]
+    if not isinstance(frame, bytes | bytearray):
+        # Anything else may change under a view (a bytearray is the caller's to hand over,
+        # never changed afterwards), so it is copied.
+        view = memoryview(bytes(view))
+    parts = [_cut(view, offsets[i], offsets[i + 1]) for i in range(1, 5)]
     try:
         channel = bytes(view[offsets[0] : offsets[1]]).decode("ascii")
     except UnicodeDecodeError:
         raise MalformedMessageError("v1 frame channel is not ASCII") from None
     if count == 6:
         return Message(channel, parts)
-    whole = memoryview(data)
-    return Message(
-        channel, parts, [whole[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)]
-    )
+    return Message(channel, parts, [view[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)])
 
 
 # --- WebSocket legacy ------------------------------------------------------------------------

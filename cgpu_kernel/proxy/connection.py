@@ -34,7 +34,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
@@ -42,6 +42,7 @@ from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
@@ -89,6 +90,45 @@ _HANDSHAKE_HEADERS = frozenset(
 )
 
 MessageSink = Callable[[Message], None]
+
+#: Frames from this size on are handed over in the reader's own buffer, not copied out of it.
+HANDOVER_MIN = 1 << 20
+
+
+class _HandoverReader(StreamReader):
+    """The library's stream reader, except that a large read takes the buffer it arrived in.
+
+    ``StreamReader.read_exact`` copies what it returns out of its buffer (``buffer[:n]``) and
+    frees the buffer only afterwards: a 100 MB frame was held twice while it was cut out
+    (issue 19). Here a read of :data:`HANDOVER_MIN` bytes or more returns the buffer itself,
+    cut at ``n`` (the few bytes of the next frame that came with it start a new buffer), so a
+    large frame is only ever in memory once. Who calls: the protocol's frame parser, through
+    :class:`_Protocol`.
+    """
+
+    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
+        if n < HANDOVER_MIN:
+            return (yield from super().read_exact(n))
+        while len(self.buffer) < n:
+            if self.eof:
+                raise EOFError(f"stream ends after {len(self.buffer)} bytes, expected {n} bytes")
+            yield
+        whole = self.buffer
+        self.buffer = whole[n:]  # the start of what follows: at most one read's worth
+        del whole[n:]  # a cut at the end: no copy, no reallocation
+        return whole
+
+
+class _Protocol(ClientProtocol):
+    """``ClientProtocol`` reading with :class:`_HandoverReader`.
+
+    The reader is swapped as the parser starts (the base class's ``__init__`` primes it right
+    after making its reader, before any byte has been fed), so nothing is read by the other."""
+
+    def parse(self) -> Generator[None]:
+        if not isinstance(self.reader, _HandoverReader) and not self.reader.buffer:
+            self.reader = _HandoverReader()
+        yield from super().parse()
 
 
 class RemoteChannels(asyncio.Protocol):
@@ -159,7 +199,7 @@ class RemoteChannels(asyncio.Protocol):
             uri = parse_uri(url)
         except InvalidURI:
             raise RemoteProtocolError(f"not a WebSocket URL: {self.where}") from None
-        self._ws = ClientProtocol(
+        self._ws = _Protocol(
             uri,
             subprotocols=[Subprotocol(V1_SUBPROTOCOL)],
             max_size=self.max_message_size,

@@ -28,7 +28,7 @@ from typing import Any, cast
 import zmq
 from jupyter_client.session import Session
 
-from cgpu_kernel.core.wire import DELIMITER, Buffer, Message, zmq_frames
+from cgpu_kernel.core.wire import DELIMITER, VIEW_MIN, Buffer, Message, Part, zmq_frames
 from cgpu_kernel.exceptions import ConfigurationError, MalformedMessageError
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,13 @@ def _nothing() -> None:
     pass
 
 
-def _split(frames: Sequence[bytes | zmq.Frame]) -> tuple[list[bytes], list[bytes], list[Buffer]]:
-    """(identities, [signature, 4 parts], buffers) from received frames, ``bytes`` or ZMQ frames
-    (received without copying: a large buffer stays a view into ZMQ's message)."""
+def _split(
+    frames: Sequence[bytes | zmq.Frame],
+) -> tuple[list[bytes], bytes, list[Part], list[Buffer]]:
+    """(identities, signature, 4 parts, buffers) from received frames, ``bytes`` or ZMQ frames
+    (received without copying). A large part or buffer stays a view into ZMQ's message: a
+    100 MB code string is held once, not once by ZMQ and once more as ``bytes``; its HMAC is
+    computed over the view."""
     identities: list[bytes] = []
     for frame in frames:
         raw = frame if isinstance(frame, bytes) else frame.bytes
@@ -134,12 +138,16 @@ def _split(frames: Sequence[bytes | zmq.Frame]) -> tuple[list[bytes], list[bytes
     rest = frames[len(identities) + 1 :]
     if len(rest) < 5:
         raise MalformedMessageError(f"{len(rest)} frames after the delimiter, at least 5 needed")
-    signed = [f if isinstance(f, bytes) else f.bytes for f in rest[:5]]
+    signature = rest[0] if isinstance(rest[0], bytes) else rest[0].bytes
+    parts: list[Part] = [
+        f if isinstance(f, bytes) else f.buffer if len(f) >= VIEW_MIN else f.bytes
+        for f in rest[1:5]
+    ]
     buffers: list[Buffer] = [
         f if isinstance(f, bytes) else f.buffer if len(f) >= ZERO_COPY_MIN else f.bytes
         for f in rest[5:]
     ]
-    return identities, signed, buffers
+    return identities, signature, parts, buffers
 
 
 def _heartbeat(context: zmq.Context[Any], address: str, ready: threading.Event) -> None:
@@ -295,17 +303,16 @@ class FrontendSockets:
         came). A signature is recorded for the replay guard only once it has been verified, so a
         forged message carrying a copied signature cannot get the genuine one rejected.
         """
-        identities, rest, buffers = _split(frames)
+        identities, signature, parts, buffers = _split(frames)
         session = self.session
-        signature = rest[0]
         if session.auth is not None:
             if not signature:
                 raise MalformedMessageError("Unsigned Message")
             if signature in session.digest_history:
                 raise MalformedMessageError("Duplicate Signature")
-            if not compare_digest(signature, session.sign(rest[1:5])):
+            if not compare_digest(signature, session.sign(parts)):
                 raise MalformedMessageError("Invalid Signature")
-        msg = Message(channel, rest[1:5], buffers)
+        msg = Message(channel, parts, buffers)
         msg.metadata  # noqa: B018 - parsed now so that invalid JSON is rejected here
         if session.auth is not None:
             session._add_digest(signature)
