@@ -153,6 +153,16 @@ class Message:
         value = self.parent_header.get("msg_id")
         return value if isinstance(value, str) else None
 
+    def shed(self) -> None:
+        """Forget the parsed content and metadata where their part is large (they are parsed
+        again if asked). Who calls: ``proxy.kernel`` once the relay has handled a frontend's
+        message, which it keeps until its reply: a 100 MB code string would otherwise be held
+        twice for the whole cell, as its JSON and as the parsed ``str``."""
+        if len(self.parts[3]) >= VIEW_MIN:
+            self._content = None
+        if len(self.parts[2]) >= VIEW_MIN:
+            self._metadata = None
+
     def raw(self, index: int) -> bytes:
         """Part ``index`` as ``bytes`` (a copy only where the part is a view of a large frame):
         for the output limits and the journal, which search the raw JSON with ``bytes``

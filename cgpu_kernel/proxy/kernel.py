@@ -234,6 +234,7 @@ class ProxyKernelRun:
         if channel == "shell" and msg.msg_type == "execute_request":
             self.tracker.request(msg.msg_id)
         self.perform(self.relay.frontend_message(channel, identities, msg))
+        msg.shed()
 
     def on_subscribe(self, topic: bytes) -> None:
         """A frontend subscribed to iopub (the XPUB socket's loop calls this)."""
