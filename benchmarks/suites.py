@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 #: Suite name -> module run as ``python -m MODULE --suite-json PATH [--quick]``.
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {"memory": "benchmarks.memory"}
 
 SuiteReport = dict[str, Any]
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -101,7 +101,7 @@ class Message:
     def __init__(
         self,
         channel: str,
-        parts: list[Part],
+        parts: Sequence[Part],
         buffers: list[Buffer] | None = None,
         *,
         header: JsonDict | None = None,
@@ -111,7 +111,7 @@ class Message:
         if len(parts) != 4:
             raise MalformedMessageError(f"a message has 4 JSON parts, this one has {len(parts)}")
         self.channel = channel
-        self.parts = parts
+        self.parts: list[Part] = list(parts)
         self.buffers: list[Buffer] = buffers or []
         self.header = header if header is not None else _loads_dict(parts[0], "header")
         self.parent_header = (
