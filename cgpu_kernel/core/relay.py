@@ -83,7 +83,14 @@ from cgpu_kernel.core.actions import (
 from cgpu_kernel.core.files import is_magic_cell, parse_cell
 from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.limits import OutputLimiter, Show, SpoolFailure, stream_notice
-from cgpu_kernel.core.wire import PROTOCOL_VERSION, VIEW_MIN, JsonDict, Message, make_header
+from cgpu_kernel.core.wire import (
+    PROTOCOL_VERSION,
+    VIEW_MIN,
+    JsonDict,
+    Message,
+    TextPart,
+    make_header,
+)
 from cgpu_kernel.exceptions import (
     CgpuError,
     FileTransferError,
@@ -1471,7 +1478,7 @@ def _execution_count(msg: Message) -> int | None:
     held for a moment): the count is read from the end of the raw JSON, where ipykernel puts
     it; parsed as before where the end is not in that form."""
     raw = msg.parts[3]
-    if len(raw) >= VIEW_MIN:
+    if not isinstance(raw, TextPart) and len(raw) >= VIEW_MIN:
         found = _COUNT_AT_END.search(raw, max(0, len(raw) - 256))
         if found is not None:
             return int(found.group(1))

@@ -53,9 +53,11 @@ from cgpu_kernel.core.wire import (
     V1_SUBPROTOCOL,
     Buffer,
     Message,
+    TextPart,
     fragments,
     from_ws_legacy,
     from_ws_v1,
+    plain,
     to_ws_legacy,
     to_ws_v1_pieces,
 )
@@ -475,7 +477,7 @@ class RemoteChannels(asyncio.Protocol):
         """``msg`` on the wire, one frame at a time: up to :data:`FRAGMENT_SIZE` bytes is one
         frame; a larger message becomes fragments, each made only when it is its turn."""
         if self.subprotocol == V1_SUBPROTOCOL:
-            pieces: list[Buffer] = to_ws_v1_pieces(msg)
+            pieces: list[Buffer | TextPart] = to_ws_v1_pieces(msg)
         else:
             data = to_ws_legacy(msg)
             if isinstance(data, str):
@@ -485,7 +487,8 @@ class RemoteChannels(asyncio.Protocol):
             pieces = [data]
         total = sum(len(p) for p in pieces)
         if total <= FRAGMENT_SIZE:
-            ws.send_binary(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            whole = plain(pieces)
+            ws.send_binary(whole[0] if len(whole) == 1 else b"".join(whole))
             yield self._outgoing(ws)
             return
         sent = 0

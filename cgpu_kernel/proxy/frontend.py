@@ -28,7 +28,15 @@ from typing import Any, cast
 import zmq
 from jupyter_client.session import Session
 
-from cgpu_kernel.core.wire import DELIMITER, VIEW_MIN, Buffer, Message, Part, zmq_frames
+from cgpu_kernel.core.wire import (
+    DELIMITER,
+    VIEW_MIN,
+    Buffer,
+    Message,
+    Part,
+    TextPart,
+    zmq_frames,
+)
 from cgpu_kernel.exceptions import ConfigurationError, MalformedMessageError
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ EARLY_IOPUB_LIMIT = 10_000
 DRAIN_BATCH = 64
 #: Buffers at least this large are kept as views into ZMQ's message instead of copied.
 ZERO_COPY_MIN = 64 * 1024
+#: A frontend's content from this size on is held as its decoded text, not as ZMQ's frame.
+TEXT_MIN = 1 << 20
 #: Messages ZMQ may queue towards the frontends' iopub connections (``XPUB_NODROP``: past it a
 #: send is refused, never dropped). A frontend's own ZMQ reads ahead into its memory besides.
 IOPUB_HWM = 64
@@ -292,7 +302,7 @@ class FrontendSockets:
         asyncio.get_running_loop().call_soon(self._drains.get("iopub", _nothing))
 
     def verify(
-        self, channel: str, frames: Sequence[bytes | zmq.Frame]
+        self, channel: str, frames: list[bytes] | list[zmq.Frame]
     ) -> tuple[list[bytes], Message]:
         """Check signature, replay and shape; raises :class:`MalformedMessageError`.
 
@@ -302,6 +312,11 @@ class FrontendSockets:
         without converting dates (the relay never reads them; the bytes are forwarded as they
         came). A signature is recorded for the replay guard only once it has been verified, so a
         forged message carrying a copied signature cannot get the genuine one rejected.
+
+        A content of :data:`TEXT_MIN` bytes or more in a ZMQ frame is decoded once, and its
+        text replaces the frame (:class:`~cgpu_kernel.core.wire.TextPart`): the frame is taken
+        out of ``frames`` (``_drain``'s list, not used after this) and freed before the text is
+        parsed, so a 100 MB code string is held twice at most, not three times (issue 19).
         """
         identities, signature, parts, buffers = _split(frames)
         session = self.session
@@ -316,11 +331,23 @@ class FrontendSockets:
         msg.metadata  # noqa: B018 - parsed now so that invalid JSON is rejected here
         if session.auth is not None:
             session._add_digest(signature)
+        content = parts[3]
+        del parts
+        if isinstance(content, memoryview) and len(content) >= TEXT_MIN:
+            try:
+                text = str(content, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise MalformedMessageError(f"the content is not valid JSON: {exc}") from None
+            msg.parts[3] = TextPart(text, len(content))
+            del text, content
+            frames[len(identities) + 5] = b""  # type: ignore[call-overload]  # ZMQ's frame: freed
         msg.content  # noqa: B018 - likewise: the content must be a JSON object
         return identities, msg
 
     def send(self, channel: str, identities: tuple[bytes, ...], msg: Message) -> None:
-        self._send_now(channel, zmq_frames(list(identities), self.session.sign(msg.parts), msg))
+        self._send_now(
+            channel, zmq_frames(list(identities), self.session.sign(msg.wire_parts), msg)
+        )
 
     def _send_now(self, channel: str, frames: list[Buffer]) -> None:
         """Send at once: ROUTER and XPUB sockets never block a send (their high-water mark is
@@ -352,7 +379,7 @@ class FrontendSockets:
                 log.warning("no frontend subscribed to iopub yet; dropped %s", msg)
             return
         topic = msg.msg_type.encode("ascii", "replace")
-        frames = zmq_frames([topic], self.session.sign(msg.parts), msg)
+        frames = zmq_frames([topic], self.session.sign(msg.wire_parts), msg)
         if self._backlog or not self._publish_frames(frames):
             self._backlog.append(frames)
         if self.iopub_full:
