@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -136,7 +136,16 @@ class Message:
     ``metadata`` and ``content`` are parsed on first access.
     """
 
-    __slots__ = ("_content", "_metadata", "buffers", "channel", "header", "parent_header", "parts")
+    __slots__ = (
+        "__weakref__",
+        "_content",
+        "_metadata",
+        "buffers",
+        "channel",
+        "header",
+        "parent_header",
+        "parts",
+    )
 
     def __init__(
         self,
@@ -328,6 +337,11 @@ def to_ws_v1(msg: Message) -> bytes:
     return b"".join(plain(to_ws_v1_pieces(msg)))
 
 
+#: ``from_ws_v1``'s question about a large parent header: the message sent with exactly
+#: those bytes as its header, or None.
+KnownParent = Callable[[Part], "Message | None"]
+
+
 def _cut(view: memoryview, start: int, end: int) -> Part:
     """A part of a frame: a view from :data:`VIEW_MIN` bytes on, a small copy below."""
     if end - start >= VIEW_MIN:
@@ -335,11 +349,14 @@ def _cut(view: memoryview, start: int, end: int) -> Part:
     return view[start:end].tobytes()
 
 
-def from_ws_v1(frame: Buffer) -> Message:
+def from_ws_v1(frame: Buffer, known_parent: KnownParent | None = None) -> Message:
     """Parse a v1 frame. Large parts and the buffers are views into ``frame`` when it is
     immutable ``bytes`` or a ``bytearray`` handed over by its owner (``proxy.connection``
     hands over each frame it reads: nothing large is copied on its way to ZMQ), copies
-    otherwise."""
+    otherwise. ``known_parent``: asked about a large parent header, it may answer with a
+    request that was sent with exactly those bytes as its header: the reply then shares that
+    request's header part and its parse, and ``frame`` is not held for it (a 20 MB header
+    comes back in every reply and output of its cell)."""
     view = memoryview(frame)
     size = len(view)
     if size < 8:
@@ -362,9 +379,13 @@ def from_ws_v1(frame: Buffer) -> Message:
         channel = bytes(view[offsets[0] : offsets[1]]).decode("ascii")
     except UnicodeDecodeError:
         raise MalformedMessageError("v1 frame channel is not ASCII") from None
-    if count == 6:
-        return Message(channel, parts)
-    return Message(channel, parts, [view[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)])
+    parent = None
+    if known_parent is not None and len(parts[1]) >= VIEW_MIN:
+        sent = known_parent(parts[1])
+        if sent is not None:
+            parts[1], parent = sent.parts[0], sent.header
+    buffers: list[Buffer] = [view[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)]
+    return Message(channel, parts, buffers, parent_header=parent)
 
 
 # --- WebSocket legacy ------------------------------------------------------------------------
