@@ -17,9 +17,10 @@ size (issue 19's goal: at most 2x, both directions):
 
 And, as MB added whatever the message (issue 19's goal: at most 64 MB), a cell printing
 ``--stream-mb`` MB as fast as it can in lines of 100 B, 64 KiB and 1 MiB, unflushed, past the
-default output budget; the spool must hold all of it but the budget (checked: a run that loses
-output fails). ``--quick`` measures the same at small sizes (10 MB parts, 20 MB streams): it
-proves the suite works; its ratios are noisier (a few MB of noise on a 10 MB part).
+default output budget; the spool must hold all of it but the budget (what it lacks is
+reported as lost, and that case's goal as not measured). ``--quick`` measures the same at
+small sizes (10 MB parts, 20 MB streams): it proves the suite works; its ratios are noisier
+(a few MB of noise on a 10 MB part).
 """
 
 from __future__ import annotations
@@ -141,18 +142,26 @@ def measure(kc: Any, pid: int, size: int, header_size: int) -> dict[str, dict[st
 
 
 def measure_streams(kc: Any, pid: int, total: int, spool: Path) -> dict[str, dict[str, float]]:
-    """A fast producer past the budget, per line length: MB added, and all of it spooled."""
+    """A fast producer past the budget, per line length: MB added, and what reached the spool
+    (``lost_mb``: what did not, past the budget; the proxy says when the remote lost it)."""
     results: dict[str, dict[str, float]] = {}
     for name, line in LINES:
         before = _spooled(spool)
         with PeakRss(pid) as memory:
-            reply, _ = run_cell(kc, FAST.format(line=line, total=total, flush=""), timeout=600)
+            reply, _ = run_cell(kc, FAST.format(line=line, total=total, flush=""), timeout=900)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"lines of {name}: the cell failed: {reply['content']}")
         saved = _spooled(spool) - before
-        if reply["content"]["status"] != "ok" or saved < total - BUDGET_SLACK:
-            raise RuntimeError(f"lines of {name}: {saved} of {total} bytes spooled, output lost")
-        results[name] = {"mb": total / MB, "added_mb": round(memory.added / MB, 1)}
+        lost = max(0, total - BUDGET_SLACK - saved)
+        results[name] = {
+            "mb": total / MB,
+            "added_mb": round(memory.added / MB, 1),
+            "spooled_mb": round(saved / MB, 1),
+            "lost_mb": round(lost / MB, 1),
+        }
         print(
-            f"lines of {name:5} {total / MB:5.0f} MB: proxy +{memory.added / MB:7.1f} MB",
+            f"lines of {name:5} {total / MB:5.0f} MB: proxy +{memory.added / MB:7.1f} MB"
+            f" (spooled {saved / MB:.0f} MB{f', LOST {lost / MB:.0f} MB' if lost else ''})",
             flush=True,
         )
     return results
@@ -177,12 +186,16 @@ def report(
         )
     for name, result in streams.items():
         metrics[f"lines_{name}_added_mb"] = metric(result["added_mb"], "MB", higher_better=False)
+        # Output lost before the proxy (the remote's server fell behind) is no measurement of
+        # the proxy's memory under that stream: not met, not failed either.
+        lost = result["lost_mb"] > 0
         goals.append(
             goal(
-                f"{result['mb']:g} MB in lines of {name}: MB added",
+                f"{result['mb']:g} MB in lines of {name}: MB added"
+                + (f" ({result['lost_mb']:g} MB lost before the proxy)" if lost else ""),
                 result["added_mb"],
                 f"<= {STREAM_GOAL_MB:g} MB",
-                result["added_mb"] <= STREAM_GOAL_MB,
+                None if lost else result["added_mb"] <= STREAM_GOAL_MB,
             )
         )
     return metrics, goals
@@ -221,7 +234,7 @@ def main() -> None:
             km.shutdown_kernel()
     metrics, goals = report(parts, streams)
     for entry in goals:
-        met = "met" if entry["met"] else "not met"
+        met = {True: "met", False: "not met", None: "not measured"}[entry["met"]]
         print(f"goal {entry['goal']}: {entry['value']} (target {entry['target']}): {met}")
     if args.json:
         args.json.write_text(json.dumps({"parts": parts, "streams": streams}, indent=2))
