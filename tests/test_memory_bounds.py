@@ -5,10 +5,11 @@ dropped before the proxy), a real ipykernel printing as fast as it can, a real j
 frontend. What is measured is the proxy process's peak RSS (``VmHWM``, reset before the cell)
 minus its RSS before the cell.
 
-* Past the output budget, whatever the line length, the proxy holds about one message's two
-  copies: ipykernel sends 0.2 s of output as *one* stream message (a fast loop makes it as big
-  as everything it printed), which the WebSocket library reads whole, and the proxy spools it a
-  slice at a time (``core.limits``). 5x the message before.
+* Past the output budget, whatever the line length, the proxy adds a few MB: ipykernel would
+  send 0.2 s of output as *one* stream message (a fast loop made it as big as everything it
+  printed, and the proxy held it twice: 5x before, 2x after the first changes of issue 19);
+  the journal agent in the kernel sends its output once 1 MiB waits (``bound_streams``), and
+  the proxy spools it a slice at a time (``core.limits``).
 * With the budget raised so everything is shown, and a frontend that reads slowly, the proxy
   stops reading the WebSocket while the iopub queue is full (``proxy.frontend``): the output
   waits in the server, and the proxy adds a few MB whatever passes (100 MB and more before).
@@ -107,7 +108,7 @@ def _spooled(tmp_path: Path) -> int:
 
 
 @pytest.mark.parametrize("line", [100, 64 * 1024, MB])
-def test_a_fast_producer_past_the_budget_costs_two_copies_of_its_message(
+def test_a_fast_producer_past_the_budget_stays_small_whatever_its_lines(
     fast_kernel: tuple[Any, Any], tmp_path: Path, line: int
 ) -> None:
     km, kc = fast_kernel
@@ -117,8 +118,9 @@ def test_a_fast_producer_past_the_budget_costs_two_copies_of_its_message(
         reply, _ = run_cell(kc, FAST.format(line=line, total=total, flush=""), timeout=110)
     assert reply["content"]["status"] == "ok"
     assert _spooled(tmp_path) >= total - 3 * MB  # all but the 2 MB budget, saved
-    # ipykernel sent it as one or a few messages of up to 100 MB: at most ~2 copies of that
-    assert memory.added < 2.5 * total, memory.added / MB
+    # messages of ~1 MiB (the kernel's streams bounded): 8-12 MB measured for 100-500 MB;
+    # one message of everything before (200-250 MB here)
+    assert memory.added < 48 * MB, memory.added / MB
 
 
 def test_flushed_lines_past_the_budget_stay_small(
