@@ -26,12 +26,14 @@ small sizes (10 MB parts, 20 MB streams): it proves the suite works; its ratios 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,37 +79,57 @@ def _spooled(spool: Path) -> int:
     return sum(p.stat().st_size for p in spool.glob("*/*") if p.is_file())
 
 
-def measure(kc: Any, pid: int, size: int, header_size: int) -> dict[str, dict[str, float]]:
-    """The four message parts, in one kernel (``pid``: the proxy's process)."""
-    results: dict[str, dict[str, float]] = {}
+@contextlib.contextmanager
+def fresh_proxy(root: Path) -> Iterator[tuple[Any, int]]:
+    """A proxy kernel of its own for one case (its client, the proxy's pid): a case measured
+    after another would reuse the memory the other freed but the allocator kept, and look
+    smaller than it is."""
+    km, kc = start_kernel(install_spec(root / "jupyter", "bench-memory", "local"))
+    try:
+        run_cell(kc, "1")
+        assert isinstance(km.provisioner, LocalProvisioner)  # the kernel is a local process
+        pid = km.provisioner.pid
+        assert pid is not None
+        time.sleep(0.5)  # let start-up's last allocations settle before the RSS is read
+        yield kc, pid
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
 
-    def record(name: str, part: int, memory: PeakRss) -> None:
-        results[name] = {
-            "mb": part / MB,
-            "added_mb": round(memory.added / MB, 1),
-            "ratio": round(memory.added / part, 2),
-        }
-        print(
-            f"{name:7} {part / MB:6.0f} MB: proxy +{memory.added / MB:7.1f} MB"
-            f" ({memory.added / part:.2f}x)",
-            flush=True,
-        )
 
-    run_cell(kc, SETUP_CODE)
+#: Where each case runs: ``with proxy() as (client, pid)``.
+Proxies = Callable[[], contextlib.AbstractContextManager[tuple[Any, int]]]
+
+
+def proxies(root: Path, stack: contextlib.ExitStack, *, fresh: bool) -> Proxies:
+    """A proxy of its own per case (``fresh``: the figures), or one for all (``--quick``: it
+    only proves the cases run; what one case freed makes the next one look smaller)."""
+    if fresh:
+        return lambda: fresh_proxy(root)
+    shared = stack.enter_context(fresh_proxy(root))
+    return lambda: contextlib.nullcontext(shared)
+
+
+def _code(kc: Any, pid: int, size: int) -> PeakRss:
     with PeakRss(pid) as memory:
         msg_id = kc.execute("pass  # " + "x" * size)
         _wait_reply(kc, msg_id)
         _wait_idle(kc, msg_id)
-    record("code", size, memory)
+    return memory
 
+
+def _header(kc: Any, pid: int, size: int) -> PeakRss:
     msg = kc.session.msg("execute_request", {"code": "pass", "silent": False})
-    msg["header"]["padding"] = "h" * header_size
+    msg["header"]["padding"] = "h" * size
     with PeakRss(pid) as memory:
         kc.shell_channel.send(msg)
         _wait_reply(kc, msg["header"]["msg_id"])
         _wait_idle(kc, msg["header"]["msg_id"])
-    record("header", header_size, memory)
+    return memory
 
+
+def _buffer(kc: Any, pid: int, size: int) -> PeakRss:
+    run_cell(kc, SETUP_CODE)
     comm_id = uuid.uuid4().hex
     kc.session.send(
         kc.shell_channel.socket,
@@ -126,28 +148,50 @@ def measure(kc: Any, pid: int, size: int, header_size: int) -> dict[str, dict[st
             echoed = kc.get_iopub_msg(timeout=300)
             if echoed["msg_type"] == "comm_msg" and echoed["content"].get("comm_id") == comm_id:
                 break
-    assert bytes(echoed["buffers"][0]) == payload
-    del echoed, payload
-    record("buffer", size, memory)
+    if bytes(echoed["buffers"][0]) != payload:
+        raise RuntimeError("the buffer came back changed")
+    return memory
 
-    with PeakRss(pid) as memory:
+
+def _stream(kc: Any, pid: int, size: int) -> PeakRss:
+    with PeakRss(pid) as memory:  # one write: one message, whatever the kernel's bounds
         run_cell(
             kc,
             f"import sys; sys.stdout.write('y' * 99 + chr(10)) or None\n"
             f"sys.stdout.write(('z' * 99 + chr(10)) * ({size} // 100))",
             timeout=300,
         )
-    record("stream", size, memory)
+    return memory
+
+
+def measure(proxy: Proxies, size: int, header_size: int) -> dict[str, dict[str, float]]:
+    """The four message parts, each in a proxy from ``proxy``."""
+    results: dict[str, dict[str, float]] = {}
+    cases = (("code", _code, size), ("header", _header, header_size), ("buffer", _buffer, size))
+    for name, case, part in (*cases, ("stream", _stream, size)):
+        with proxy() as (kc, pid):
+            memory = case(kc, pid, part)
+        results[name] = {
+            "mb": part / MB,
+            "added_mb": round(memory.added / MB, 1),
+            "ratio": round(memory.added / part, 2),
+        }
+        print(
+            f"{name:7} {part / MB:6.0f} MB: proxy +{memory.added / MB:7.1f} MB"
+            f" ({memory.added / part:.2f}x)",
+            flush=True,
+        )
     return results
 
 
-def measure_streams(kc: Any, pid: int, total: int, spool: Path) -> dict[str, dict[str, float]]:
-    """A fast producer past the budget, per line length: MB added, and what reached the spool
-    (``lost_mb``: what did not, past the budget; the proxy says when the remote lost it)."""
+def measure_streams(root: Path, proxy: Proxies, total: int) -> dict[str, dict[str, float]]:
+    """A fast producer past the budget, per line length, each in a proxy from ``proxy``: MB
+    added, and what reached the spool (``lost_mb``: what did not, past the budget)."""
     results: dict[str, dict[str, float]] = {}
+    spool = root / "spool"
     for name, line in LINES:
         before = _spooled(spool)
-        with PeakRss(pid) as memory:
+        with proxy() as (kc, pid), PeakRss(pid) as memory:
             reply, _ = run_cell(kc, FAST.format(line=line, total=total, flush=""), timeout=900)
         if reply["content"]["status"] != "ok":
             raise RuntimeError(f"lines of {name}: the cell failed: {reply['content']}")
@@ -217,21 +261,10 @@ def main() -> None:
         os.environ["JUPYTER_PATH"] = str(root / "jupyter")
         os.environ["CGPU_STATE_DIR"] = str(root / "state")
         os.environ["CGPU_SPOOL_DIR"] = str(root / "spool")
-        km, kc = start_kernel(install_spec(root / "jupyter", "bench-memory", "local"))
-        try:
-            run_cell(kc, "1")
-            assert isinstance(km.provisioner, LocalProvisioner)  # the kernel is a local process
-            pid = km.provisioner.pid
-            assert pid is not None
-            parts = measure(kc, pid, args.mb * MB, args.header_mb * MB)
-            streams = (
-                measure_streams(kc, pid, args.stream_mb * MB, root / "spool")
-                if args.stream_mb
-                else {}
-            )
-        finally:
-            kc.stop_channels()
-            km.shutdown_kernel()
+        with contextlib.ExitStack() as stack:
+            proxy = proxies(root, stack, fresh=not args.quick)
+            parts = measure(proxy, args.mb * MB, args.header_mb * MB)
+            streams = measure_streams(root, proxy, args.stream_mb * MB) if args.stream_mb else {}
     metrics, goals = report(parts, streams)
     for entry in goals:
         met = {True: "met", False: "not met", None: "not measured"}[entry["met"]]
