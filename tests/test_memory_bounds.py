@@ -346,7 +346,7 @@ def test_a_large_comm_buffer_is_held_about_once(parts_kernel: Any) -> None:
 
         def is_echo(m: dict[str, Any]) -> bool:
             echoed.update(m)
-            return m["msg_type"] == "comm_msg" and m["content"].get("comm_id") == comm_id
+            return bool(m["msg_type"] == "comm_msg" and m["content"].get("comm_id") == comm_id)
 
         _until(kc.get_iopub_msg, is_echo)
     assert bytes(echoed["buffers"][0]) == payload
