@@ -20,6 +20,11 @@ issue 17: proxy/direct at least 0.9x each way). Every copy is compared byte for 
 source after each round (the remote ones on the server's disk, which is this machine's); a
 difference fails the run. No thresholds: the machine is shared. docs/files.md has figures.
 
+``--link DELAY_MS/MBIT`` (say ``25/100``) puts a path shaper (``benchmarks/shaper.py``: one-way
+delay and bandwidth, on loopback) between every client and the server, the proxy's included:
+on loopback the checks (the server's ``hash=1``, SHA-256, fsync) weigh against a transfer that
+takes a tenth of a second; over a link users have, the transfer is what takes the time.
+
 ``benchmarks.suites`` runs it as the ``files`` suite (``--suite-json``; ``--quick`` moves a
 few MB, for the smoke test), and ``tests/test_benchmarks_files.py`` runs that.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -42,6 +48,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks.shaper import Link, ShaperProcess
 from benchmarks.suites import goal, metric, write_report
 from tests.conftest import (
     RemoteServer,
@@ -180,18 +187,23 @@ def measure(
     rounds: int,
     log: Callable[[str], None],
     baseline: Path | None = None,
+    link: Link | None = None,
 ) -> dict[str, Any]:
     """Run the rounds in ``work`` (a server root ``remote/``, the notebook's folder ``here/``);
     returns every round's seconds and how many copies were compared, and which differed.
     ``baseline``: another checkout whose proxy is timed too, as ``baseline``, in the same
-    rounds (a change measured against its base side by side)."""
+    rounds (a change measured against its base side by side). ``link``: every client reaches
+    the server through a shaper with that delay and bandwidth."""
     who = {way: WHO[way] + (("baseline",) if baseline else ()) for way in WAYS}
     size = megabytes * MB
     os.environ["JUPYTER_PATH"] = str(work / "jupyter")
     os.environ["CGPU_STATE_DIR"] = str(work / "state")
     remote = work / "remote"
     # each round's upload replaces the last one's, which the server would keep in its trash
-    server = start_jupyter_server(remote, "--FileContentsManager.delete_to_trash=False")
+    started = start_jupyter_server(remote, "--FileContentsManager.delete_to_trash=False")
+    shaper = ShaperProcess(started.port, link) if link is not None else None
+    # what every client is given: the server itself, or the shaper in front of it
+    server = started if shaper is None else dataclasses.replace(started, url=shaper.url)
     here = work / "here"
     here.mkdir(parents=True, exist_ok=True)
     source = here / "payload.bin"
@@ -275,7 +287,9 @@ def measure(
                 kc.stop_channels()
                 km.shutdown_kernel()
     finally:
-        server.stop()
+        if shaper is not None:
+            shaper.stop()
+        started.stop()
     return {"seconds": seconds, "cpu": cpu, "compared": compared, "differ": differ}
 
 
@@ -367,7 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work", type=Path, help="keep the server's and the notebook's folders here"
     )
+    parser.add_argument(
+        "--link",
+        metavar="DELAY_MS/MBIT",
+        help="reach the server through a shaped link, e.g. 25/100 (one-way ms / Mbit/s)",
+    )
     args = parser.parse_args(argv)
+    link = None
+    if args.link:
+        delay_ms, mbit = (float(part) for part in args.link.split("/"))
+        link = Link.of(delay_ms, mbit)
     megabytes = args.megabytes or (QUICK_MEGABYTES if args.quick else 100)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else 3)
     baseline = args.baseline.resolve() if args.baseline else None
@@ -377,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        measured = measure(args.work.resolve(), megabytes, rounds, log, baseline)
+        measured = measure(args.work.resolve(), megabytes, rounds, log, baseline, link)
     else:
         with tempfile.TemporaryDirectory() as scratch:
-            measured = measure(Path(scratch), megabytes, rounds, log, baseline)
+            measured = measure(Path(scratch), megabytes, rounds, log, baseline, link)
     results = summarize(megabytes, measured)
     for way in WAYS:
         direct, proxy = results[f"direct_{way}_mb_s"], results[f"proxy_{way}_mb_s"]

@@ -29,6 +29,7 @@ from typing import Any
 #: Suite name -> module run as ``python -m MODULE --suite-json PATH [--quick]``.
 SUITES: dict[str, str] = {
     "files": "benchmarks.files",  # %cgpu upload/download against a direct Contents API client
+    "memory": "benchmarks.memory",  # issue 19 goal 3: the proxy's memory per message part
     "wan": "benchmarks.wan",  # issue 19 goal 1: a WAN-shaped link (benchmarks/shaper.py)
 }
 

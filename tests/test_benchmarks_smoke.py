@@ -89,3 +89,23 @@ def test_goals_and_compare(report: dict) -> None:
     slower["paths"]["proxy_jupyter"]["rtt_median_ms"] *= 2
     _, worse = compare(report, slower, 0.25)
     assert worse == 1
+
+
+def test_the_memory_suite_reports_every_part_and_stream() -> None:
+    """``benchmarks.memory`` as a suite of ``python -m benchmarks`` (``--quick``, ~10 s): a
+    metric and a goal for each part and each stream, each goal decided or said unmeasured."""
+    from benchmarks.memory import LINES
+    from benchmarks.suites import SUITES, run_suites
+
+    assert SUITES["memory"] == "benchmarks.memory"
+    logged: list[str] = []
+    report = run_suites(["memory"], quick=True, log=logged.append)["memory"]
+    assert "failed" not in report, report.get("failed")
+    parts = ("code", "header", "buffer", "stream")
+    for part in parts:
+        assert report["metrics"][f"{part}_added_mb"]["unit"] == "MB"
+        assert report["metrics"][f"{part}_ratio"]["higher_better"] is False
+    for name, _ in LINES:
+        assert report["metrics"][f"lines_{name}_added_mb"]["value"] >= 0
+    assert len(report["goals"]) == len(parts) + len(LINES)
+    assert all(g["met"] in (True, False, None) and g["target"] for g in report["goals"])

@@ -356,3 +356,55 @@ def test_a_send_that_fails_gives_its_number_to_the_next(kernel: FakeKernel) -> N
     emit(kernel, kernel.iopub_socket, "stream", name="stdout", text="sent")
     (message,), complete = recovered_messages(ask(kernel, {}))
     assert sequence_number(message) == 1 and complete
+
+
+# --- bounded output streams (issue 19) ---------------------------------------------------------
+
+
+class _OutStream:
+    """What ``bound_streams`` relies on in ipykernel's ``OutStream``: a buffer per parent, a
+    ``write`` that asks ``_schedule_flush`` after each write, a ``flush`` that sends."""
+
+    def __init__(self) -> None:
+        from collections import defaultdict
+        from io import StringIO
+
+        self._buffers: dict[str, StringIO] = defaultdict(StringIO)
+        self.sent: list[str] = []
+        self.scheduled = 0
+
+    def write(self, text: str) -> int:
+        self._buffers["cell"].write(text)
+        self._schedule_flush()
+        return len(text)
+
+    def _schedule_flush(self) -> None:
+        self.scheduled += 1  # the 0.2 s timer: everything until then is one message
+
+    def flush(self) -> None:
+        from collections import defaultdict
+        from io import StringIO
+
+        buffers, self._buffers = self._buffers, defaultdict(StringIO)
+        self.sent += [b.getvalue() for b in buffers.values()]
+
+
+def test_bounded_streams_send_once_the_limit_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    out, err = _OutStream(), _OutStream()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    assert journal_agent.bound_streams(100) == 2
+    for _ in range(25):
+        out.write("x" * 9 + "\n")
+    # sent each time more than 100 characters waited: 11 writes of 10, twice; 3 left waiting
+    assert [len(s) for s in out.sent] == [110, 110]
+    assert out.scheduled == 25 - 2 and sum(b.tell() for b in out._buffers.values()) == 30
+    assert journal_agent.bound_streams(1000) == 2  # again: only the limit changes
+    for _ in range(100):
+        out.write("y" * 9 + "\n")
+    assert [len(s) for s in out.sent] == [110, 110, 1010]  # 30 waited, 98 more writes
+    assert err.sent == [] and err.scheduled == 0
+    monkeypatch.setattr(sys, "stdout", object())  # a cell's own capture: left alone
+    assert journal_agent.bound_streams(100) == 1

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -345,3 +346,29 @@ def test_carriage_returns_and_unicode_escapes_keep_the_parsed_path() -> None:
         assert limits._stream_text_span(raw) is None
     raw = json.dumps({"text": "a", "name": "stdout"}).encode()
     assert limits._stream_text_span(raw) is None  # not ipykernel's order: parsed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain " * 50_000,
+        "line\n" * 70_000,  # escaped newlines across the slices' edges
+        "a\\b\tc\n" * 50_000,  # escaped backslashes: the newline count
+        "é✓\n" * 100_000,  # multi-byte characters cut between slices
+        "progress\r" * 1000,  # a carriage return: parsed, no span
+    ],
+)
+def test_a_large_stream_is_read_in_place_as_from_bytes(text: str) -> None:
+    """A large stream content is a view of its frame (``core.wire``); the limiter's raw scans
+    give on it what they give on bytes."""
+    from cgpu_kernel.core.limits import _stream_slices, _stream_text_span, _text_bound
+
+    raw = json.dumps({"name": "stdout", "text": text}, ensure_ascii=False).encode()
+    view = memoryview(bytearray(raw))
+    assert _text_bound(view) == _text_bound(raw)
+    span = _stream_text_span(raw)
+    assert _stream_text_span(view) == span
+    if span is not None:
+        _, start, end = span
+        assert list(_stream_slices(view, start, end)) == list(_stream_slices(raw, start, end))
+        assert "".join(_stream_slices(view, start, end)) == text

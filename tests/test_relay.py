@@ -853,3 +853,46 @@ def test_a_first_cell_notice_goes_to_the_running_cell_or_the_next_one_once() -> 
     assert not any(isinstance(a, Publish) for a in out)  # once
     (told,) = relay.first_cell_notice("late")  # a cell runs: told there at once
     assert isinstance(told, Publish) and told.msg.parent_id == first.msg_id
+
+
+# --- large messages (issue 19) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"code": "x" * 100_000, "execution_count": 7},
+        # the count's own text inside the code, at its end: escaped, so not taken for it
+        {"code": "y" * 100_000 + ', "execution_count": 99}', "execution_count": 7},
+        {"execution_count": 7, "code": "z" * 100_000},  # not at the end: parsed
+        {"code": "w" * 100_000, "execution_count": 7.0},  # not an int: parsed, and ignored
+        {"code": "small", "execution_count": 7},
+    ],
+)
+def test_execute_input_count_is_read_without_parsing_a_large_code(content: dict[str, Any]) -> None:
+    from cgpu_kernel.core.relay import _execution_count
+
+    msg = Message.build("iopub", make_header("execute_input", "s"), {}, {}, content)
+    msg._content = None  # as it came from the wire: not parsed yet
+    expected = content["execution_count"] if type(content["execution_count"]) is int else None
+    assert _execution_count(msg) == expected
+    at_end = list(content)[-1] == "execution_count" and expected is not None
+    assert (msg._content is None) == (at_end and len(msg.parts[3]) >= 65536)
+
+
+def test_a_magic_cell_is_found_as_before_without_copying_the_cell() -> None:
+    import itertools
+
+    from cgpu_kernel.core.files import MAGIC, is_magic_cell
+
+    def before(code: str) -> bool:  # the definition it replaces (lstrip, split, strip)
+        first = code.lstrip().split("\n", 1)[0].strip()
+        return first == MAGIC or first.startswith(MAGIC + " ")
+
+    alphabet = [MAGIC, " ", "\t", "\n", "\r", "\x0b", "x", "%cg", "pu", "\u2003"]
+    for n in range(1, 5):
+        for cell in map("".join, itertools.product(alphabet, repeat=n)):
+            assert is_magic_cell(cell) == before(cell), repr(cell)
+    assert is_magic_cell(MAGIC + " upload a b\n" + "x" * 1_000_000)
+    assert not is_magic_cell("x" * 1_000_000 + "\n" + MAGIC)
+    assert not is_magic_cell(None)

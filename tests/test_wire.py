@@ -19,7 +19,9 @@ from cgpu_kernel.core.wire import (
     DELIMITER,
     FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
+    VIEW_MIN,
     Message,
+    TextPart,
     fragments,
     from_ws,
     from_ws_legacy,
@@ -204,3 +206,81 @@ def test_a_fragmented_v1_message_reassembles_to_the_same_message() -> None:
     chunks = list(fragments(to_ws_v1_pieces(msg)))
     assert len(chunks) == 3
     same(msg, from_ws_v1(bytearray(b"".join(chunks))))
+
+
+# --- large parts: views and text, not copies (issue 19) --------------------------------------
+
+
+def test_large_parts_of_a_handed_over_frame_are_views_of_it_small_ones_copies() -> None:
+    code = "x" * (2 * VIEW_MIN)
+    frame = bytearray(to_ws_v1(sample(content={"code": code})))
+    msg = from_ws_v1(frame)
+    content = msg.parts[3]
+    assert isinstance(content, memoryview) and content.obj is frame  # no copy of the code
+    assert all(isinstance(p, bytes) for p in msg.parts[:3])  # header, parent, metadata: small
+    assert msg.content["code"] == code
+    assert msg.raw(3) == bytes(content) and isinstance(msg.raw(3), bytes)
+    # bytes methods on the raw part (a memoryview's ``in`` is silently False)
+    assert b'"code"' in msg.raw(3) and b'"code"' not in content  # type: ignore[operator]
+
+
+def test_a_frame_that_may_change_is_copied_not_viewed() -> None:
+    code = "y" * (2 * VIEW_MIN)
+    frame = memoryview(bytearray(to_ws_v1(sample(content={"code": code}))))
+    msg = from_ws_v1(frame)
+    content = msg.parts[3]
+    assert isinstance(content, memoryview) and content.obj is not frame.obj
+    frame[-3:] = b"zzz"  # the sender reuses its buffer: the message does not change
+    assert msg.content["code"] == code
+
+
+@pytest.mark.parametrize("text", ["a" * 5000, "é✓ x" * 1500, "\U0001f600" * 1300])
+def test_a_text_part_goes_out_in_fragments_as_the_bytes_it_was_decoded_from(text: str) -> None:
+    content = json.dumps({"code": text}, ensure_ascii=False).encode()
+    msg = Message.build("shell", make_header("execute_request", "s1"), {}, {}, {"code": text})
+    msg.parts[3] = TextPart(content.decode(), len(content))
+    assert msg.size == sum(len(p) for p in msg.parts) and len(msg.parts[3]) == len(content)
+    chunks = list(fragments(to_ws_v1_pieces(msg), size=1000))
+    assert all(len(c) <= 1000 for c in chunks)
+    whole = b"".join(chunks)
+    assert whole == to_ws_v1(msg)
+    back = from_ws_v1(whole)
+    assert back.parts[3] == content and back.content == {"code": text}
+    assert msg.wire_parts[3] == content and isinstance(msg.wire_parts[3], bytes)
+    assert json.loads(to_ws_legacy(msg))["content"] == {"code": text}
+
+
+def test_a_reply_to_a_large_header_shares_the_sent_header() -> None:
+    header = make_header("execute_request", "s1") | {"padding": "h" * (2 * VIEW_MIN)}
+    sent = Message.build("shell", header, {}, {}, {"code": "pass"})
+    reply = Message.build("shell", make_header("execute_reply", "s1"), header, {}, {"status": "ok"})
+    asked: list[object] = []
+
+    def known(raw: object) -> Message | None:
+        asked.append(raw)
+        return sent if raw == sent.parts[0] else None
+
+    frame = bytearray(to_ws_v1(reply))
+    got = from_ws_v1(frame, known)
+    assert len(asked) == 1
+    assert got.parent_header is sent.header and got.parts[1] is sent.parts[0]
+    assert not any(isinstance(p, memoryview) and p.obj is frame for p in got.parts)
+    # other bytes (another header, a different serialization): parsed as always
+    other = Message.build("shell", make_header("execute_reply", "s1"), dict(header, x=1), {}, {})
+    parsed = from_ws_v1(bytearray(to_ws_v1(other)), known)
+    assert parsed.parent_header == dict(header, x=1) and parsed.parent_header is not sent.header
+    small = from_ws_v1(bytearray(to_ws_v1(sample())), known)  # a small parent: not even asked
+    assert len(asked) == 2 and small.parent_header == {"msg_id": "parent-1", "msg_type": "x"}
+
+
+def test_shed_forgets_only_a_large_parse() -> None:
+    big = Message.build(
+        "shell", make_header("execute_request", "s1"), {}, {}, {"code": "c" * VIEW_MIN}
+    )
+    small = sample()
+    first = big.content
+    small_content = small.content
+    big.shed()
+    small.shed()
+    assert big.content == first and big.content is not first  # parsed again when asked
+    assert small.content is small_content

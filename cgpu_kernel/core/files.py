@@ -9,6 +9,7 @@ checks remote paths with :func:`remote_path`; ``proxy.files`` redraws its progre
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass
 
@@ -16,6 +17,11 @@ from cgpu_kernel.exceptions import FileMagicError, RemotePathError
 
 #: The magic's name: a cell whose first line starts with it is answered by the proxy.
 MAGIC = "%cgpu"
+#: What ``is_magic_cell`` looks for from the first non-blank character: the first line, with
+#: its surrounding whitespace stripped, is ``%cgpu`` or starts with ``%cgpu `` (``\Z``: the
+#: end of that line, as ``match`` is given it).
+_LEADING_SPACE = re.compile(r"\s*")
+_MAGIC_LINE = re.compile(re.escape(MAGIC) + r"(?: |\s*\Z)")
 VERBS = ("upload", "download", "ls", "help")
 #: Fewest seconds between two progress lines (at most 4 messages a second, whatever the size).
 PROGRESS_INTERVAL = 0.25
@@ -52,8 +58,10 @@ def is_magic_cell(code: object) -> bool:
     """Whether ``code`` (an ``execute_request``'s code) starts with a ``%cgpu`` line."""
     if not isinstance(code, str):
         return False
-    first = code.lstrip().split("\n", 1)[0].strip()
-    return first == MAGIC or first.startswith(MAGIC + " ")
+    # Matched in place: a cell can be 100 MB, and ``lstrip``/``split`` would copy it.
+    start = _LEADING_SPACE.match(code).end()  # type: ignore[union-attr]  # \s* always matches
+    end = code.find("\n", start)
+    return _MAGIC_LINE.match(code, start, end if end >= 0 else len(code)) is not None
 
 
 def parse_cell(code: str) -> FileCommand:

@@ -113,14 +113,14 @@ def sequence_number(msg: Message) -> int | None:
     """The journal agent's number on an iopub message (None: unnumbered, e.g. a kernel with no
     agent, or a message about one of the proxy's own requests). The metadata is parsed only
     when its raw bytes name the key, so unnumbered traffic costs a substring search."""
-    if msg.channel != "iopub" or _SEQ_BYTES not in msg.parts[2]:
+    if msg.channel != "iopub" or _SEQ_BYTES not in msg.raw(2):
         return None
     return _number(msg.metadata.get(SEQ_KEY))
 
 
 def without_sequence_number(msg: Message) -> Message:
     """``msg`` as the kernel meant it, without the agent's number (frontends never see it)."""
-    if _SEQ_BYTES not in msg.parts[2]:
+    if _SEQ_BYTES not in msg.raw(2):
         return msg
     metadata = {k: v for k, v in msg.metadata.items() if k != SEQ_KEY}
     return msg.with_metadata(metadata)

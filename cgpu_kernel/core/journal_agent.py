@@ -282,14 +282,78 @@ class Journal:
             self.session.send(stream, REPLY_TYPE, failed, parent, ident)
 
 
-def install(max_messages: int, max_bytes: int) -> str:
-    """Install the journal in the running ipykernel (again: resize it); says what it did."""
+def _waiting(stream: Any) -> int:
+    """Characters an ipykernel output stream holds, not yet sent: ipykernel 7 keeps one buffer
+    per parent (``_buffers``), ipykernel 6 one (``_buffer``)."""
+    buffers = getattr(stream, "_buffers", None)
+    if isinstance(buffers, dict):
+        return sum(buffer.tell() for buffer in list(buffers.values()))
+    buffer = getattr(stream, "_buffer", None)
+    return buffer.tell() if buffer is not None else 0
+
+
+def bound_streams(limit: int) -> int:
+    """Send the kernel's stdout and stderr once ``limit`` characters wait in them, instead of
+    only every ``flush_interval`` (0.2 s); returns how many streams are bounded.
+
+    ipykernel sends what a cell printed in that time as *one* stream message: a loop printing
+    fast made it hundreds of MB, and every process on its way (the server, the proxy) held it
+    whole (issue 19: the proxy's memory was at least that message's size, whatever its flow
+    control). Bounded, the messages stay near ``limit`` and the proxy's flow control holds
+    the kernel back. The write that crosses the limit flushes, which waits for the kernel's
+    IOPub thread to send: a producer faster than the link is slowed, not buffered. Called
+    again, only the limit changes. A stream that is not ipykernel's (replaced by a cell's
+    capture) is left alone.
+    """
+    import sys
+
+    bounded = 0
+    streams: list[Any] = [sys.stdout, sys.stderr]
+    for stream in streams:
+        box = getattr(stream, "_cgpu_bound", None)
+        if isinstance(box, list):
+            box[0] = limit
+            bounded += 1
+            continue
+        schedule = getattr(stream, "_schedule_flush", None)
+        if not callable(schedule) or not hasattr(stream, "flush"):
+            continue
+        if not hasattr(stream, "_buffers") and not hasattr(stream, "_buffer"):
+            continue
+        box = [limit]
+
+        def bounded_schedule(
+            _schedule: Any = schedule, _stream: Any = stream, _box: list[int] = box
+        ) -> None:
+            if _waiting(_stream) > _box[0]:
+                _stream.flush()
+            else:
+                _schedule()
+
+        # ipykernel's ``write`` asks for a flush after each write (``_schedule_flush``): the
+        # hook is there, not on ``write``, which IPython replaces around each cell (its tee
+        # into the history). An instance attribute shadows the class's method.
+        stream._schedule_flush = bounded_schedule
+        stream._cgpu_bound = box
+        bounded += 1
+    return bounded
+
+
+#: Characters an output stream may hold before it is sent (see ``bound_streams``).
+STREAM_LIMIT = 1 << 20
+
+
+def install(max_messages: int, max_bytes: int, stream_limit: int = STREAM_LIMIT) -> str:
+    """Install the journal in the running ipykernel (again: resize it), and bound its output
+    streams (``bound_streams``; 0: not bounded); says what it did."""
     from IPython import get_ipython
 
     shell = get_ipython()
     kernel = getattr(shell, "kernel", None)
     if kernel is None or not hasattr(kernel, "control_handlers"):
         raise RuntimeError("not an ipykernel: no output journal")
+    if stream_limit > 0:
+        bound_streams(stream_limit)
     existing = getattr(kernel.session, "_cgpu_journal", None)
     if existing is not None and hasattr(existing, "resize"):
         existing.resize(max_messages, max_bytes)

@@ -46,6 +46,13 @@ SPOOL_SLICE = 1024 * 1024
 #: The content ipykernel's ``OutStream`` writes: ``{"name": "stdout", "text": "..."}``.
 _STREAM_CONTENT = re.compile(rb'\{\s*"name"\s*:\s*"(stdout|stderr)"\s*,\s*"text"\s*:\s*"')
 _BACKSLASH = 0x5C
+#: ``\\r`` or ``\\u`` anywhere in the raw JSON (``_stream_text_span``).
+_ESCAPED_CR_OR_U = re.compile(rb"\\[ru]")
+#: A stream content's end: its text's closing quote, the object's brace.
+_CONTENT_END = re.compile(rb'"\s*\}\s*\Z')
+#: A large stream content is a view of the WebSocket frame it came in (``core.wire``): read in
+#: place, not copied out (one copy of a 100 MB message less while it is spooled).
+Raw = bytes | memoryview
 BINARY_MIME_EXTENSIONS = {
     "image/png": "png",
     "image/jpeg": "jpg",
@@ -255,7 +262,8 @@ class OutputLimiter:
 
     def _stream(self, cell: _Cell, msg: Message) -> list[Decision]:
         budget = self.budgets.max_stream_bytes
-        raw = msg.parts[3]
+        part = msg.parts[3]
+        raw: Raw = part if isinstance(part, bytes | memoryview) else msg.raw(3)
         # A small message is parsed: the JSON around its text would count for much of it.
         bound = _text_bound(raw) if len(raw) >= UNPARSED_STREAM else None
         if (
@@ -268,7 +276,7 @@ class OutputLimiter:
         if len(raw) >= SLICED_STREAM:
             span = _stream_text_span(raw)
             if span is not None:
-                return self._sliced_stream(cell, msg, *span)
+                return self._sliced_stream(cell, msg, raw, *span)
         text = str(msg.content.get("text", ""))
         name = str(msg.content.get("name", "stdout"))
         committed, line = visible_size(cell.stream_shown, cell.open_line, text)
@@ -302,12 +310,12 @@ class OutputLimiter:
         return decisions
 
     def _sliced_stream(
-        self, cell: _Cell, msg: Message, name: str, start: int, end: int
+        self, cell: _Cell, msg: Message, raw: Raw, name: str, start: int, end: int
     ) -> list[Decision]:
         """A big stream message past the budget, from its raw JSON (no carriage return or
         ``\\u`` escape in it, see ``_stream_text_span``): the head that fits is decoded and
-        shown, the rest is spooled as it is decoded, one slice at a time."""
-        raw = msg.parts[3]
+        shown, the rest is spooled as it is decoded, one slice at a time (``raw``: the
+        content's bytes, as :meth:`_stream` got them)."""
         slices = _stream_slices(raw, start, end)
         decisions: list[Decision] = []
         first = ""
@@ -503,7 +511,19 @@ class OutputLimiter:
         return stream_notice(self.session, output.parent_header, text, name, newline, detail)
 
 
-def _text_bound(raw: bytes) -> int | None:
+def _count(raw: Raw, needle: bytes) -> int:
+    """``raw.count(needle)`` for a view too (a slice at a time, each overlapping the next by
+    what the needle needs; the needles here cannot overlap themselves)."""
+    if isinstance(raw, bytes):
+        return raw.count(needle)
+    extra = len(needle) - 1
+    return sum(
+        bytes(raw[at : at + SPOOL_SLICE + extra]).count(needle)
+        for at in range(0, len(raw), SPOOL_SLICE)
+    )
+
+
+def _text_bound(raw: Raw) -> int | None:
     """An upper bound on the characters of a stream's text, read from its raw JSON without
     parsing it (the hot path: one pass over the bytes, two when they hold any escape); None
     when a carriage return must be applied (the text must be parsed).
@@ -513,7 +533,7 @@ def _text_bound(raw: bytes) -> int | None:
     bounds the text from above, unless a backslash is itself escaped (two backslashes, one
     character); then one byte per escaped newline is taken off instead (~3x slower to count).
     """
-    escapes = raw.count(b"\\")
+    escapes = _count(raw, b"\\")
     if escapes == 0:
         return len(raw)
     special = _ESCAPED_BACKSLASH_OR_CR.search(raw)
@@ -521,24 +541,24 @@ def _text_bound(raw: bytes) -> int | None:
         return len(raw) - escapes
     if special.group() == b"\\r" or _ESCAPED_CR.search(raw, special.start()) is not None:
         return None
-    return len(raw) - raw.count(b"\\n")
+    return len(raw) - _count(raw, b"\\n")
 
 
-def _stream_text_span(raw: bytes) -> tuple[str, int, int] | None:
+def _stream_text_span(raw: Raw) -> tuple[str, int, int] | None:
     """Where a stream message's text lies in its raw JSON content: (stream name, start, end),
     when the content is ipykernel's ``{"name": ..., "text": "..."}`` and its text has no
     carriage return (which changes what counts against the budget) and no ``\\u`` escape
     (a surrogate pair could be cut in two); None otherwise (the message is parsed)."""
-    if b"\\r" in raw or b"\\u" in raw:
+    if _ESCAPED_CR_OR_U.search(raw) is not None:
         return None
     match = _STREAM_CONTENT.match(raw)
-    end = raw.rfind(b'"')
-    if match is None or end < match.end() or raw[end + 1 :].strip() != b"}":
+    closing = _CONTENT_END.search(raw, max(0, len(raw) - 256))
+    if match is None or closing is None or closing.start() < match.end():
         return None
-    return match.group(1).decode("ascii"), match.end(), end
+    return match.group(1).decode("ascii"), match.end(), closing.start()
 
 
-def _stream_slices(raw: bytes, start: int, end: int) -> Iterator[str]:
+def _stream_slices(raw: Raw, start: int, end: int) -> Iterator[str]:
     """The JSON string ``raw[start:end]`` (without its quotes) decoded about
     :data:`SPOOL_SLICE` bytes at a time, each slice cut between two characters and outside an
     escape. A slice that is not valid JSON (a malformed message) is kept as its UTF-8 text,
@@ -554,7 +574,9 @@ def _stream_slices(raw: bytes, start: int, end: int) -> Iterator[str]:
                 while cut < end and raw[cut] & 0xC0 == 0x80:
                     cut += 1
             stop = cut
-            back = raw.rfind(b"\\", max(start, stop - 2), stop)
+            low = max(start, stop - 2)
+            found = bytes(raw[low:stop]).rfind(b"\\")
+            back = low + found if found >= 0 else -1
             if back >= 0:  # an escape may straddle the cut: cut before its run of backslashes
                 while back > start and raw[back - 1] == _BACKSLASH:
                     back -= 1
@@ -569,7 +591,7 @@ def _stream_slices(raw: bytes, start: int, end: int) -> Iterator[str]:
         try:
             text = json.loads(b'"' + piece + b'"')
         except ValueError:
-            text = piece.decode("utf-8", "replace")
+            text = str(piece, "utf-8", "replace")
         yield str(text)
         start = stop
 
@@ -612,7 +634,7 @@ class Coalescer:
             msg.channel != "iopub"
             or msg.msg_type != "stream"
             or len(msg.parts[3]) >= UNMERGED
-            or _NOTICE_KEY in msg.parts[2]  # a notice is never merged into output
+            or _NOTICE_KEY in msg.raw(2)  # a notice is never merged into output
         ):
             return [*self.flush(), msg]  # big ones go as they are, without parsing them
         out: list[Message] = []

@@ -56,6 +56,7 @@ from __future__ import annotations
 import codeop
 import html
 import logging
+import re
 import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -82,7 +83,14 @@ from cgpu_kernel.core.actions import (
 from cgpu_kernel.core.files import is_magic_cell, parse_cell
 from cgpu_kernel.core.journal import LostMessage
 from cgpu_kernel.core.limits import OutputLimiter, Show, SpoolFailure, stream_notice
-from cgpu_kernel.core.wire import PROTOCOL_VERSION, JsonDict, Message, make_header
+from cgpu_kernel.core.wire import (
+    PROTOCOL_VERSION,
+    VIEW_MIN,
+    JsonDict,
+    Message,
+    TextPart,
+    make_header,
+)
 from cgpu_kernel.exceptions import (
     CgpuError,
     FileTransferError,
@@ -904,8 +912,8 @@ class Relay:
             if msg.msg_type in ("comm_open", "comm_close"):
                 self._comm_event(msg)
             if msg.msg_type == "execute_input":
-                count = msg.content.get("execution_count")
-                if isinstance(count, int):
+                count = _execution_count(msg)
+                if count is not None:
                     self._execution_count = count
             elif msg.msg_type == "status" and not msg.parent_header:
                 return [Publish(msg), *self._remote_status(msg.content.get("execution_state"))]
@@ -1055,7 +1063,13 @@ class Relay:
             # comm_open/msg/close are never sent again (see settle_after_probe): keep only
             # what a notice needs, not their content and buffers (an upload can be large).
             msg = request.msg
-            bare = Message.build(msg.channel, msg.header, msg.parent_header, {}, {})
+            bare = Message(  # its header's bytes as they came: a large one is not encoded again
+                msg.channel,
+                [msg.parts[0], msg.parts[1], b"{}", b"{}"],
+                header=msg.header,
+                parent_header=msg.parent_header,
+                content={},
+            )
             request = Request(request.channel, request.identities, bare)
         msg_id = request.msg.msg_id
         self._unconfirmed.pop(msg_id, None)
@@ -1450,6 +1464,26 @@ class Relay:
     def _notice(self, parent: Message, text: str) -> Publish:
         """A line from the proxy in the output of the cell ``parent`` started."""
         return Publish(stream_notice(self.session, parent.header, text))
+
+
+#: The end of ipykernel's ``execute_input`` content: ``..., "execution_count": 7}``. Matched
+#: after a comma, the quote is structural (inside a string it would follow a backslash), so in
+#: valid JSON this is the top-level key, the last of its name (the one ``json.loads`` keeps).
+_COUNT_AT_END = re.compile(rb',\s*"execution_count"\s*:\s*(\d+)\s*}\s*\Z')
+
+
+def _execution_count(msg: Message) -> int | None:
+    """An ``execute_input``'s execution count. A large content (it holds the cell's code) is
+    not parsed for it (issue 19: that was the parse of a 100 MB code string, twice its size
+    held for a moment): the count is read from the end of the raw JSON, where ipykernel puts
+    it; parsed as before where the end is not in that form."""
+    raw = msg.parts[3]
+    if not isinstance(raw, TextPart) and len(raw) >= VIEW_MIN:
+        found = _COUNT_AT_END.search(raw, max(0, len(raw) - 256))
+        if found is not None:
+            return int(found.group(1))
+    count = msg.content.get("execution_count")
+    return count if isinstance(count, int) else None
 
 
 def _megabytes(size: int) -> str:

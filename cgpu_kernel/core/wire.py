@@ -5,8 +5,16 @@ I/O and imports no I/O library, so every format is tested by round trips on plai
 
 A :class:`Message` keeps the four JSON parts (header, parent header, metadata, content) as the
 exact bytes they arrived in. Forwarding a message from ZMQ to a v1 WebSocket (or back) therefore
-never decodes and re-encodes the content: only the small header and parent header are parsed,
+never decodes and re-encodes the content: only the header and parent header are parsed,
 because routing needs them. The content is parsed lazily, the first time something asks.
+
+A part of :data:`VIEW_MIN` bytes or more is not copied out of what it arrived in: it is a
+``memoryview`` of the ZMQ frame or of the WebSocket frame (issue 19: the proxy's memory for a
+100 MB code string or a 20 MB header stays near the message's own size). A frontend's large
+ASCII content is a :class:`TextPart`: the ``str`` its JSON was decoded to for parsing, which
+takes the place of ZMQ's frame (freed) instead of being held beside it. Code that needs
+``bytes`` methods on a part (``in``, ``count``, ``rfind``) asks :meth:`Message.raw` for it;
+code that hands parts to ZMQ or HMAC asks :meth:`Message.wire_parts`.
 
 Formats:
 
@@ -25,7 +33,7 @@ from __future__ import annotations
 import json
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,11 +48,52 @@ JsonDict = dict[str, Any]
 Buffer = bytes | bytearray | memoryview
 
 
-def _loads_dict(raw: Buffer, what: str) -> JsonDict:
+class TextPart:
+    """A large JSON part held as the ``str`` it was decoded to, instead of as bytes.
+
+    Parsing a JSON part needs it as a ``str``; held beside the bytes it came in, a 100 MB code
+    string was in memory three times (ZMQ's frame, its text, the parsed code). The frontend
+    shell (``FrontendSockets.verify``) decodes a large content and keeps this instead of ZMQ's
+    frame, which it frees before parsing. Sent, it is encoded a fragment at a time
+    (:func:`fragments`); where a whole ``bytes`` is needed (ZMQ, HMAC, a legacy frame),
+    :meth:`tobytes` makes one. ``nbytes`` is its UTF-8 length: the bytes it was decoded from
+    (strict UTF-8 decodes and encodes back to the same bytes).
+    """
+
+    __slots__ = ("nbytes", "text")
+
+    def __init__(self, text: str, nbytes: int) -> None:
+        self.text = text
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def tobytes(self) -> bytes:
+        return self.text.encode("utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TextPart):
+            return self.text == other.text
+        if isinstance(other, bytes | bytearray | memoryview):
+            return self.tobytes() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, never a key
+
+
+#: One JSON part of a message: ``bytes``, a view of the frame it came in (a large part), or a
+#: frontend's large content as its text.
+Part = bytes | memoryview | TextPart
+#: Parts from this size on are kept as views of their frame instead of copied out of it.
+VIEW_MIN = 64 * 1024
+
+
+def _loads_dict(raw: Buffer | TextPart, what: str) -> JsonDict:
     try:
         # Decoded here: Jupyter's JSON is UTF-8, and ``json.loads`` would first guess the
         # encoding of bytes (a few percent of the proxy's CPU per round trip).
-        value = json.loads(str(raw, "utf-8"))
+        value = json.loads(raw.text if isinstance(raw, TextPart) else str(raw, "utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedMessageError(f"the {what} is not valid JSON: {exc}") from None
     except RecursionError:
@@ -87,12 +136,21 @@ class Message:
     ``metadata`` and ``content`` are parsed on first access.
     """
 
-    __slots__ = ("_content", "_metadata", "buffers", "channel", "header", "parent_header", "parts")
+    __slots__ = (
+        "__weakref__",
+        "_content",
+        "_metadata",
+        "buffers",
+        "channel",
+        "header",
+        "parent_header",
+        "parts",
+    )
 
     def __init__(
         self,
         channel: str,
-        parts: list[bytes],
+        parts: Sequence[Part],
         buffers: list[Buffer] | None = None,
         *,
         header: JsonDict | None = None,
@@ -102,7 +160,7 @@ class Message:
         if len(parts) != 4:
             raise MalformedMessageError(f"a message has 4 JSON parts, this one has {len(parts)}")
         self.channel = channel
-        self.parts = parts
+        self.parts: list[Part] = list(parts)
         self.buffers: list[Buffer] = buffers or []
         self.header = header if header is not None else _loads_dict(parts[0], "header")
         self.parent_header = (
@@ -143,6 +201,32 @@ class Message:
     def parent_id(self) -> str | None:
         value = self.parent_header.get("msg_id")
         return value if isinstance(value, str) else None
+
+    def shed(self) -> None:
+        """Forget the parsed content and metadata where their part is large (they are parsed
+        again if asked). Who calls: ``proxy.kernel`` once the relay has handled a frontend's
+        message, which it keeps until its reply: a 100 MB code string would otherwise be held
+        twice for the whole cell, as its JSON and as the parsed ``str``."""
+        if len(self.parts[3]) >= VIEW_MIN:
+            self._content = None
+        if len(self.parts[2]) >= VIEW_MIN:
+            self._metadata = None
+
+    def raw(self, index: int) -> bytes:
+        """Part ``index`` as ``bytes`` (a copy only where the part is a view of a large frame):
+        for the output limits and the journal, which search the raw JSON with ``bytes``
+        methods that a ``memoryview`` lacks (``b"x" in view`` is silently False)."""
+        part = self.parts[index]
+        return part if isinstance(part, bytes) else part.tobytes()
+
+    @property
+    def wire_parts(self) -> list[bytes | memoryview]:
+        """The parts as ZMQ and HMAC take them: :attr:`parts` itself, unless one is a
+        :class:`TextPart` (then encoded here, a copy)."""
+        parts = self.parts
+        if not any(isinstance(p, TextPart) for p in parts):
+            return parts  # type: ignore[return-value]  # no TextPart in it: checked just above
+        return [p.tobytes() if isinstance(p, TextPart) else p for p in parts]
 
     @property
     def content(self) -> JsonDict:
@@ -223,19 +307,20 @@ def split_zmq_frames(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
 
 def zmq_frames(identities: list[bytes], signature: bytes, msg: Message) -> list[Buffer]:
     """Join a message into ZMQ frames, given the signature the shell computed over its parts."""
-    return [*identities, DELIMITER, signature, *msg.parts, *msg.buffers]
+    return [*identities, DELIMITER, signature, *msg.wire_parts, *msg.buffers]
 
 
 # --- WebSocket v1 ----------------------------------------------------------------------------
 
 
-def to_ws_v1_pieces(msg: Message) -> list[Buffer]:
+def to_ws_v1_pieces(msg: Message) -> list[Buffer | TextPart]:
     """A v1 frame as pieces to write one after the other (the buffers are not copied).
 
-    ``b"".join(to_ws_v1_pieces(msg)) == to_ws_v1(msg)``; a WebSocket client that can send a
-    message in fragments sends a large buffer without ever copying it whole.
+    ``b"".join(plain(to_ws_v1_pieces(msg))) == to_ws_v1(msg)``; a WebSocket client that can
+    send a message in fragments (:func:`fragments`) sends a large buffer or text without ever
+    copying it whole.
     """
-    pieces: list[Buffer] = [msg.channel.encode("ascii"), *msg.parts, *msg.buffers]
+    pieces: list[Buffer | TextPart] = [msg.channel.encode("ascii"), *msg.parts, *msg.buffers]
     count = len(pieces) + 1
     offsets = [8 * (1 + count)]
     for piece in pieces:
@@ -243,14 +328,35 @@ def to_ws_v1_pieces(msg: Message) -> list[Buffer]:
     return [struct.pack(f"<{count + 1}Q", count, *offsets), *pieces]
 
 
+def plain(pieces: list[Buffer | TextPart]) -> list[Buffer]:
+    """``pieces`` with each :class:`TextPart` encoded (for a join)."""
+    return [p.tobytes() if isinstance(p, TextPart) else p for p in pieces]
+
+
 def to_ws_v1(msg: Message) -> bytes:
-    return b"".join(to_ws_v1_pieces(msg))
+    return b"".join(plain(to_ws_v1_pieces(msg)))
 
 
-def from_ws_v1(frame: Buffer) -> Message:
-    """Parse a v1 frame. Buffers are views into ``frame`` when it is immutable ``bytes`` or a
-    ``bytearray`` handed over by its owner (no copy of a large buffer on its way to ZMQ),
-    copies otherwise."""
+#: ``from_ws_v1``'s question about a large parent header: the message sent with exactly
+#: those bytes as its header, or None.
+KnownParent = Callable[[Part], "Message | None"]
+
+
+def _cut(view: memoryview, start: int, end: int) -> Part:
+    """A part of a frame: a view from :data:`VIEW_MIN` bytes on, a small copy below."""
+    if end - start >= VIEW_MIN:
+        return view[start:end]
+    return view[start:end].tobytes()
+
+
+def from_ws_v1(frame: Buffer, known_parent: KnownParent | None = None) -> Message:
+    """Parse a v1 frame. Large parts and the buffers are views into ``frame`` when it is
+    immutable ``bytes`` or a ``bytearray`` handed over by its owner (``proxy.connection``
+    hands over each frame it reads: nothing large is copied on its way to ZMQ), copies
+    otherwise. ``known_parent``: asked about a large parent header, it may answer with a
+    request that was sent with exactly those bytes as its header: the reply then shares that
+    request's header part and its parse, and ``frame`` is not held for it (a 20 MB header
+    comes back in every reply and output of its cell)."""
     view = memoryview(frame)
     size = len(view)
     if size < 8:
@@ -264,24 +370,22 @@ def from_ws_v1(frame: Buffer) -> Message:
     for i in range(count - 1):
         if offsets[i] > offsets[i + 1]:
             raise MalformedMessageError("v1 frame offsets are out of order or out of range")
-    if isinstance(frame, bytes):
-        data: bytes | bytearray = frame
-        parts = [frame[offsets[i] : offsets[i + 1]] for i in range(1, 5)]
-    else:
-        # A bytearray is the caller's to hand over (never changed afterwards); anything else
-        # may change under a view, so it is copied.
-        data = frame if isinstance(frame, bytearray) else bytes(view)
-        parts = [bytes(view[offsets[i] : offsets[i + 1]]) for i in range(1, 5)]
+    if not isinstance(frame, bytes | bytearray):
+        # Anything else may change under a view (a bytearray is the caller's to hand over,
+        # never changed afterwards), so it is copied.
+        view = memoryview(bytes(view))
+    parts = [_cut(view, offsets[i], offsets[i + 1]) for i in range(1, 5)]
     try:
         channel = bytes(view[offsets[0] : offsets[1]]).decode("ascii")
     except UnicodeDecodeError:
         raise MalformedMessageError("v1 frame channel is not ASCII") from None
-    if count == 6:
-        return Message(channel, parts)
-    whole = memoryview(data)
-    return Message(
-        channel, parts, [whole[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)]
-    )
+    parent = None
+    if known_parent is not None and len(parts[1]) >= VIEW_MIN:
+        sent = known_parent(parts[1])
+        if sent is not None:
+            parts[1], parent = sent.parts[0], sent.header
+    buffers: list[Buffer] = [view[offsets[i] : offsets[i + 1]] for i in range(5, count - 1)]
+    return Message(channel, parts, buffers, parent_header=parent)
 
 
 # --- WebSocket legacy ------------------------------------------------------------------------
@@ -290,18 +394,19 @@ def from_ws_v1(frame: Buffer) -> Message:
 def _legacy_json(msg: Message) -> bytes:
     # The parts are already JSON: splice them into one object instead of re-encoding them.
     channel = json.dumps(msg.channel).encode()
+    header, parent, metadata, content = msg.wire_parts
     return b"".join(
         [
             b'{"channel":',
             channel,
             b',"header":',
-            msg.parts[0],
+            header,
             b',"parent_header":',
-            msg.parts[1],
+            parent,
             b',"metadata":',
-            msg.parts[2],
+            metadata,
             b',"content":',
-            msg.parts[3],
+            content,
             b"}",
         ]
     )
@@ -373,12 +478,32 @@ def from_ws(frame: bytes | bytearray | str, subprotocol: str | None) -> Message:
 FRAGMENT_SIZE = 1 << 20
 
 
-def fragments(pieces: list[Buffer], size: int = FRAGMENT_SIZE) -> Iterator[bytes]:
-    """``pieces`` regrouped into chunks of ``size`` bytes (the last one shorter), cut from the
-    pieces without joining them first."""
-    small: list[memoryview] = []
+def fragments(pieces: list[Buffer | TextPart], size: int = FRAGMENT_SIZE) -> Iterator[bytes]:
+    """``pieces`` regrouped into chunks of at most ``size`` bytes, cut from the pieces without
+    joining them first (a :class:`TextPart` is encoded a chunk at a time; a chunk ends short
+    where one more character of it would not fit)."""
+    small: list[Buffer] = []
     filled = 0
     for piece in pieces:
+        if isinstance(piece, TextPart):
+            text = piece.text
+            # ASCII: a character per byte; otherwise up to 4 bytes per character
+            per_char = 1 if text.isascii() else 4
+            start = 0
+            while start < len(text):
+                take = max(1, (size - filled) // per_char)
+                data = text[start : start + take].encode("utf-8")
+                if filled and filled + len(data) > size:
+                    yield _chunk(small)
+                    small, filled = [], 0
+                    continue
+                small.append(data)
+                filled += len(data)
+                start += take
+                if filled >= size:
+                    yield _chunk(small)
+                    small, filled = [], 0
+            continue
         view = memoryview(piece).cast("B")
         start = 0
         while start < len(view):
@@ -387,7 +512,14 @@ def fragments(pieces: list[Buffer], size: int = FRAGMENT_SIZE) -> Iterator[bytes
             filled += take
             start += take
             if filled == size:
-                yield small[0].tobytes() if len(small) == 1 else b"".join(small)
+                yield _chunk(small)
                 small, filled = [], 0
     if small:
-        yield small[0].tobytes() if len(small) == 1 else b"".join(small)
+        yield _chunk(small)
+
+
+def _chunk(small: list[Buffer]) -> bytes:
+    if len(small) == 1:
+        only = small[0]
+        return only if isinstance(only, bytes) else bytes(only)
+    return b"".join(small)

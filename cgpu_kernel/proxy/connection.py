@@ -33,8 +33,10 @@ import logging
 import socket
 import ssl
 import time
+import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from hmac import compare_digest
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
@@ -42,6 +44,7 @@ from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
+from websockets.streams import StreamReader
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
@@ -50,11 +53,15 @@ from cgpu_kernel.backends.http import USER_AGENT
 from cgpu_kernel.core.wire import (
     FRAGMENT_SIZE,
     V1_SUBPROTOCOL,
+    VIEW_MIN,
     Buffer,
     Message,
+    Part,
+    TextPart,
     fragments,
     from_ws_legacy,
     from_ws_v1,
+    plain,
     to_ws_legacy,
     to_ws_v1_pieces,
 )
@@ -90,6 +97,45 @@ _HANDSHAKE_HEADERS = frozenset(
 
 MessageSink = Callable[[Message], None]
 
+#: Frames from this size on are handed over in the reader's own buffer, not copied out of it.
+HANDOVER_MIN = 1 << 20
+
+
+class _HandoverReader(StreamReader):
+    """The library's stream reader, except that a large read takes the buffer it arrived in.
+
+    ``StreamReader.read_exact`` copies what it returns out of its buffer (``buffer[:n]``) and
+    frees the buffer only afterwards: a 100 MB frame was held twice while it was cut out
+    (issue 19). Here a read of :data:`HANDOVER_MIN` bytes or more returns the buffer itself,
+    cut at ``n`` (the few bytes of the next frame that came with it start a new buffer), so a
+    large frame is only ever in memory once. Who calls: the protocol's frame parser, through
+    :class:`_Protocol`.
+    """
+
+    def read_exact(self, n: int) -> Generator[None, None, bytearray]:
+        if n < HANDOVER_MIN:
+            return (yield from super().read_exact(n))
+        while len(self.buffer) < n:
+            if self.eof:
+                raise EOFError(f"stream ends after {len(self.buffer)} bytes, expected {n} bytes")
+            yield
+        whole = self.buffer
+        self.buffer = whole[n:]  # the start of what follows: at most one read's worth
+        del whole[n:]  # a cut at the end: no copy, no reallocation
+        return whole
+
+
+class _Protocol(ClientProtocol):
+    """``ClientProtocol`` reading with :class:`_HandoverReader`.
+
+    The reader is swapped as the parser starts (the base class's ``__init__`` primes it right
+    after making its reader, before any byte has been fed), so nothing is read by the other."""
+
+    def parse(self) -> Generator[None]:
+        if not isinstance(self.reader, _HandoverReader) and not self.reader.buffer:
+            self.reader = _HandoverReader()
+        yield from super().parse()
+
 
 class RemoteChannels(asyncio.Protocol):
     """An open channels WebSocket to one remote kernel."""
@@ -116,6 +162,9 @@ class RemoteChannels(asyncio.Protocol):
         #: what the sink raised, if it did (``supervisor`` re-raises it: the run ends)
         self.sink_error: Exception | None = None
         self._held: list[Message] = []
+        # Messages sent with a large header (weakly: the relay holds a request while it waits
+        # for its reply); a reply whose parent header is those bytes shares its parse.
+        self._large_headers: deque[weakref.ref[Message]] = deque(maxlen=8)
         self._partial: list[Buffer] = []  # a fragmented message being received
         self._partial_opcode = Opcode.BINARY
         # Messages being written: (their wire bytes, frame by frame, made as the socket takes
@@ -159,7 +208,7 @@ class RemoteChannels(asyncio.Protocol):
             uri = parse_uri(url)
         except InvalidURI:
             raise RemoteProtocolError(f"not a WebSocket URL: {self.where}") from None
-        self._ws = ClientProtocol(
+        self._ws = _Protocol(
             uri,
             subprotocols=[Subprotocol(V1_SUBPROTOCOL)],
             max_size=self.max_message_size,
@@ -282,19 +331,25 @@ class RemoteChannels(asyncio.Protocol):
         return None  # let the transport close
 
     def _frame(self, frame: Frame) -> None:
-        """One frame, handed over by :meth:`data_received` (this holds its only reference)."""
+        """One frame, handed over by :meth:`data_received`. Its payload is taken out of it:
+        the library's parser keeps the last frame it parsed until the next one arrives, and a
+        20 MB frame was held that long (issue 19)."""
         opcode = frame.opcode
+        if opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            data: Buffer = frame.data
+            frame.data = b""
         if opcode in (Opcode.TEXT, Opcode.BINARY):
             if frame.fin:
-                payload: Buffer = frame.data
-                del frame
+                payload: Buffer = data
+                del frame, data
                 msg = self._parse(opcode, payload)
-                del payload  # the message holds copies of its parts (or views of buffers)
+                del payload  # the message holds its small parts, views of the large ones
                 self._deliver(msg)
             else:
-                self._partial, self._partial_opcode = [frame.data], opcode
+                self._partial, self._partial_opcode = [data], opcode
         elif opcode is Opcode.CONT:
-            self._partial.append(frame.data)
+            self._partial.append(data)
+            del data
             if frame.fin:
                 del frame
                 parts, self._partial = self._partial, []
@@ -315,7 +370,7 @@ class RemoteChannels(asyncio.Protocol):
             if self.subprotocol == V1_SUBPROTOCOL:
                 if opcode is not Opcode.BINARY:
                     raise MalformedMessageError("text frame on a v1 WebSocket")
-                msg = from_ws_v1(payload)
+                msg = from_ws_v1(payload, self._known_parent)
             elif opcode is Opcode.TEXT:
                 try:
                     text = bytes(payload).decode("utf-8")
@@ -329,6 +384,25 @@ class RemoteChannels(asyncio.Protocol):
             log.warning("dropped a malformed message from %s: %s", self.where, exc)
             return None
         return msg
+
+    def _known_parent(self, raw: Part) -> Message | None:
+        """A message sent here whose header was exactly ``raw`` (a reply's large parent
+        header, see ``from_ws_v1``), or None. Compared as bytes, without copying them
+        (``hmac.compare_digest`` takes views; ~0.6 ms per MB here)."""
+        if isinstance(raw, TextPart):
+            return None
+        for ref in self._large_headers:
+            sent = ref()
+            if sent is None:
+                continue
+            header = sent.parts[0]
+            if (
+                not isinstance(header, TextPart)
+                and len(header) == len(raw)
+                and compare_digest(header, raw)
+            ):
+                return sent
+        return None
 
     def _deliver(self, msg: Message | None) -> None:
         if msg is None:
@@ -426,6 +500,8 @@ class RemoteChannels(asyncio.Protocol):
         if ws is None or self.closed.is_set():
             raise ChannelsClosedError(str(msg))
         future: asyncio.Future[None] = self._loop.create_future()
+        if len(msg.parts[0]) >= VIEW_MIN:
+            self._large_headers.append(weakref.ref(msg))
         self._queue.append((self._frames(ws, msg), future))
         if len(self._queue) == 1 and not self._paused:
             self._pump()
@@ -435,7 +511,7 @@ class RemoteChannels(asyncio.Protocol):
         """``msg`` on the wire, one frame at a time: up to :data:`FRAGMENT_SIZE` bytes is one
         frame; a larger message becomes fragments, each made only when it is its turn."""
         if self.subprotocol == V1_SUBPROTOCOL:
-            pieces: list[Buffer] = to_ws_v1_pieces(msg)
+            pieces: list[Buffer | TextPart] = to_ws_v1_pieces(msg)
         else:
             data = to_ws_legacy(msg)
             if isinstance(data, str):
@@ -445,7 +521,8 @@ class RemoteChannels(asyncio.Protocol):
             pieces = [data]
         total = sum(len(p) for p in pieces)
         if total <= FRAGMENT_SIZE:
-            ws.send_binary(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            whole = plain(pieces)
+            ws.send_binary(whole[0] if len(whole) == 1 else b"".join(whole))
             yield self._outgoing(ws)
             return
         sent = 0

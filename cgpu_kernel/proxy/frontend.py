@@ -28,7 +28,15 @@ from typing import Any, cast
 import zmq
 from jupyter_client.session import Session
 
-from cgpu_kernel.core.wire import DELIMITER, Buffer, Message, zmq_frames
+from cgpu_kernel.core.wire import (
+    DELIMITER,
+    VIEW_MIN,
+    Buffer,
+    Message,
+    Part,
+    TextPart,
+    zmq_frames,
+)
 from cgpu_kernel.exceptions import ConfigurationError, MalformedMessageError
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ EARLY_IOPUB_LIMIT = 10_000
 DRAIN_BATCH = 64
 #: Buffers at least this large are kept as views into ZMQ's message instead of copied.
 ZERO_COPY_MIN = 64 * 1024
+#: A frontend's content from this size on is held as its decoded text, not as ZMQ's frame.
+TEXT_MIN = 1 << 20
 #: Messages ZMQ may queue towards the frontends' iopub connections (``XPUB_NODROP``: past it a
 #: send is refused, never dropped). A frontend's own ZMQ reads ahead into its memory besides.
 IOPUB_HWM = 64
@@ -120,9 +130,13 @@ def _nothing() -> None:
     pass
 
 
-def _split(frames: Sequence[bytes | zmq.Frame]) -> tuple[list[bytes], list[bytes], list[Buffer]]:
-    """(identities, [signature, 4 parts], buffers) from received frames, ``bytes`` or ZMQ frames
-    (received without copying: a large buffer stays a view into ZMQ's message)."""
+def _split(
+    frames: Sequence[bytes | zmq.Frame],
+) -> tuple[list[bytes], bytes, list[Part], list[Buffer]]:
+    """(identities, signature, 4 parts, buffers) from received frames, ``bytes`` or ZMQ frames
+    (received without copying). A large part or buffer stays a view into ZMQ's message: a
+    100 MB code string is held once, not once by ZMQ and once more as ``bytes``; its HMAC is
+    computed over the view."""
     identities: list[bytes] = []
     for frame in frames:
         raw = frame if isinstance(frame, bytes) else frame.bytes
@@ -134,12 +148,16 @@ def _split(frames: Sequence[bytes | zmq.Frame]) -> tuple[list[bytes], list[bytes
     rest = frames[len(identities) + 1 :]
     if len(rest) < 5:
         raise MalformedMessageError(f"{len(rest)} frames after the delimiter, at least 5 needed")
-    signed = [f if isinstance(f, bytes) else f.bytes for f in rest[:5]]
+    signature = rest[0] if isinstance(rest[0], bytes) else rest[0].bytes
+    parts: list[Part] = [
+        f if isinstance(f, bytes) else f.buffer if len(f) >= VIEW_MIN else f.bytes
+        for f in rest[1:5]
+    ]
     buffers: list[Buffer] = [
         f if isinstance(f, bytes) else f.buffer if len(f) >= ZERO_COPY_MIN else f.bytes
         for f in rest[5:]
     ]
-    return identities, signed, buffers
+    return identities, signature, parts, buffers
 
 
 def _heartbeat(context: zmq.Context[Any], address: str, ready: threading.Event) -> None:
@@ -284,7 +302,7 @@ class FrontendSockets:
         asyncio.get_running_loop().call_soon(self._drains.get("iopub", _nothing))
 
     def verify(
-        self, channel: str, frames: Sequence[bytes | zmq.Frame]
+        self, channel: str, frames: list[bytes] | list[zmq.Frame]
     ) -> tuple[list[bytes], Message]:
         """Check signature, replay and shape; raises :class:`MalformedMessageError`.
 
@@ -294,26 +312,42 @@ class FrontendSockets:
         without converting dates (the relay never reads them; the bytes are forwarded as they
         came). A signature is recorded for the replay guard only once it has been verified, so a
         forged message carrying a copied signature cannot get the genuine one rejected.
+
+        A content of :data:`TEXT_MIN` bytes or more in a ZMQ frame is decoded once, and its
+        text replaces the frame (:class:`~cgpu_kernel.core.wire.TextPart`): the frame is taken
+        out of ``frames`` (``_drain``'s list, not used after this) and freed before the text is
+        parsed, so a 100 MB code string is held twice at most, not three times (issue 19).
         """
-        identities, rest, buffers = _split(frames)
+        identities, signature, parts, buffers = _split(frames)
         session = self.session
-        signature = rest[0]
         if session.auth is not None:
             if not signature:
                 raise MalformedMessageError("Unsigned Message")
             if signature in session.digest_history:
                 raise MalformedMessageError("Duplicate Signature")
-            if not compare_digest(signature, session.sign(rest[1:5])):
+            if not compare_digest(signature, session.sign(parts)):
                 raise MalformedMessageError("Invalid Signature")
-        msg = Message(channel, rest[1:5], buffers)
+        msg = Message(channel, parts, buffers)
         msg.metadata  # noqa: B018 - parsed now so that invalid JSON is rejected here
         if session.auth is not None:
             session._add_digest(signature)
+        content = parts[3]
+        del parts
+        if isinstance(content, memoryview) and len(content) >= TEXT_MIN:
+            try:
+                text = str(content, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise MalformedMessageError(f"the content is not valid JSON: {exc}") from None
+            msg.parts[3] = TextPart(text, len(content))
+            del text, content
+            frames[len(identities) + 5] = b""  # type: ignore[call-overload]  # ZMQ's frame: freed
         msg.content  # noqa: B018 - likewise: the content must be a JSON object
         return identities, msg
 
     def send(self, channel: str, identities: tuple[bytes, ...], msg: Message) -> None:
-        self._send_now(channel, zmq_frames(list(identities), self.session.sign(msg.parts), msg))
+        self._send_now(
+            channel, zmq_frames(list(identities), self.session.sign(msg.wire_parts), msg)
+        )
 
     def _send_now(self, channel: str, frames: list[Buffer]) -> None:
         """Send at once: ROUTER and XPUB sockets never block a send (their high-water mark is
@@ -345,7 +379,7 @@ class FrontendSockets:
                 log.warning("no frontend subscribed to iopub yet; dropped %s", msg)
             return
         topic = msg.msg_type.encode("ascii", "replace")
-        frames = zmq_frames([topic], self.session.sign(msg.parts), msg)
+        frames = zmq_frames([topic], self.session.sign(msg.wire_parts), msg)
         if self._backlog or not self._publish_frames(frames):
             self._backlog.append(frames)
         if self.iopub_full:

@@ -233,7 +233,9 @@ class ProxyKernelRun:
         """A verified message from a frontend socket (``frontend``'s receive loops call this)."""
         if channel == "shell" and msg.msg_type == "execute_request":
             self.tracker.request(msg.msg_id)
-        self.perform(self.relay.frontend_message(channel, identities, msg))
+        actions = self.relay.frontend_message(channel, identities, msg)
+        msg.shed()  # before it is sent: a large content's parse is not held beside its fragments
+        self.perform(actions)
 
     def on_subscribe(self, topic: bytes) -> None:
         """A frontend subscribed to iopub (the XPUB socket's loop calls this)."""
