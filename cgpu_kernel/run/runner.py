@@ -280,6 +280,15 @@ def _run(options: RunOptions, result: RunResult, output: Output, resolved: dict[
         _run_on_fresh_kernel(options, name, first_start, result, output)
 
 
+def proxy_env() -> dict[str, str]:
+    """The environment of a fresh run's proxy: ours, with the flag that keeps it from recording
+    the cell (the run records itself), and the warm local server unless ``CGPU_LOCAL_SERVER``
+    asks for another (``backends.warm_server``: a repeated run skips the server's start)."""
+    env = history.suppressed_env()
+    env.setdefault("CGPU_LOCAL_SERVER", "warm")
+    return env
+
+
 def _run_on_fresh_kernel(
     options: RunOptions,
     name: str,
@@ -295,7 +304,7 @@ def _run_on_fresh_kernel(
     with tempfile.TemporaryFile() as kernel_log:
         try:
             km.start_kernel(
-                env=history.suppressed_env(),  # the run records itself, the kernel must not
+                env=proxy_env(),
                 extra_arguments=startup_args,
                 stdout=kernel_log,
                 stderr=kernel_log,
