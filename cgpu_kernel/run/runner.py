@@ -10,9 +10,11 @@ codes, categories and exit statuses are documented in ``docs/run.md``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -323,10 +325,24 @@ def _run_on_fresh_kernel(
         finally:
             kc.stop_channels()
             if km.has_kernel:
-                km.shutdown_kernel(now=not km.is_alive())
+                shut_down(km)
             else:
                 km.cleanup_resources()
         attach_log_tail(result, kernel_log)
+
+
+def shut_down(km: KernelManager) -> None:
+    """``km.shutdown_kernel()`` without its 0.1 s polls for the proxy's exit: ask, then wait on
+    the process itself, which returns the moment the proxy is gone (it deletes its remote
+    kernel first). ``shutdown_kernel`` then only cleans up, or kills a proxy that did not exit
+    within jupyter_client's own ``shutdown_wait_time``."""
+    if km.is_alive():
+        km.request_shutdown()
+        process = getattr(km.provisioner, "process", None)
+        if isinstance(process, subprocess.Popen):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(km.shutdown_wait_time)
+    km.shutdown_kernel(now=not km.is_alive())
 
 
 def _run_in_session(
