@@ -66,11 +66,15 @@ STOP_TIMEOUT = 10.0
 #: Seconds a lock wait may last beyond the start timeout (a server start holds the lock).
 LOCK_SLACK = 15.0
 
-#: Variables that differ between runs from one shell without changing what a kernel sees:
-#: the shell's bookkeeping, jupyter_client's launcher pid, cgpu-kernel's own options.
+#: Variables that differ between runs from one shell without changing what a kernel does: the
+#: shell's bookkeeping and prompts, jupyter_client's launcher pid. (``CGPU_*`` are left out too.)
 VOLATILE_VARIABLES = frozenset(
-    {"PWD", "OLDPWD", "SHLVL", "_", "JPY_PARENT_PID", "JPY_SESSION_NAME"}
+    {"PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", "PROMPT_COMMAND", "COLUMNS", "LINES"}
+    | {"JPY_PARENT_PID", "JPY_SESSION_NAME"}
 )
+#: Seconds a server being replaced gets to stop before SIGKILL (one that did not answer the
+#: probe is likely hung: waiting long for it would only hold up the run).
+REPLACE_TIMEOUT = 2.0
 
 T = TypeVar("T")
 
@@ -305,7 +309,7 @@ async def claim(
             log.warning(
                 "the warm local server (%s) %s: starting a new one", server.describe(), problem
             )
-            await asyncio.to_thread(terminate, server)
+            await asyncio.to_thread(terminate, server, REPLACE_TIMEOUT)
             forget(server)
         server = await _start(key, env, idle_timeout, start_timeout, descriptor)
         return await use(server)

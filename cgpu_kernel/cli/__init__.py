@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "cgpu_kernel.cli.colab",
     "cgpu_kernel.cli.status",
     "cgpu_kernel.cli.files",
+    "cgpu_kernel.cli.server",
 )
 
 
