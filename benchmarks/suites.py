@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 #: Suite name -> module run as ``python -m MODULE --suite-json PATH [--quick]``.
-SUITES: dict[str, str] = {}
+SUITES: dict[str, str] = {
+    "start": "benchmarks.start",  # `cgpu-kernel run 'print(1)'`: warm and cold (issue 19, goal 2)
+}
 
 SuiteReport = dict[str, Any]
 
