@@ -7,7 +7,8 @@ Issue 19, goal 2: at most 1.0 s when run repeatedly (the warm local server kept 
 ``python -m cgpu_kernel run --kernel cgpu-local 'print(1)'`` process, timed from its start to
 its exit by this process, in a private Jupyter path and state folder (a ``local``-backend
 kernelspec of its own; a real user's state is never touched), its output checked (``1``, exit
-0): a run that failed is no sample.
+0): a run that failed is no sample. Bytecode is written and read in the suite's own folder,
+as for an installed package (``PYTHONDONTWRITEBYTECODE`` would recompile our modules each time).
 
 * ``cold``: a run after ``cgpu-kernel server stop`` (it starts the warm server);
 * ``warm``: runs one after another on that server (median, and the worst);
@@ -46,9 +47,14 @@ SPEC = "cgpu-local"
 def private_environment(root: Path) -> dict[str, str]:
     """Jupyter paths and cgpu-kernel state inside ``root``, with its own local kernelspec."""
     env = dict(os.environ)
-    for name in ("CGPU_LOCAL_SERVER", "CGPU_LOCAL_SERVER_IDLE_TIMEOUT", "CGPU_TOKEN"):
+    # An installed package has its bytecode; a checkout run with PYTHONDONTWRITEBYTECODE would
+    # compile every module of ours in every process (50 ms and more per process, measured), so
+    # the runs write and read bytecode in a folder of their own (the first run is no sample).
+    names = ("CGPU_LOCAL_SERVER", "CGPU_LOCAL_SERVER_IDLE_TIMEOUT", "CGPU_TOKEN")
+    for name in (*names, "PYTHONDONTWRITEBYTECODE"):
         env.pop(name, None)
     env.update(
+        PYTHONPYCACHEPREFIX=str(root / "pycache"),
         JUPYTER_PATH=str(root / "jupyter"),
         JUPYTER_DATA_DIR=str(root / "data"),
         JUPYTER_CONFIG_DIR=str(root / "config"),
@@ -99,11 +105,13 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def import_seconds(runs: int) -> float:
+def import_seconds(env: dict[str, str], runs: int) -> float:
     samples = []
     for _ in range(runs):
         began = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import cgpu_kernel.cli"], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import cgpu_kernel.cli"], cwd=ROOT, env=env, check=True
+        )
         samples.append(time.perf_counter() - began)
     return statistics.median(samples)
 
@@ -114,7 +122,7 @@ def measure(quick: bool) -> dict[str, Any]:
     env = private_environment(root)
     results: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     try:
-        timed_run(env)  # the first run of a checkout compiles its bytecode: not a sample
+        timed_run(env)  # the first run compiles the bytecode (see private_environment)
         stop_servers(env)
         cold = []
         for _ in range(cold_runs):
@@ -126,7 +134,7 @@ def measure(quick: bool) -> dict[str, Any]:
         stop_servers(env)
         private_env = dict(env, CGPU_LOCAL_SERVER="private")
         private = [timed_run(private_env) for _ in range(private_runs)]
-        results.update(cold=cold, warm=warm, private=private, imports=import_seconds(5))
+        results.update(cold=cold, warm=warm, private=private, imports=import_seconds(env, 5))
     finally:
         stop_servers(env)
         shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,9 @@ from typing import Any
 
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 
+#: Seconds the next spare waits at most for the kernel just claimed to answer.
+SPARE_WAIT_LIMIT = 30.0
+
 #: jupyter-server's manager, untyped where it matters here (its methods are mostly unannotated)
 _Manager: Any = AsyncMappingKernelManager
 
@@ -52,8 +55,20 @@ class SpareKernelManager(_Manager):  # type: ignore[misc]
             taken = await self._launch(name, cwd, kernel_id)
         self.claimed[taken] = time.monotonic()
         self._spare_for = (name, cwd)
-        self._spare = asyncio.create_task(self._launch(name, cwd))
+        self._spare = asyncio.create_task(self._launch_after(taken, name, cwd))
         return taken
+
+    async def _launch_after(self, claimed: str, name: str, cwd: str) -> str:
+        """The next spare, once the kernel just claimed has answered (left "starting", which
+        jupyter-server reads from its status messages): a kernel's start is a burst of CPU, and
+        two at once on a small machine slow down the one a run is waiting for. A spare handed
+        out has answered already (it was started long before), so then this wait is short."""
+        deadline = time.monotonic() + SPARE_WAIT_LIMIT
+        while claimed in self and time.monotonic() < deadline:
+            if getattr(self.get_kernel(claimed), "execution_state", None) != "starting":
+                break
+            await asyncio.sleep(0.05)
+        return await self._launch(name, cwd)
 
     async def _launch(self, name: str, cwd: str, kernel_id: str | None = None) -> str:
         # PWD as the kernel's folder: the server's own is the folder of the run that started it
