@@ -130,7 +130,12 @@ def _serve(root_dir: str, parent: psutil.Process | None, warm: WarmLifetime | No
         # after it, so the port is announced only once connections are accepted (and never if
         # binding failed: the server exits first).
         if warm is not None:
-            _write_own_record(warm, app.port, token)
+            try:
+                _write_own_record(warm, app.port, token)
+            except OSError as exc:  # its starter then reads no port and shows this log
+                log.error("cannot write the warm server's record %s: %s", warm.record, exc)
+                app.stop()
+                return
         print(json.dumps({"port": app.port}), flush=True)
         # From here on, stdout (inherited by kernels, which may print at the C level) is
         # stderr: the proxy stops reading the pipe, and a full pipe would block a kernel.

@@ -5,10 +5,11 @@ a private server. A new ipykernel takes half a second or more to answer; a ``cgp
 on a warm server should not wait for it. So after each start request this manager starts one
 *spare* kernel, for the same kernelspec in the same folder, and hands it to the next request
 that asks for exactly that. A spare has run nothing, so every run still gets a fresh kernel of
-its own (variables never carry over): only the wait is moved to before the request.
+its own (variables never carry over): only the wait is moved to before the request. Their
+IPython history is kept in memory (:meth:`SpareKernelManager._history_in_memory` says why).
 
 Kernels handed out are *claimed*. The warm server counts them for its idle timeout, and deletes
-one whose proxy has been gone (no WebSocket open on it) for ``orphan_grace`` seconds: a proxy
+one whose proxy has been gone (no WebSocket open on it) for the idle timeout: a proxy
 killed with SIGKILL cannot delete its kernel, and a kernel nobody uses must not keep the server
 up for ever.
 """
@@ -38,6 +39,8 @@ class SpareKernelManager(_Manager):  # type: ignore[misc]
         #: the spare being started or ready, and the (kernelspec, folder) it was started for
         self._spare: asyncio.Task[str] | None = None
         self._spare_for: tuple[str, str] | None = None
+        #: whether the spare's own start has begun (it first waits for the last claim to answer)
+        self._spare_launching = False
         #: claimed kernel id -> when it last had a WebSocket open (or was handed out)
         self.claimed: dict[str, float] = {}
         #: deletes still under way (a DELETE is answered before the kernel has exited)
@@ -50,11 +53,15 @@ class SpareKernelManager(_Manager):  # type: ignore[misc]
         kernel; either way a new spare is started for the next request."""
         name = str(kwargs.pop("kernel_name", None) or self.default_kernel_name)
         cwd = self.cwd_for_path(path) if path is not None else str(self.root_dir)
-        taken = await self._take_spare(name, cwd) if kernel_id is None else None
-        if taken is None:
+        if kernel_id is not None:  # a kernel of a given id (proxies never ask): no spare
             taken = await self._launch(name, cwd, kernel_id)
+            self.claimed[taken] = time.monotonic()
+            return taken
+        taken = await self._take_spare(name, cwd) or await self._launch(name, cwd)
         self.claimed[taken] = time.monotonic()
-        self._spare_for = (name, cwd)
+        if self._spare is not None:  # another request started one meanwhile: one spare only
+            self._drop(self._spare)
+        self._spare_for, self._spare_launching = (name, cwd), False
         self._spare = asyncio.create_task(self._launch_after(taken, name, cwd))
         return taken
 
@@ -68,20 +75,44 @@ class SpareKernelManager(_Manager):  # type: ignore[misc]
             if getattr(self.get_kernel(claimed), "execution_state", None) != "starting":
                 break
             await asyncio.sleep(0.05)
+        self._spare_launching = True
         return await self._launch(name, cwd)
 
     async def _launch(self, name: str, cwd: str, kernel_id: str | None = None) -> str:
         # PWD as the kernel's folder: the server's own is the folder of the run that started it
         env = dict(os.environ, PWD=cwd)
         started: str = await super().start_kernel(
-            kernel_id=kernel_id, kernel_name=name, cwd=cwd, env=env
+            kernel_id=kernel_id,
+            kernel_name=name,
+            cwd=cwd,
+            env=env,
+            extra_arguments=self._history_in_memory(name),
         )
         return started
 
+    def _history_in_memory(self, name: str) -> list[str]:
+        """IPython's history in memory, as nbclient has it: a spare starting beside a running
+        kernel made the two open one ``history.sqlite`` at once, and IPython, finding it
+        "corrupt", moved it aside and printed so into the run's output. Only for ipykernel
+        kernelspecs (another kernel would not take the option)."""
+        try:
+            spec = self.kernel_spec_manager.get_kernel_spec(name)
+        except Exception:  # an unknown name fails in the start itself, with jupyter's error
+            return []
+        if "ipykernel" not in " ".join(spec.argv):
+            return []
+        return ["--HistoryManager.hist_file=:memory:"]
+
     async def _take_spare(self, name: str, cwd: str) -> str | None:
         task, wanted = self._spare, self._spare_for
+        launching, self._spare_launching = self._spare_launching, False
         self._spare = self._spare_for = None
         if task is None:
+            return None
+        if not task.done() and not launching:
+            # still waiting for the kernel claimed before it (whose proxy may never connect):
+            # a start of our own is quicker than that wait
+            task.cancel()
             return None
         try:
             kernel_id = await task
@@ -94,6 +125,18 @@ class SpareKernelManager(_Manager):  # type: ignore[misc]
         if kernel_id not in self or not await self.get_kernel(kernel_id).is_alive():
             return None
         return kernel_id
+
+    def _drop(self, task: asyncio.Task[str]) -> None:
+        """Shut down the kernel ``task`` starts, once it has (or cancel it while it waits)."""
+        if not self._spare_launching:
+            task.cancel()
+            return
+
+        def started(done: asyncio.Task[str]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._close_later(done.result())
+
+        task.add_done_callback(started)
 
     def _close_later(self, kernel_id: str) -> None:
         task = asyncio.create_task(super().shutdown_kernel(kernel_id))
@@ -118,7 +161,7 @@ class SpareKernelManager(_Manager):  # type: ignore[misc]
         """Called by jupyter-server when it stops: the spare being started, the deletes under
         way, then every kernel."""
         if self._spare is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._spare
             self._spare = None
         if self._closing:
