@@ -332,17 +332,24 @@ def _run_on_fresh_kernel(
 
 
 def shut_down(km: KernelManager) -> None:
-    """``km.shutdown_kernel()`` without its 0.1 s polls for the proxy's exit: ask, then wait on
-    the process itself, which returns the moment the proxy is gone (it deletes its remote
-    kernel first). ``shutdown_kernel`` then only cleans up, or kills a proxy that did not exit
-    within jupyter_client's own ``shutdown_wait_time``."""
-    if km.is_alive():
+    """``km.shutdown_kernel()``, less its waits: ask, then wait on the proxy's process itself
+    (``shutdown_kernel`` polls every 0.1 s), which returns the moment the proxy is gone, having
+    deleted its remote kernel. A proxy gone is then only cleaned up: ``shutdown_kernel`` would
+    first send it an interrupt, which nobody reads, and ZMQ holds the context's end 0.1 s for
+    it (measured). A proxy still there after jupyter_client's own ``shutdown_wait_time`` is
+    killed, as ``shutdown_kernel`` would."""
+    process = getattr(km.provisioner, "process", None)
+    if not isinstance(process, subprocess.Popen):  # not a local process: jupyter_client's way
+        km.shutdown_kernel(now=not km.is_alive())
+        return
+    if process.poll() is None:
         km.request_shutdown()
-        process = getattr(km.provisioner, "process", None)
-        if isinstance(process, subprocess.Popen):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(km.shutdown_wait_time)
-    km.shutdown_kernel(now=not km.is_alive())
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(km.shutdown_wait_time)
+    if process.poll() is None:
+        km.shutdown_kernel(now=True)
+    else:
+        km.cleanup_resources()
 
 
 def _run_in_session(
