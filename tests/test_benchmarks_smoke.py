@@ -116,6 +116,7 @@ def test_start_suite_reports_its_goals_and_leaves_no_server(tmp_path: Path) -> N
         "cold_median_s",
         "private_median_s",
         "warm_cpu_s",
+        "warm_server_cpu_s",
         "cli_import_s",
     }
     assert all(m["value"] > 0 and m["higher_better"] is False for m in report["metrics"].values())
