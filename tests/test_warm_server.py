@@ -113,8 +113,13 @@ def test_second_run_reuses_the_server_with_a_fresh_kernel(
     assert cwd == str(work)  # the kernel runs in the run's folder, not the server's
     assert token_seen == "None"  # kernels do not inherit the server's token
 
-    second = run(local_spec, "import os; print(os.getpid(), 'secret' in dir())", cwd=tmp_path)
-    other_pid, leaked = second["stdout"].split()
+    second = run(
+        local_spec,
+        "import os; print(os.getpid(), 'secret' in dir(), get_ipython().history_manager.hist_file)",
+        cwd=tmp_path,
+    )
+    other_pid, leaked, history = second["stdout"].split()
+    assert history == ":memory:"  # two kernels at once must not share history.sqlite
     assert the_server().pid == server.pid  # the same warm server...
     assert other_pid != kernel_pid and leaked == "False"  # ...and a fresh kernel, nothing leaks
     assert psutil.Process(int(other_pid)).parent().pid == server.pid
@@ -325,8 +330,21 @@ def test_a_kernel_whose_proxy_was_killed_is_deleted_then_the_server_stops(
     assert warm_server.list_servers() == []
 
 
-def test_private_lifetime_keeps_no_server(local_spec: str, state: Path) -> None:
-    document = run(local_spec, "print(1)", CGPU_LOCAL_SERVER="private")
+@pytest.mark.parametrize(
+    "setting", [("CGPU_LOCAL_SERVER", "private"), ("CGPU_LOCAL_SERVER_IDLE_TIMEOUT", "0")]
+)
+def test_opting_out_keeps_no_server(local_spec: str, state: Path, setting: tuple[str, str]) -> None:
+    name, value = setting
+    document = run(local_spec, "print(1)", **{name: value})
     assert document["stdout"] == "1\n"
     assert warm_server.list_servers() == []
     assert server_processes(state) == []
+
+
+def test_the_environment_key_ignores_only_the_shells_bookkeeping() -> None:
+    base = {"HOME": "/home/me", "PATH": "/usr/bin", "PWD": "/a", "SHLVL": "1"}
+    key = warm_server.environment_key(base)
+    same = dict(base, PWD="/b", SHLVL="3", JPY_PARENT_PID="42", CGPU_LOCAL_SERVER="warm")
+    assert warm_server.environment_key(same) == key
+    assert warm_server.environment_key(dict(base, CUDA_VISIBLE_DEVICES="1")) != key
+    assert warm_server.environment_key(dict(base, PATH="/opt/bin")) != key
