@@ -5,7 +5,8 @@ checks the code's Python syntax locally (``syntax``), then either launches the p
 the kernelspec or attaches to a named session's kernel (``sessions`` keeps those alive), sends
 one ``execute_request`` (``execution``), and classifies the outcome into one of the error codes
 of ``outcomes``. ``run.cli`` calls :func:`run` and prints the result with ``report``; the same
-codes, categories and exit statuses are documented in ``docs/run.md``.
+codes, categories and exit statuses are documented in ``docs/run.md``. A fresh run's proxy on
+the local backend uses the warm local server (:func:`proxy_env`, ``backends.warm_server``).
 """
 
 from __future__ import annotations
