@@ -107,3 +107,51 @@ def test_python_m_benchmarks_keeps_the_files_suite_and_its_goals(tmp_path: Path)
         g["goal"] for g in report["suites"]["files"]["goals"]
     }
     assert "download vs direct client" in done.stdout  # printed with the path table's goals
+
+
+def test_over_a_shaped_link_every_copy_still_arrives_identical(tmp_path: Path) -> None:
+    """``--link``: the direct clients and the proxy all reach the server through the path
+    shaper; the copies are compared as on loopback, and each way takes at least the link's
+    round trip (the shaper is really in the path)."""
+    out = tmp_path / "shaped.json"
+    done = subprocess.run(
+        [*QUICK_FILES, "--megabytes", "2", "--rounds", "1", "--link", "25/100", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(out.read_text())
+    assert results["differ"] == [] and results["compared"] == 5
+    for key in ("direct_upload_s", "proxy_upload_s", "direct_download_s", "proxy_download_s"):
+        assert results[key] >= 0.05, key  # one round trip at 25 ms one way, at the least
+
+
+def test_the_shaped_half_of_the_suite_adds_its_rates_and_goals() -> None:
+    """The suite's full run measures loopback and :data:`SHAPED_LINK`; its report keeps both,
+    the shaped goals by the link's name (fed here with figures of the shape ``summarize``
+    gives, so that this runs in no time)."""
+    from benchmarks.files import SHAPED_LINK_NAME, suite_report
+
+    def figures(scale: float) -> dict[str, Any]:
+        rates = {"direct": 100.0, "verified": 90.0, "proxy": 95.0 * scale}
+        out: dict[str, Any] = {"server_hash_s": 0.1, "compared": 5, "differ": []}
+        for way, who in (("upload", ("direct", "proxy")), ("download", rates)):
+            for name in who:
+                out[f"{name}_{way}_mb_s"] = rates[name]
+                out[f"{name}_{way}_cpu_s"] = out[f"{name}_{way}_server_cpu_s"] = 0.1
+            out[f"{way}_ratio"] = rates["proxy"] / rates["direct"]
+        out["verified_download_ratio"] = 0.9
+        out["download_ratio_to_verified"] = rates["proxy"] / 90
+        return out
+
+    metrics, goals = suite_report(figures(0.5), figures(1.0))
+    named = {g["goal"]: g for g in goals}
+    for way in ("upload", "download"):
+        assert named[f"{way} vs direct client"]["met"] is False  # 0.475x
+        shaped = named[f"{way} vs direct client, {SHAPED_LINK_NAME}"]
+        assert shaped["met"] is True and shaped["value"] == metrics[f"shaped_{way}_ratio"]["value"]
+        assert metrics[f"shaped_proxy_{way}_mbps"]["value"] == 95.0
+    assert named["copies byte-identical"]["value"] == "10/10"
