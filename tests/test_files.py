@@ -523,7 +523,8 @@ def test_an_interrupt_stops_a_download_and_keeps_nothing(
     assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
     assert not (here / "big.bin").exists()
     no_partials(here)
-    _, outputs = cell(kernel, "print('after')")
+    # the remote kernel was idle, so it is not interrupted: a late interrupt would stop this
+    _, outputs = cell(kernel, "import time; time.sleep(1); print('after')")
     assert stdout_of(outputs).strip() == "after"
     (remote_root / "big.bin").unlink()
 

@@ -803,6 +803,35 @@ def test_a_cgpu_cell_alone_gets_its_reply_and_a_failed_one_an_error() -> None:
     assert failed[1].msg.content["ename"] == "CgpuLocalPathError"
 
 
+def test_an_interrupt_during_a_transfer_alone_stops_only_the_transfer() -> None:
+    """The remote kernel is idle while a ``%cgpu`` transfer runs: the interrupt cancels the
+    transfer and is answered at once. A REST interrupt sent as well could reach the kernel
+    late, under load, and stop the user's next cell (CI saw ``print('after')`` print nothing).
+    With a remote cell running too, that cell is interrupted as before."""
+    from cgpu_kernel.core.actions import CancelFiles
+
+    relay = connected_relay()
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="%cgpu download x"))
+    interrupt = request("interrupt_request", "control")
+    out = relay.frontend_message("control", NOTEBOOK, interrupt)
+    assert kinds(out) == [
+        "publish:status",
+        "CancelFiles",
+        "control:interrupt_reply",
+        "publish:status",
+    ]
+    assert not any(isinstance(a, InterruptRemote) for a in relay.signal_interrupt())
+    assert any(isinstance(a, CancelFiles) for a in relay.signal_interrupt())
+
+    relay = connected_relay()
+    running = request("execute_request", code="import time; time.sleep(60)")
+    relay.frontend_message("shell", NOTEBOOK, running)
+    relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="%cgpu ls"))
+    out = relay.frontend_message("control", NOTEBOOK, interrupt)
+    assert kinds(out) == ["publish:status", "CancelFiles", "InterruptRemote"]
+    assert isinstance(relay.signal_interrupt()[-1], InterruptRemote)
+
+
 def test_a_bad_cgpu_line_is_an_error_reply_that_never_reaches_the_remote() -> None:
     relay = connected_relay()
     out = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="%cgpu nope"))

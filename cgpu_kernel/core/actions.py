@@ -53,6 +53,13 @@ class InterruptRemote:
 
 
 @dataclass(frozen=True)
+class CancelFiles:
+    """Stop the ``%cgpu`` transfer under way (an interrupt while one runs); it cleans up and
+    ends with ``Relay.files_finished``. No remote interrupt goes with it unless a remote cell
+    runs too: one that arrived late would stop the user's next cell instead."""
+
+
+@dataclass(frozen=True)
 class ShutdownRemote:
     request: Request
     restart: bool
@@ -116,6 +123,7 @@ Action = (
     | SendToFrontend
     | Publish
     | InterruptRemote
+    | CancelFiles
     | ShutdownRemote
     | ConnectRemote
     | AnswerRemoteRequest

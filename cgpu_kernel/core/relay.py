@@ -68,6 +68,7 @@ from cgpu_kernel.core.actions import (
     Action,
     AnswerRemoteRequest,
     AwaitRestartedKernel,
+    CancelFiles,
     CloseRemote,
     ConnectRemote,
     EndRun,
@@ -1336,14 +1337,28 @@ class Relay:
 
     def signal_interrupt(self) -> list[Action]:
         """SIGINT to the proxy (``interrupt_mode: signal``): an interrupt that expects no reply."""
-        return [*self._cancel_queued_cells(), InterruptRemote(None)]
+        actions = self._cancel_queued_cells()
+        if self._files_busy:
+            actions.append(CancelFiles())
+            if not self._remote_cells_running():
+                return actions
+        return [*actions, InterruptRemote(None)]
 
     def _interrupt(self, request: Request) -> list[Action]:
-        return [
-            self._status("busy", request.msg),
-            *self._cancel_queued_cells(),
-            InterruptRemote(request),
-        ]
+        actions = [self._status("busy", request.msg), *self._cancel_queued_cells()]
+        if self._files_busy:
+            actions.append(CancelFiles())
+            if not self._remote_cells_running():
+                # Only the transfer was running: the remote kernel is idle, and an interrupt
+                # that reached it late would stop the next cell (a KeyboardInterrupt there).
+                return [*actions, *self.interrupt_finished(request, None)]
+        return [*actions, InterruptRemote(request)]
+
+    def _remote_cells_running(self) -> bool:
+        """Whether a cell sent to the remote kernel may still be running there."""
+        return bool(self._open_cells) or any(
+            r.msg.msg_type == "execute_request" for r in self._inflight.values()
+        )
 
     def _cancel_queued_cells(self) -> list[Action]:
         actions: list[Action] = []

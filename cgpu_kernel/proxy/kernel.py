@@ -26,6 +26,7 @@ from cgpu_kernel.core.actions import (
     Action,
     AnswerRemoteRequest,
     AwaitRestartedKernel,
+    CancelFiles,
     CloseRemote,
     ConnectRemote,
     EndRun,
@@ -262,9 +263,10 @@ class ProxyKernelRun:
                     failure = self.spool.write(action.name, action.data)
                     if failure is not None:  # a full disk, no permission: the cell is told
                         self.perform(self.relay.spool_failed(failure))
-                case InterruptRemote():
+                case CancelFiles():
                     if self._files_task is not None:
                         self._files_task.cancel()  # a %cgpu transfer: it cleans up and ends
+                case InterruptRemote():
                     self._spawn(self._interrupt(action.request))
                 case ShutdownRemote():
                     self._spawn(self._shutdown(action.request, action.restart))
