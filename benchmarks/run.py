@@ -719,18 +719,23 @@ def goals(results: dict[str, dict[str, Any]], settings: Settings) -> list[dict[s
     def goal(path: str, name: str, value: Any, target: str, met: bool | None) -> None:
         out.append({"path": path, "goal": name, "value": value, "target": target, "met": met})
 
+    yardstick_cpu = (results.get("relay_minimal") or {}).get("stream_cpu_ms_per_mib")
     for name in PROXY_PATHS:
         r = results.get(name)
         if not r:
             continue
-        if "rtt_x_floor" in r:
+        cpu = r.get("stream_cpu_ms_per_mib")
+        if cpu is not None and yardstick_cpu:
+            # Issue 19, goal 4: the proxy's CPU per streamed MiB against the yardstick relay's,
+            # the same stream measured side by side in the same rounds.
+            ratio = cpu / yardstick_cpu
             goal(
-                name,
-                "round trip vs floor",
-                round(r["rtt_x_floor"], 2),
-                "<= 1.25x",
-                r["rtt_x_floor"] <= 1.25,
+                name, "CPU per streamed MiB vs yardstick", round(ratio, 2), "<= 1.2x", ratio <= 1.2
             )
+        if "rtt_x_floor" in r:
+            # Retired by issue 19 (no relay of this shape meets it on two shared cores): shown
+            # for the record, judged neither way.
+            goal(name, "round trip vs floor (retired)", round(r["rtt_x_floor"], 2), "-", None)
         if "gateway_x_faster" in r:
             goal(
                 name,
@@ -742,10 +747,10 @@ def goals(results: dict[str, dict[str, Any]], settings: Settings) -> list[dict[s
         if "stream_x_direct_ws" in r:
             goal(
                 name,
-                "stream vs direct WebSocket",
+                "stream vs direct WebSocket (retired)",
                 round(r["stream_x_direct_ws"], 2),
-                ">= 0.9x",
-                r["stream_x_direct_ws"] >= 0.9,
+                "-",
+                None,
             )
         if "buffer_ok" in r:
             peak = r.get("buffer_peak_rss_mb")
@@ -977,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, markdown=args.markdown))
     print()
     for g in report["goals"]:
-        mark = "met" if g["met"] else "NOT met"
+        mark = "-" if g["met"] is None else "met" if g["met"] else "NOT met"
         print(f"{g['path']:<14} {g['goal']:<44} {fmt(g['value'], 2):>8} {g['target']:<14} {mark}")
     for name, suite_report in suite_reports.items():
         if "failed" in suite_report:
