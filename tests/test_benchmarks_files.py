@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_FILES = (sys.executable, "-m", "benchmarks.files", "--quick")
 #: the path table's quickest run, one path: the suite is what is tested
@@ -89,6 +91,7 @@ def test_the_files_suite_reports_rates_ratios_goals_and_identical_copies(tmp_pat
     assert not list(work.rglob("*cgpu-partial*"))
 
 
+@pytest.mark.slow  # 30 s; the suite itself runs in the default run (the test above)
 def test_python_m_benchmarks_keeps_the_files_suite_and_its_goals(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(

@@ -17,6 +17,7 @@ import pytest
 from benchmarks.peer_suites import compare, fetch_suite
 
 
+@pytest.mark.slow  # 50 s; the default run has jupyter_kernel_test (test_conformance)
 @pytest.mark.timeout(900)
 def test_ipykernel_message_spec_passes_through_the_proxy_as_on_ipykernel(tmp_path: Path) -> None:
     try:

@@ -370,6 +370,7 @@ def test_the_kernels_numbers_never_reach_the_frontend(
         assert all("cgpu_seq" not in m["metadata"] for m in seen), [m["metadata"] for m in seen]
 
 
+@pytest.mark.slow  # 50-75 s; the bounded no-journal run: test_reconnect's cuts without it
 def test_without_the_journal_a_frozen_server_is_reported_honestly(
     kernel_dir: Path, own_server: RemoteServer
 ) -> None:
