@@ -408,3 +408,26 @@ def test_bounded_streams_send_once_the_limit_waits(monkeypatch: pytest.MonkeyPat
     assert err.sent == [] and err.scheduled == 0
     monkeypatch.setattr(sys, "stdout", object())  # a cell's own capture: left alone
     assert journal_agent.bound_streams(100) == 1
+
+
+def test_a_buffer_the_iopub_thread_closed_meanwhile_counts_as_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ipykernel's IOPub thread swaps a stream's buffers out under ``_buffer_lock`` and then
+    closes the old ones, outside it; the cell's thread counting what waits can meet a buffer
+    closed in between. ``tell`` then raised "I/O operation on closed file" in the user's cell:
+    a fast printing loop died mid-way (CI: a cell lost lines 230-2999 to it, with an error the
+    test did not show) and ``run`` with a closed pipe ended with exit 12. Closed means sent: 0."""
+    import sys
+    from io import StringIO
+
+    closed = StringIO("sent already")
+    closed.close()
+    stream = _OutStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert journal_agent.bound_streams(100) >= 1
+    stream.write("x" * 50)
+    stream._buffers["earlier cell"] = closed
+    assert journal_agent._waiting(stream) == 50
+    stream.write("y" * 10)  # the hook counts what waits: the closed buffer must not raise
+    assert stream.scheduled == 2 and stream.sent == []

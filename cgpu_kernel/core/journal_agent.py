@@ -29,6 +29,7 @@ have cgpu-kernel installed. Python 3.8+, standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from typing import Any
@@ -284,12 +285,25 @@ class Journal:
 
 def _waiting(stream: Any) -> int:
     """Characters an ipykernel output stream holds, not yet sent: ipykernel 7 keeps one buffer
-    per parent (``_buffers``), ipykernel 6 one (``_buffer``)."""
-    buffers = getattr(stream, "_buffers", None)
-    if isinstance(buffers, dict):
-        return sum(buffer.tell() for buffer in list(buffers.values()))
-    buffer = getattr(stream, "_buffer", None)
-    return buffer.tell() if buffer is not None else 0
+    per parent (``_buffers``), ipykernel 6 one (``_buffer``).
+
+    Read under the stream's ``_buffer_lock``: the kernel's IOPub thread swaps the buffers out
+    under it and then *closes* the old ones, so buffers read without it may be closed by the
+    time they are asked (``tell`` raised "I/O operation on closed file" in the cell of a loop
+    printing fast). A buffer closed all the same holds nothing any more: 0."""
+    lock = getattr(stream, "_buffer_lock", None)
+    with lock if lock is not None else contextlib.nullcontext():
+        buffers = getattr(stream, "_buffers", None)
+        if isinstance(buffers, dict):
+            held = list(buffers.values())
+        else:
+            buffer = getattr(stream, "_buffer", None)
+            held = [buffer] if buffer is not None else []
+        waiting = 0
+        for buffer in held:
+            with contextlib.suppress(ValueError):
+                waiting += buffer.tell()
+        return waiting
 
 
 def bound_streams(limit: int) -> int:
