@@ -416,8 +416,8 @@ def test_a_buffer_the_iopub_thread_closed_meanwhile_counts_as_empty(
     """ipykernel's IOPub thread swaps a stream's buffers out under ``_buffer_lock`` and then
     closes the old ones, outside it; the cell's thread counting what waits can meet a buffer
     closed in between. ``tell`` then raised "I/O operation on closed file" in the user's cell:
-    a fast printing loop died mid-way (CI: a cell lost lines 230-2999 to it, with an error the
-    test did not show) and ``run`` with a closed pipe ended with exit 12. Closed means sent: 0."""
+    a fast printing loop died mid-way (most likely what CI saw once: a cell lost lines
+    230-2999, with an error that test did not show). Closed means sent: 0."""
     import sys
     from io import StringIO
 
