@@ -431,3 +431,45 @@ def test_a_buffer_the_iopub_thread_closed_meanwhile_counts_as_empty(
     assert journal_agent._waiting(stream) == 50
     stream.write("y" * 10)  # the hook counts what waits: the closed buffer must not raise
     assert stream.scheduled == 2 and stream.sent == []
+
+
+class _RotatingBuffers(dict):  # type: ignore[type-arg]
+    """``_buffers`` whose reading lets ipykernel's IOPub thread flush at that very moment: it
+    swaps the buffers out under ``_buffer_lock`` and then closes the old ones (``_flush``)."""
+
+    def __init__(self, stream: Any) -> None:
+        from io import StringIO
+
+        super().__init__(cell=StringIO())
+        self["cell"].write("x" * 10)
+        self.stream = stream
+
+    def values(self) -> Any:
+        import threading
+        from collections import defaultdict
+        from io import StringIO
+
+        def flush() -> None:
+            with self.stream._buffer_lock:
+                old, self.stream._buffers = self.stream._buffers, defaultdict(StringIO)
+            for buffer in old.values():
+                buffer.close()
+
+        flushing = threading.Thread(target=flush)
+        flushing.start()
+        flushing.join(0.2)  # done at once, unless the reader holds the lock
+        self.stream.flushing = flushing
+        return super().values()
+
+
+def test_waiting_output_is_counted_under_the_streams_lock() -> None:
+    """A cell printing fast failed with "I/O operation on closed file": the count read buffers
+    the IOPub thread had just swapped out and closed. Under the lock it sees the current ones."""
+    import threading
+
+    stream = _OutStream()
+    stream._buffer_lock = threading.RLock()  # type: ignore[attr-defined]
+    stream._buffers = _RotatingBuffers(stream)
+    assert journal_agent._waiting(stream) == 10  # counted before the flush could swap them out
+    stream.flushing.join()  # type: ignore[attr-defined]
+    assert journal_agent._waiting(stream) == 0  # the flush took them
