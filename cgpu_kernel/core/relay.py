@@ -1337,27 +1337,31 @@ class Relay:
 
     def signal_interrupt(self) -> list[Action]:
         """SIGINT to the proxy (``interrupt_mode: signal``): an interrupt that expects no reply."""
-        actions = self._cancel_queued_cells()
-        if self._files_busy:
-            actions.append(CancelFiles())
-            if not self._remote_cells_running():
-                return actions
+        actions = self._stop_local_work()
+        if self._only_local_work_ran():
+            return actions
         return [*actions, InterruptRemote(None)]
 
     def _interrupt(self, request: Request) -> list[Action]:
-        actions = [self._status("busy", request.msg), *self._cancel_queued_cells()]
-        if self._files_busy:
-            actions.append(CancelFiles())
-            if not self._remote_cells_running():
-                # Only the transfer was running: the remote kernel is idle, and an interrupt
-                # that reached it late would stop the next cell (a KeyboardInterrupt there).
-                return [*actions, *self.interrupt_finished(request, None)]
+        actions = [self._status("busy", request.msg), *self._stop_local_work()]
+        if self._only_local_work_ran():
+            return [*actions, *self.interrupt_finished(request, None)]
         return [*actions, InterruptRemote(request)]
 
-    def _remote_cells_running(self) -> bool:
-        """Whether a cell sent to the remote kernel may still be running there."""
-        return bool(self._open_cells) or any(
-            r.msg.msg_type == "execute_request" for r in self._inflight.values()
+    def _stop_local_work(self) -> list[Action]:
+        """An interrupt's local part: cells not yet sent are cancelled, a transfer stopped."""
+        actions = self._cancel_queued_cells()
+        if self._files_busy:
+            actions.append(CancelFiles())
+        return actions
+
+    def _only_local_work_ran(self) -> bool:
+        """Whether only a ``%cgpu`` transfer ran, with no cell of the user's on the remote: the
+        remote kernel is idle then, and an interrupt that reached it late would stop the next
+        cell (a KeyboardInterrupt there), so it is not sent."""
+        return self._files_busy and not (
+            self._open_cells
+            or any(r.msg.msg_type == "execute_request" for r in self._inflight.values())
         )
 
     def _cancel_queued_cells(self) -> list[Action]:
