@@ -30,6 +30,7 @@ from typing import Any
 SUITES: dict[str, str] = {
     "files": "benchmarks.files",  # %cgpu upload/download against a direct Contents API client
     "memory": "benchmarks.memory",  # issue 19 goal 3: the proxy's memory per message part
+    "start": "benchmarks.start",  # `cgpu-kernel run 'print(1)'`: warm and cold (issue 19, goal 2)
     "wan": "benchmarks.wan",  # issue 19 goal 1: a WAN-shaped link (benchmarks/shaper.py)
 }
 

@@ -6,7 +6,7 @@ containers point it somewhere private), else beside Jupyter's own:
 - :func:`data_dir` -- what outlives a process: the execution history, saved tokens, held-back
   output, Google credentials (``jupyter_data_dir()/cgpu-kernel``).
 - :func:`runtime_dir` -- what describes running processes: records of started remote kernels,
-  ``run`` sessions (``jupyter_runtime_dir()/cgpu-kernel``).
+  ``run`` sessions, the warm local servers (``jupyter_runtime_dir()/cgpu-kernel``).
 
 Every folder is created private (0700) at every level this code creates, whatever the umask,
 because what lies below (tokens, connection files with signing keys) is the user's alone.
@@ -63,6 +63,12 @@ def registry_dir() -> Path:
 def sessions_dir() -> Path:
     """``cgpu-kernel run --session`` state (``run.sessions``); created."""
     return private_dir(runtime_dir() / "sessions")
+
+
+def warm_servers_dir() -> Path:
+    """The warm local servers ``cgpu-kernel run`` keeps between runs (``backends.warm_server``):
+    each one's record (address and token, 0600), lock and log; created."""
+    return private_dir(runtime_dir() / "warm-servers")
 
 
 def tokens_dir() -> Path:

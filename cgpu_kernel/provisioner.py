@@ -44,7 +44,7 @@ from traitlets import Float
 from cgpu_kernel import kernelspec
 from cgpu_kernel.backends import registry
 from cgpu_kernel.backends.jupyter import JupyterServerClient
-from cgpu_kernel.backends.local import start_private_server, stop_private_server
+from cgpu_kernel.backends.server_process import start_private_server, stop_private_server
 from cgpu_kernel.exceptions import CgpuError, RemoteProtocolError, RemoteUnreachableError
 from cgpu_kernel.paths import registry_dir
 

@@ -30,6 +30,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
 from cgpu_kernel import kernelspec
+from cgpu_kernel.backends import warm_server
 
 TIMEOUT = 30
 
@@ -220,6 +221,9 @@ def jupyter_path(kernel_dir: Path, session_dir: Path) -> Iterator[None]:
     os.environ["CGPU_SPOOL_DIR"] = str(session_dir / "spool")
     os.environ.pop("CGPU_TOKEN", None)
     yield
+    # `cgpu-kernel run` on a local kernelspec leaves a warm server for the next run: not past
+    # the tests (they stop their own; this stops those of the session's state folder)
+    warm_server.stop_all()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

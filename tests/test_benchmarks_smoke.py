@@ -117,3 +117,43 @@ def test_the_memory_suite_reports_every_part_and_stream() -> None:
         assert report["metrics"][f"lines_{name}_added_mb"]["value"] >= 0
     assert len(report["goals"]) == len(parts) + len(LINES)
     assert all(g["met"] in (True, False, None) and g["target"] for g in report["goals"])
+
+
+def test_start_suite_reports_its_goals_and_leaves_no_server(tmp_path: Path) -> None:
+    """``benchmarks.start --quick`` (the ``start`` suite): every metric and both goals written,
+    and the warm servers of its own state folder stopped."""
+    import psutil
+
+    from benchmarks.suites import SUITES
+
+    assert SUITES["start"] == "benchmarks.start"
+    out = tmp_path / "start.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.start", "--quick", "--suite-json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert set(report["metrics"]) == {
+        "warm_median_s",
+        "warm_worst_s",
+        "cold_median_s",
+        "private_median_s",
+        "warm_cpu_s",
+        "warm_server_cpu_s",
+        "cli_import_s",
+    }
+    assert all(m["value"] > 0 and m["higher_better"] is False for m in report["metrics"].values())
+    assert [g["target"] for g in report["goals"]] == ["<= 1.0 s", "<= 2.5 s"]
+    assert all(isinstance(g["met"], bool) for g in report["goals"])
+    left = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if "cgpu-bench-start-" in " ".join(p.info.get("cmdline") or [])
+        and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    assert left == []

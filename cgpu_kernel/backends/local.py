@@ -1,25 +1,27 @@
 """The ``local`` backend: the embedded default that needs no account.
 
-Starts a private jupyter-server (``local_server``) on 127.0.0.1 with a random port and a random
-token, and uses it exactly like any remote Jupyter server. The server lives as long as this
-proxy: it is stopped on shutdown, and it stops itself if the proxy dies.
+Its kernel runs on a jupyter-server on 127.0.0.1 with a random port and a random token, used
+exactly like any remote Jupyter server, in one of two lifetimes (option ``local_server``):
+
+* ``private`` (the default, what notebooks get): a server started by and for this proxy, stopped
+  on shutdown, and stopping itself if the proxy dies.
+* ``warm`` (what ``cgpu-kernel run`` asks for): the warm server shared by runs
+  (``warm_server``), kept between them and stopped after ``local_server_idle_timeout`` seconds
+  without a kernel. Each proxy still gets a kernel of its own, which it deletes on shutdown.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
 import secrets
 import subprocess
-import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
 
+from cgpu_kernel.backends import warm_server
 from cgpu_kernel.backends.base import BackendOptions, ContentsTarget
 from cgpu_kernel.backends.jupyter import JupyterBackend
+from cgpu_kernel.backends.server_process import start_private_server, stop_private_server
 from cgpu_kernel.exceptions import ContentsUnsupportedError, RemoteUnreachableError
 from cgpu_kernel.paths import registry_dir
 
@@ -28,85 +30,40 @@ log = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 60.0
 
 
-async def start_private_server(
-    root_dir: str,
-    token: str,
-    *,
-    stderr: Any,
-    timeout: float,
-    log_tail: Callable[[], str] | None = None,
-) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``local_server`` for this process; the process and the port it listens on.
-
-    Used by this backend and by the provisioner. A server that does not report its port in
-    ``timeout`` -- or whose wait is cancelled, by a startup deadline say -- is stopped, so a
-    later attempt starts afresh. ``subprocess.Popen``, not asyncio's: on Windows the proxy runs
-    a selector event loop (pyzmq needs one), which cannot start subprocesses.
-    """
-    env = dict(os.environ, JUPYTER_TOKEN=token)
-    for variable in ("CGPU_TOKEN", "CGPU_TOKEN_FILE"):
-        env.pop(variable, None)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cgpu_kernel.backends.local_server",
-            "--parent-pid",
-            str(os.getpid()),
-            "--root-dir",
-            root_dir,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        env=env,
-        start_new_session=True,  # a Ctrl-C meant for the frontend's terminal must not reach it
-    )
-    assert server.stdout is not None
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), timeout)
-        port = int(json.loads(line)["port"])
-    except BaseException as exc:
-        await stop_private_server(server)
-        if not isinstance(exc, asyncio.TimeoutError | ValueError | KeyError | TypeError):
-            raise
-        ending = f" Its log ends: {log_tail()}" if log_tail else ""
-        raise RemoteUnreachableError(
-            "The private local Jupyter server did not start. Check that jupyter-server and"
-            f" ipykernel are installed in {sys.executable}'s environment.{ending}"
-        ) from None
-    finally:
-        server.stdout.close()  # it prints nothing more there (see local_server)
-    return server, port
-
-
-async def stop_private_server(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (the server then shuts its kernels down), SIGKILL after 5 s."""
-    if server.poll() is not None:
-        return
-    server.terminate()
-    try:
-        await asyncio.wait_for(asyncio.shield(asyncio.to_thread(server.wait)), 5.0)
-    except asyncio.TimeoutError:
-        server.kill()
-        await asyncio.to_thread(server.wait)
-
-
 class LocalBackend(JupyterBackend):
-    """A kernel on a private jupyter-server started by (and for) this proxy."""
+    """A kernel on a local jupyter-server: a private one, or the warm one (see the module)."""
 
-    def __init__(self, kernel_name: str = "python3", root_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        kernel_name: str = "python3",
+        root_dir: str | None = None,
+        *,
+        warm_idle_timeout: float | None = None,
+    ) -> None:
         self._token = secrets.token_urlsafe(32)
-        super().__init__("http://127.0.0.1:1/", self._token, kernel_name, record_for_reclaim=False)
+        super().__init__(
+            "http://127.0.0.1:1/", lambda: self._token, kernel_name, record_for_reclaim=False
+        )
         self.root_dir = root_dir or os.getcwd()
-        self.description = f"the {kernel_name!r} kernel on a private local Jupyter server"
+        #: None: a private server; else the idle timeout a warm server is started with
+        self.warm_idle_timeout = warm_idle_timeout
+        kind = "private" if warm_idle_timeout is None else "warm"
+        self.description = f"the {kernel_name!r} kernel on a {kind} local Jupyter server"
         self._server: subprocess.Popen[bytes] | None = None
         self._log_path: Path | None = None
 
     @classmethod
     def from_options(cls, options: BackendOptions) -> LocalBackend:
-        """Only ``--remote-kernel``: the server, its port and its token are this backend's own."""
-        return cls(options.remote_kernel)
+        """``--remote-kernel``, ``--local-server`` and ``--local-server-idle-timeout``: the
+        server, its port and its token are this backend's own (or the warm server's)."""
+        warm = options.local_server == "warm" and options.local_server_idle_timeout > 0
+        if warm and not warm_server.supported():
+            log.info("no warm local server on this platform: starting a private one")
+            warm = False
+        return cls(
+            options.remote_kernel,
+            warm_idle_timeout=options.local_server_idle_timeout if warm else None,
+        )
 
     def contents_target(self) -> ContentsTarget:
         """None to reach: the private server's root is this proxy's own folder."""
@@ -119,6 +76,8 @@ class LocalBackend(JupyterBackend):
         return self._server is not None and self._server.poll() is None
 
     async def start_kernel(self) -> str:
+        if self.warm_idle_timeout is not None:
+            return await self._start_on_warm_server()
         for attempt in range(3):
             if not self._server_running():
                 await self._start_server()
@@ -131,6 +90,26 @@ class LocalBackend(JupyterBackend):
                     raise
                 log.info("the private Jupyter server exited at start; starting another")
         raise AssertionError("unreachable")
+
+    async def _start_on_warm_server(self) -> str:
+        if self.kernel_id is not None:  # already claimed: is it still there?
+            return await super().start_kernel()
+        # the server serves "/", so the kernel's folder is this proxy's, as a path below it
+        relative = PurePosixPath(self.root_dir).relative_to("/").as_posix()
+        self.kernel_path = "" if relative == "." else relative
+        return await warm_server.claim(
+            warm_server.environment_key(os.environ),
+            os.environ,
+            idle_timeout=float(self.warm_idle_timeout or warm_server.DEFAULT_IDLE_TIMEOUT),
+            start_timeout=SERVER_START_TIMEOUT,
+            use=self._claim_kernel,
+        )
+
+    async def _claim_kernel(self, server: warm_server.WarmServer) -> str:
+        """Called by ``warm_server.claim`` under the server's lock: start our kernel there."""
+        self.client.base_url = server.url
+        self._token = server.token
+        return await super().start_kernel()
 
     async def _start_server(self) -> None:
         await self._stop_server()
@@ -149,6 +128,9 @@ class LocalBackend(JupyterBackend):
         log.info("private Jupyter server listening on 127.0.0.1:%d", port)
 
     async def shutdown_kernel(self, *, restart: bool = False) -> None:
+        if self.warm_idle_timeout is not None:  # the warm server stays for the next run
+            await super().shutdown_kernel(restart=restart)
+            return
         try:
             if self._server_running():
                 await super().shutdown_kernel(restart=restart)

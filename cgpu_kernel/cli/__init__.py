@@ -25,6 +25,7 @@ from cgpu_kernel.backends.http import safe_url
 from cgpu_kernel.backends.jupyter import JupyterServerClient
 from cgpu_kernel.config import trait_reference
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
+from cgpu_kernel.fast_exit import exit_now
 from cgpu_kernel.proxy import spool
 from cgpu_kernel.proxy.options import ProxyKernel, check_kernel_variable, read_token
 
@@ -40,6 +41,7 @@ COMMAND_MODULES = (
     "cgpu_kernel.cli.colab",
     "cgpu_kernel.cli.status",
     "cgpu_kernel.cli.files",
+    "cgpu_kernel.cli.server",
 )
 
 
@@ -426,6 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ncgpu-kernel: interrupted.", file=sys.stderr)
         raise SystemExit(130) from None
+    if args.command == "run" and isinstance(code, int):
+        exit_now(code)  # its kernel is shut down and its result printed (see fast_exit)
     raise SystemExit(code)
 
 

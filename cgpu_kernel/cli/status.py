@@ -4,9 +4,9 @@ answers, and the kernels it has running.
 ``cli`` imports this module (``COMMAND_MODULES``) and calls :func:`register`. One row per
 kernelspec, whatever its backend:
 
-* ``local``: the target is a private server started with each kernel, so there is nothing to
-  reach beforehand; its kernels are the proxies of this kernelspec running on this machine
-  (each with its own server and kernel).
+* ``local``: the target is a private server started with each kernel (or the warm server
+  ``cgpu-kernel run`` keeps, listed below the table: ``cli.server``), so there is nothing to
+  reach beforehand; its kernels are the proxies of this kernelspec running on this machine.
 * ``jupyter``: the server at its ``--url`` (never with a token), asked for ``api/kernels``
   with the kernelspec's own token (its token file, else ``CGPU_TOKEN``) and a short timeout;
   its kernels are the ones that server runs.
@@ -33,7 +33,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from cgpu_kernel import kernelspec
 from cgpu_kernel.backends.http import safe_url
 from cgpu_kernel.backends.jupyter import JupyterServerClient
-from cgpu_kernel.cli import colab
+from cgpu_kernel.cli import colab, server
 from cgpu_kernel.exceptions import CgpuError
 from cgpu_kernel.proxy.options import read_token
 
@@ -87,12 +87,19 @@ def _status(args: argparse.Namespace) -> int:
         return colab.print_runtimes(asyncio.run(colab.list_runtimes(args.colab_url)), args.json)
     specs = kernelspec.list_specs()
     rows = asyncio.run(_statuses(specs, args.timeout, args.colab_url))
+    warm = server.describe_servers() if any(r.backend == "local" for r in rows) else []
     if args.json:
-        print(json.dumps({"kernelspecs": [asdict(row) for row in rows]}, indent=2))
+        print(
+            json.dumps(
+                {"kernelspecs": [asdict(row) for row in rows], "warm_servers": warm}, indent=2
+            )
+        )
     elif not rows:
         print("No cgpu kernelspecs installed. Add one with `cgpu-kernel install`.")
     else:
         _print_table(rows)
+        for row in warm:
+            print(server.format_server(row) + " (`cgpu-kernel server stop` stops it)")
     return 1 if any(row.reachable is False for row in rows) else 0
 
 

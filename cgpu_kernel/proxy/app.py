@@ -27,6 +27,7 @@ from cgpu_kernel.backends.base import Backend
 from cgpu_kernel.backends.unavailable import UnavailableBackend
 from cgpu_kernel.core.kernel_options import KernelOptions, split_argv
 from cgpu_kernel.exceptions import CgpuError, ConfigurationError
+from cgpu_kernel.fast_exit import exit_now
 from cgpu_kernel.proxy.kernel import ProxyKernelRun
 from cgpu_kernel.proxy.options import ProxyKernel
 
@@ -166,3 +167,4 @@ def launch_kernel(argv: list[str]) -> None:
     except CgpuError as exc:
         print(f"cgpu-kernel: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    exit_now(0)  # a clean end: everything is closed and sent (see fast_exit)

@@ -105,6 +105,23 @@ class ProxyKernel(EnvConfigurable):
     remote_kernel = Unicode(
         "python3", config=True, help="Name of the kernelspec to start on the remote server."
     ).tag(env="CGPU_REMOTE_KERNEL")
+    local_server = Enum(
+        ["private", "warm"],
+        "private",
+        config=True,
+        help="""Which server the local backend's kernel runs on: 'private', a jupyter-server
+        started for this kernel and stopped with it; 'warm', the one `cgpu-kernel run` keeps
+        between runs (each kernel still its own, deleted at shutdown), which stops after
+        local_server_idle_timeout without a kernel. `cgpu-kernel run` asks for 'warm' unless
+        CGPU_LOCAL_SERVER says otherwise; `cgpu-kernel server stop` stops it.""",
+    ).tag(env="CGPU_LOCAL_SERVER")
+    local_server_idle_timeout = Float(
+        300.0,
+        config=True,
+        help="""Seconds a warm local server stays up without a kernel (read when it starts;
+        a claimed kernel nothing is connected to for that long is deleted too). 0: no warm
+        server, every kernel gets a private one.""",
+    ).tag(env="CGPU_LOCAL_SERVER_IDLE_TIMEOUT")
     token_file = Unicode(
         "",
         config=True,

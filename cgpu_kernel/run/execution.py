@@ -144,9 +144,9 @@ def wait_ready(
                     kc.get_iopub_msg(timeout=0.5)
                 except queue.Empty:
                     break  # iopub not connected yet: ask again
-                while True:  # drain what the wait left on iopub
-                    try:
-                        kc.get_iopub_msg(timeout=0.05)
+                while True:  # drain what the wait left on iopub (what is late, the
+                    try:  # execution ignores: it reads only its own cell's messages)
+                        kc.get_iopub_msg(timeout=0.005)
                     except queue.Empty:
                         return True
         if not alive():

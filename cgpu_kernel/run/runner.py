@@ -5,14 +5,17 @@ checks the code's Python syntax locally (``syntax``), then either launches the p
 the kernelspec or attaches to a named session's kernel (``sessions`` keeps those alive), sends
 one ``execute_request`` (``execution``), and classifies the outcome into one of the error codes
 of ``outcomes``. ``run.cli`` calls :func:`run` and prints the result with ``report``; the same
-codes, categories and exit statuses are documented in ``docs/run.md``.
+codes, categories and exit statuses are documented in ``docs/run.md``. A fresh run's proxy on
+the local backend uses the warm local server (:func:`proxy_env`, ``backends.warm_server``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -280,6 +283,15 @@ def _run(options: RunOptions, result: RunResult, output: Output, resolved: dict[
         _run_on_fresh_kernel(options, name, first_start, result, output)
 
 
+def proxy_env() -> dict[str, str]:
+    """The environment of a fresh run's proxy: ours, with the flag that keeps it from recording
+    the cell (the run records itself), and the warm local server unless ``CGPU_LOCAL_SERVER``
+    asks for another (``backends.warm_server``: a repeated run skips the server's start)."""
+    env = history.suppressed_env()
+    env.setdefault("CGPU_LOCAL_SERVER", "warm")
+    return env
+
+
 def _run_on_fresh_kernel(
     options: RunOptions,
     name: str,
@@ -295,7 +307,7 @@ def _run_on_fresh_kernel(
     with tempfile.TemporaryFile() as kernel_log:
         try:
             km.start_kernel(
-                env=history.suppressed_env(),  # the run records itself, the kernel must not
+                env=proxy_env(),
                 extra_arguments=startup_args,
                 stdout=kernel_log,
                 stderr=kernel_log,
@@ -314,10 +326,31 @@ def _run_on_fresh_kernel(
         finally:
             kc.stop_channels()
             if km.has_kernel:
-                km.shutdown_kernel(now=not km.is_alive())
+                shut_down(km)
             else:
                 km.cleanup_resources()
         attach_log_tail(result, kernel_log)
+
+
+def shut_down(km: KernelManager) -> None:
+    """``km.shutdown_kernel()``, less its waits: ask, then wait on the proxy's process itself
+    (``shutdown_kernel`` polls every 0.1 s), which returns the moment the proxy is gone, having
+    deleted its remote kernel. A proxy gone is then only cleaned up: ``shutdown_kernel`` would
+    first send it an interrupt, which nobody reads, and ZMQ holds the context's end 0.1 s for
+    it (measured). A proxy still there after jupyter_client's own ``shutdown_wait_time`` is
+    killed, as ``shutdown_kernel`` would."""
+    process = getattr(km.provisioner, "process", None)
+    if not isinstance(process, subprocess.Popen):  # not a local process: jupyter_client's way
+        km.shutdown_kernel(now=not km.is_alive())
+        return
+    if process.poll() is None:
+        km.request_shutdown()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(km.shutdown_wait_time)
+    if process.poll() is None:
+        km.shutdown_kernel(now=True)
+    else:
+        km.cleanup_resources()
 
 
 def _run_in_session(
