@@ -167,20 +167,25 @@ def test_idle_timeout_stops_the_server_and_its_kernels(local_spec: str, state: P
 
 
 def test_server_stop_command_and_status(local_spec: str, state: Path) -> None:
-    def cli(*args: str) -> str:
-        return subprocess.run(
+    def cli(*args: str, check: bool = True) -> str:
+        done = subprocess.run(
             [sys.executable, "-m", "cgpu_kernel", *args],
+            check=False,
             capture_output=True,
             text=True,
             timeout=30,
-            check=True,
-        ).stdout
+        )
+        assert not check or done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+        return done.stdout
 
     assert "No warm local server running" in cli("server", "status")
     run(local_spec, "print(1)")
     server = the_server()
     assert f"warm local server pid {server.pid} on {server.url}" in cli("server", "status")
-    assert f"warm local server pid {server.pid}" in cli("status")
+    # ``status`` exits 1 when any installed kernelspec's target does not answer: in the whole
+    # suite, the session's kernel folder holds remote kernelspecs whose servers other tests
+    # stopped, so only its listing of the warm server is asserted here.
+    assert f"warm local server pid {server.pid}" in cli("status", check=False)
     kernels = psutil.Process(server.pid).children(recursive=True)
     assert f"Stopped the warm local server {server.describe()}" in cli("server", "stop")
     assert gone(server.pid)
