@@ -461,3 +461,19 @@ def assert_heartbeat_answers(km: KernelManager, times: int = 3) -> None:
             assert hb.recv() == b"ping"
     finally:
         context.destroy(linger=0)
+
+
+def run_benchmark(*args: str, timeout: float = 110) -> str:
+    """``python -m <args>`` from the repository root (a benchmark, most often ``--quick``):
+    its stdout, once it exited 0; else the test fails with everything it printed. The
+    benchmark smoke tests call it and then read the report the benchmark wrote."""
+    done = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout

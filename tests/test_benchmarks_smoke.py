@@ -8,19 +8,17 @@ wherever the path can carry one.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.run import ALL_PATHS, ON_REQUEST, PROXY_PATHS, compare
+from tests.conftest import run_benchmark
 
 SKIPPED = set(ON_REQUEST)
 EXPECTED = [p for p in ALL_PATHS if p not in SKIPPED]
 MEASURED_PROXIES = [p for p in PROXY_PATHS if p not in SKIPPED]
 
-ROOT = Path(__file__).resolve().parent.parent
 
 #: jupyter_server's gateway mode relays binary WebSocket messages as text frames: buffers are lost.
 NO_BUFFERS = {"gateway", "gateway_quickack"}
@@ -29,16 +27,8 @@ NO_BUFFERS = {"gateway", "gateway_quickack"}
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "quick.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "x floor" in done.stdout  # the table was printed
+    stdout = run_benchmark("benchmarks", "--quick", "--out", str(out))
+    assert "x floor" in stdout  # the table was printed
     return json.loads(out.read_text())
 
 
@@ -128,15 +118,7 @@ def test_start_suite_reports_its_goals_and_leaves_no_server(tmp_path: Path) -> N
 
     assert SUITES["start"] == "benchmarks.start"
     out = tmp_path / "start.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.start", "--quick", "--suite-json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_benchmark("benchmarks.start", "--quick", "--suite-json", str(out))
     report = json.loads(out.read_text())
     assert set(report["metrics"]) == {
         "warm_median_s",

@@ -9,34 +9,22 @@ delay, so a path that bypassed its shaper would fail it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.suites import SUITES
 from benchmarks.wan import LINKS, PATHS
+from tests.conftest import run_benchmark
 
 pytestmark = pytest.mark.servers
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("wan") / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.wan", "--quick", "--suite-json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "turns/cell" in done.stdout  # the table was printed
+    stdout = run_benchmark("benchmarks.wan", "--quick", "--suite-json", str(out))
+    assert "turns/cell" in stdout  # the table was printed
     result: dict[str, Any] = json.loads(out.read_text())
     return result
 
