@@ -7,6 +7,7 @@ servers), a short idle timeout where it waits for one, and stops what it started
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 from jupyter_client.manager import KernelManager
 
 from cgpu_kernel.backends import warm_server
+from cgpu_kernel.exceptions import RemoteUnreachableError
 
 pytestmark = pytest.mark.skipif(not warm_server.supported(), reason="warm servers need flock")
 
@@ -353,3 +355,31 @@ def test_the_environment_key_ignores_only_the_shells_bookkeeping() -> None:
     assert warm_server.environment_key(same) == key
     assert warm_server.environment_key(dict(base, CUDA_VISIBLE_DEVICES="1")) != key
     assert warm_server.environment_key(dict(base, PATH="/opt/bin")) != key
+
+
+def test_a_lock_held_elsewhere_times_out_with_what_to_do(state: Path) -> None:
+    """Both forms of the lock (the proxy's, without blocking its event loop, and the command
+    line's) wait while another open of the lock holds it, give up after their timeout with an
+    error that says what to do, and take the lock once it is free."""
+    key = "lock-test"
+    state.mkdir(parents=True, exist_ok=True)
+    with warm_server.locked_blocking(key, 1):
+        began = time.monotonic()
+        with (
+            pytest.raises(RemoteUnreachableError) as blocking,
+            warm_server.locked_blocking(key, 0.2),
+        ):
+            pass
+        assert time.monotonic() - began >= 0.2
+        with pytest.raises(RemoteUnreachableError) as waiting:
+
+            async def take() -> None:
+                async with warm_server.locked(key, 0.2):
+                    pass
+
+            asyncio.run(take())
+    for error in (blocking.value, waiting.value):
+        assert "held the warm local server's lock" in str(error)
+        assert "CGPU_LOCAL_SERVER=private" in str(error)
+    with warm_server.locked_blocking(key, 0.2):  # free again: taken at once
+        pass

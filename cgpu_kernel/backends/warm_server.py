@@ -211,9 +211,25 @@ def try_lock(descriptor: int) -> bool:
 def _lock_timeout_error(key: str, waited: float) -> RemoteUnreachableError:
     return RemoteUnreachableError(
         f"Another cgpu-kernel process held the warm local server's lock ({lock_path(key)}) for"
-        f" {waited:.0f} s. If no other run is starting, stop it with `cgpu-kernel server stop`"
-        " and run again; CGPU_LOCAL_SERVER=private gives this run a server of its own."
+        f" {waited:.0f} s. If no other run is starting, end the cgpu-kernel process that holds"
+        " it (the lock goes with it) and run again; CGPU_LOCAL_SERVER=private gives this run a"
+        " server of its own."
     )
+
+
+#: Seconds between two tries of a lock another process holds.
+LOCK_POLL = 0.02
+
+
+def _while_held_elsewhere(descriptor: int, key: str, timeout: float) -> Iterator[None]:
+    """Yield (for the caller to sleep its own way) while another process holds the lock on
+    ``descriptor``; raise once ``timeout`` has passed. :func:`locked` and
+    :func:`locked_blocking` share it, each sleeping as its caller must."""
+    deadline = time.monotonic() + timeout
+    while not try_lock(descriptor):
+        if time.monotonic() > deadline:
+            raise _lock_timeout_error(key, timeout)
+        yield
 
 
 @contextlib.asynccontextmanager
@@ -221,11 +237,8 @@ async def locked(key: str, timeout: float) -> AsyncIterator[int]:
     """The lock for ``key``, waited for without blocking the event loop (the proxy's)."""
     descriptor = open_lock(key)
     try:
-        deadline = time.monotonic() + timeout
-        while not try_lock(descriptor):
-            if time.monotonic() > deadline:
-                raise _lock_timeout_error(key, timeout)
-            await asyncio.sleep(0.02)
+        for _ in _while_held_elsewhere(descriptor, key, timeout):
+            await asyncio.sleep(LOCK_POLL)
         yield descriptor
     finally:
         os.close(descriptor)  # releases the lock (the server keeps its inherited copy)
@@ -236,11 +249,8 @@ def locked_blocking(key: str, timeout: float) -> Iterator[int]:
     """:func:`locked` for the command line (``cgpu-kernel server stop``)."""
     descriptor = open_lock(key)
     try:
-        deadline = time.monotonic() + timeout
-        while not try_lock(descriptor):
-            if time.monotonic() > deadline:
-                raise _lock_timeout_error(key, timeout)
-            time.sleep(0.02)
+        for _ in _while_held_elsewhere(descriptor, key, timeout):
+            time.sleep(LOCK_POLL)
         yield descriptor
     finally:
         os.close(descriptor)
