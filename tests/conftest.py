@@ -165,7 +165,9 @@ def start_kernel_gateway(workdir: Path) -> RemoteServer:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "gateway.log"
-    env = dict(os.environ, KG_AUTH_TOKEN=token)
+    # the gateway passes its kernels only PATH and the variables listed here: IPYTHONDIR too,
+    # or their history goes to the user's ~/.ipython (see jupyter_path below)
+    env = dict(os.environ, KG_AUTH_TOKEN=token, KG_ENV_PROCESS_WHITELIST="IPYTHONDIR")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -212,13 +214,24 @@ def kernel_dir(session_dir: Path) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def jupyter_path(kernel_dir: Path, session_dir: Path) -> Iterator[None]:
-    names = ("JUPYTER_PATH", "CGPU_STATE_DIR", "CGPU_TOKEN", "JUPYTER_CONFIG_DIR", "CGPU_SPOOL_DIR")
+    names = (
+        "JUPYTER_PATH",
+        "CGPU_STATE_DIR",
+        "CGPU_TOKEN",
+        "JUPYTER_CONFIG_DIR",
+        "CGPU_SPOOL_DIR",
+        "IPYTHONDIR",
+    )
     saved = {k: os.environ.get(k) for k in names}
     os.environ["JUPYTER_PATH"] = str(kernel_dir)
     os.environ["CGPU_STATE_DIR"] = str(session_dir / "state")
     # a developer's ~/.jupyter/cgpu_kernel_config.py or saved outputs must not leak in
     os.environ["JUPYTER_CONFIG_DIR"] = str(session_dir / "config")
     os.environ["CGPU_SPOOL_DIR"] = str(session_dir / "spool")
+    # the test kernels' IPython history (every cell, 100 MB code strings included) stays in
+    # the session: in the user's ~/.ipython it grew past 1 GB over runs, and the conformance
+    # suite's history search over it outlasted its 15 s timeout
+    os.environ["IPYTHONDIR"] = str(session_dir / "ipython")
     os.environ.pop("CGPU_TOKEN", None)
     yield
     # `cgpu-kernel run` on a local kernelspec leaves a warm server for the next run: not past

@@ -172,6 +172,9 @@ def start_enterprise_gateway(
         EG_AUTH_TOKEN=token,
         EG_UNAUTHORIZED_USERS=UNAUTHORIZED,
         EG_RESPONSE_IP="127.0.0.1",  # the launcher response socket, should one be opened
+        # its kernels get PATH and these only: the tests' IPYTHONDIR keeps their history out
+        # of the user's ~/.ipython
+        EG_ENV_PROCESS_WHITELIST="IPYTHONDIR",
         JUPYTER_PATH=str(data),  # its kernelspecs only, never the tests' cgpu ones
         JUPYTER_DATA_DIR=str(workdir / "data"),
         JUPYTER_CONFIG_DIR=str(workdir / "config"),

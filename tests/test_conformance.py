@@ -6,10 +6,13 @@ Every message the proxy relays is validated against the Jupyter message spec sch
 
 from __future__ import annotations
 
+import os
 import unittest
 
 import jupyter_kernel_test as jkt
 import pytest
+
+from .conftest import RemoteServer, run_cell, start_kernel, stdout_of
 
 
 class _PythonSamples:
@@ -54,3 +57,23 @@ class TestProxyOnKernelGateway(_PythonSamples, jkt.KernelTests):
 
 
 assert issubclass(TestProxyOnJupyterServer, unittest.TestCase)
+
+
+def test_remote_kernels_keep_their_history_out_of_the_users_profile(
+    any_remote: tuple[str, RemoteServer],
+) -> None:
+    """The suite above searches the kernel's IPython history. In the user's ``~/.ipython``
+    that history held every cell of earlier runs (1 GB, the 100 MB code strings of the memory
+    tests among them), and the search outlasted jupyter_kernel_test's 15 s timeout in CI.
+    Every remote's kernels, the gateway's too (it passes its kernels a few variables only),
+    must use the session's IPYTHONDIR."""
+    spec, _ = any_remote
+    km, kc = start_kernel(spec)
+    try:
+        reply, outputs = run_cell(kc, "print(get_ipython().profile_dir.location)")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert reply["content"]["status"] == "ok", reply["content"]
+    location = stdout_of(outputs).strip()
+    assert location.startswith(os.environ["IPYTHONDIR"] + os.sep), location
