@@ -486,16 +486,21 @@ def test_an_interrupt_stops_a_transfer_and_keeps_nothing(
     km, kc = kernel
     (here / "slow.bin").write_bytes(os.urandom(150 * MB))
     msg_id = kc.execute("%cgpu upload slow.bin")
+    # "Run All": a cell that needs the file waits behind the transfer; interrupted, the
+    # transfer aborts it (as ipykernel aborts its queue), so it never runs without the file
+    behind = kc.execute("print('behind', len(open('slow.bin', 'rb').read()))")
     while True:  # the transfer is under way once its first progress line is out
         msg = kc.get_iopub_msg(timeout=TIMEOUT)
         if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
             break
     km.interrupt_kernel()
-    reply = kc.get_shell_msg(timeout=TIMEOUT)
-    while reply["parent_header"].get("msg_id") != msg_id:
+    replies: dict[str, dict[str, Any]] = {}
+    while msg_id not in replies or behind not in replies:
         reply = kc.get_shell_msg(timeout=TIMEOUT)
-    assert reply["content"]["status"] == "error"
-    assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        replies[reply["parent_header"].get("msg_id")] = reply["content"]
+    assert replies[msg_id]["status"] == "error"
+    assert replies[msg_id]["ename"] == "KeyboardInterrupt", replies[msg_id]
+    assert replies[behind] == {"status": "aborted"}, replies[behind]
     assert not (remote_root / "slow.bin").exists()
     no_partials(remote_root)
     # and the kernel goes on: the next cell runs

@@ -803,6 +803,43 @@ def test_a_cgpu_cell_alone_gets_its_reply_and_a_failed_one_an_error() -> None:
     assert failed[1].msg.content["ename"] == "CgpuLocalPathError"
 
 
+def test_a_failed_cgpu_cell_aborts_the_cells_behind_it_as_ipykernel_does() -> None:
+    """After "Run All" a failed ``%cgpu upload`` must not let the cells that read the file run
+    without it: each waiting cell gets ipykernel's abort (busy, an ``aborted`` reply, idle),
+    and none reaches the remote. A cell that asked ``stop_on_error: false`` lets them run."""
+    from cgpu_kernel.core.actions import RunFiles
+    from cgpu_kernel.exceptions import LocalPathError
+
+    relay = connected_relay()
+    out = relay.frontend_message(
+        "shell", NOTEBOOK, request("execute_request", code="%cgpu upload x")
+    )
+    run = out[1]
+    assert isinstance(run, RunFiles)
+    behind = [request("execute_request", code=f"print({n})") for n in range(2)]
+    for cell in behind:
+        assert relay.frontend_message("shell", NOTEBOOK, cell) == []
+    done = relay.files_finished(run.request, "", LocalPathError("x is missing"))
+    assert not any(isinstance(a, SendToRemote) for a in done)
+    replies = [a.msg for a in done if isinstance(a, SendToFrontend)]
+    assert [r.content["status"] for r in replies] == ["error", "aborted", "aborted"]
+    assert [r.parent_header["msg_id"] for r in replies[1:]] == [c.msg_id for c in behind]
+    assert all(r.metadata["status"] == "aborted" for r in replies[1:])
+    assert kinds(done)[-6:] == ["publish:status", "shell:execute_reply", "publish:status"] * 2
+    # the next cell, sent after the failure, runs
+    later = relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="1"))
+    assert any(isinstance(a, SendToRemote) for a in later)
+
+    relay = connected_relay()
+    magic = request("execute_request", code="%cgpu upload x", stop_on_error=False)
+    run = relay.frontend_message("shell", NOTEBOOK, magic)[1]
+    assert isinstance(run, RunFiles)
+    relay.frontend_message("shell", NOTEBOOK, behind[0])
+    done = relay.files_finished(run.request, "", LocalPathError("x is missing"))
+    sent = [a.msg.msg_id for a in done if isinstance(a, SendToRemote)]
+    assert sent == [behind[0].msg_id]
+
+
 def test_an_interrupt_during_a_transfer_alone_stops_only_the_transfer() -> None:
     """The remote kernel is idle while a ``%cgpu`` transfer runs: the interrupt cancels the
     transfer and is answered at once. A REST interrupt sent as well could reach the kernel

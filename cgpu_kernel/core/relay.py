@@ -43,7 +43,8 @@ Rules the relay enforces:
 * A cell whose first line is ``%cgpu ...`` (``core.files``) is answered by the proxy itself
   (``RunFiles``): later cells wait until its transfer is done, then the rest of the cell (if
   any) goes to the remote kernel under the cell's own ``msg_id``, so its reply ends the cell; a
-  failed transfer answers the cell with an error and runs nothing of it.
+  failed or interrupted transfer answers the cell with an error, runs nothing of it, and
+  aborts the cells that waited behind it (status ``aborted``, as ipykernel's queue on an error).
 * A message the server refuses as too big (it closes with 1009, or the connection drops each
   time that message is being sent) is not sent again: a request gets an error reply, anything
   else (a comm message) a notice in the cell that opened the comm and in the running cell, each
@@ -498,13 +499,20 @@ class Relay:
         self, request: Request | None, rest: str, error: CgpuError | None
     ) -> list[Action]:
         """A ``RunFiles`` ended (``error`` None: it worked): answer the cell, or send the rest
-        of it to the remote under its ``msg_id``, then let the waiting cells go, in order."""
+        of it to the remote under its ``msg_id``, then let the waiting cells go, in order.
+
+        A failed or interrupted transfer aborts the cells waiting behind it, as ipykernel
+        aborts its queue when a cell fails (unless the cell asked ``stop_on_error: false``):
+        after "Run All", the cells that read the file must not run without it."""
         self._files_busy = False
         actions: list[Action] = []
         if request is None:
             self._startup_files_error = error
         elif error is not None:
             actions.extend(self._fail(request, error))
+            if request.msg.content.get("stop_on_error", True):
+                while self._held_cells:
+                    actions.extend(self._abort(self._held_cells.popleft()))
         elif rest.strip():
             msg = request.msg
             content = dict(msg.content, code=rest)
@@ -526,6 +534,20 @@ class Relay:
             held = self._held_cells.popleft()
             actions.extend(self.frontend_message(held.channel, held.identities, held.msg))
         return actions
+
+    def _abort(self, request: Request) -> list[Action]:
+        """ipykernel's answer to a cell it aborts (``kernelbase._send_abort_reply``): busy, an
+        ``execute_reply`` with status ``aborted`` (in its metadata too), idle."""
+        content: JsonDict = {"status": "aborted"}
+        header = make_header("execute_reply", self.session)
+        reply = Message.build(
+            request.channel, header, request.msg.header, {"status": "aborted"}, content
+        )
+        return [
+            self._status("busy", request.msg),
+            SendToFrontend(request.channel, request.identities, reply),
+            self._status("idle", request.msg),
+        ]
 
     def _execute(self, request: Request) -> list[Action]:
         if self.state is RemoteState.CONNECTED:
