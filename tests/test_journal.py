@@ -305,6 +305,41 @@ def test_the_number_is_stripped_before_a_frontend_sees_it(kernel: FakeKernel) ->
     assert without_sequence_number(plain) is plain  # unnumbered: untouched
 
 
+def test_a_large_stream_carries_its_character_count_to_the_output_limits(
+    kernel: FakeKernel,
+) -> None:
+    """The agent writes ``len(text)`` of a large stream message (every way the kernel sends
+    one) so the proxy's output limit need not count 1 MiB of JSON escapes; not for a small one
+    or one with a carriage return (the proxy must parse that); stripped with the number, and
+    kept on the message as ``text_chars``."""
+    large = "é\\x\n" * journal_agent.CHARS_MIN  # 2-byte UTF-8, a backslash, newlines
+    session = kernel.session
+    emit(kernel, kernel.iopub_socket, "stream", name="stdout", text=large)
+    session.send(kernel.iopub_socket, "stream", {"name": "stdout", "text": "small"})
+    session.send(kernel.iopub_socket, "stream", {"name": "stderr", "text": large + "\r"})
+    built = session.msg("stream", {"name": "stdout", "text": large}, metadata={"mine": 1})
+    session.send(kernel.iopub_socket, built)
+    session.send(kernel.iopub_socket, "stream", {"name": "stdout", "text": large}, None, None,
+                 None, False, None, {"k": 1})  # fmt: skip
+    session.send(kernel.iopub_socket, "display_data", {"data": {"text/plain": large}})
+    messages, _ = recovered_messages(ask(kernel, {}))
+    counts = [m.metadata.get(journal_agent.CHARS_KEY) for m in messages]
+    assert counts == [len(large), None, None, len(large), len(large), None]
+    plain = [without_sequence_number(m) for m in messages]
+    assert [m.text_chars for m in plain] == counts
+    assert all(b"cgpu_" not in m.parts[2] for m in plain)
+    assert plain[3].metadata == {"mine": 1} and plain[4].metadata == {"k": 1}
+    # what a frontend receives is what it would have received without the agent
+    assert all(p.content == m.content for p, m in zip(plain, messages, strict=True))
+
+
+def test_a_character_count_that_is_not_an_int_is_not_believed() -> None:
+    for value in ("12", 1.5, True, None, [3]):
+        metadata = {"cgpu_seq": 1, journal_agent.CHARS_KEY: value}
+        msg = Message.build("iopub", make_header("stream", "k"), {}, metadata, {"text": "x"})
+        assert without_sequence_number(msg).text_chars is None
+
+
 def test_a_message_too_large_to_keep_keeps_its_number() -> None:
     kernel = make_kernel()
     journal_agent.Journal(kernel, max_messages=100, max_bytes=4000).install()

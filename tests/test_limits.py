@@ -277,6 +277,48 @@ def test_large_messages_are_counted_within_their_json() -> None:
     assert spooled(decisions) == (line * 20_000)[len(shown) :].encode()
 
 
+def counted(text: str, chars: int) -> Message:
+    """A stream message carrying a character count, as the journal agent's arrive."""
+    msg = stream(text)
+    msg.text_chars = chars
+    return msg
+
+
+def test_the_kernels_character_count_is_used_and_a_wrong_one_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The journal agent's count of a large message's characters spares the pass over its
+    bytes: exact where that pass over-counts (2-byte UTF-8 counts 2, and an escaped backslash
+    sends it to the slower count), so the cell gets its whole budget. A count larger than the
+    JSON's length cannot be true and is not believed."""
+    passes = []
+    real_bound = limits._text_bound
+
+    def spy(raw: limits.Raw) -> int | None:
+        passes.append(len(raw))
+        return real_bound(raw)
+
+    monkeypatch.setattr(limits, "_text_bound", spy)
+    line = "é\\" * 49 + "\n"  # 99 characters, 2 + 2 bytes each in JSON, then \n
+    limiter = OutputLimiter(Budgets(max_stream_bytes=1_000_000), "proxy")
+    decisions = []
+    for _ in range(100):
+        decisions += limiter.process(counted(line * 100, len(line) * 100))  # 9,900 chars each
+    shown = shown_text(decisions)
+    assert len(shown) == 990_000 and not spooled(decisions)  # all of it, within the budget
+    assert passes == []  # never counted here
+    for _ in range(2):  # 19,800 more characters: 10,000 of them fit
+        decisions += limiter.process(counted(line * 100, len(line) * 100))
+    shown = shown_text(decisions)
+    assert 990_000 < len(shown) <= 1_000_000  # the budget, not more
+    assert spooled(decisions) == (line * 10_200)[len(shown) :].encode()
+
+    limiter = OutputLimiter(Budgets(max_stream_bytes=1_000_000), "proxy")
+    big = stream("y" * 9_999 + "\n")
+    limiter.process(counted("y" * 9_999 + "\n", len(big.parts[3]) + 1))
+    assert passes == [len(big.parts[3])]  # an impossible count: counted here instead
+
+
 @contextmanager
 def sliced(slice_size: int) -> Iterator[None]:
     """Every stream message takes the sliced path, cut every ``slice_size`` bytes."""

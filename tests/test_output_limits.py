@@ -105,6 +105,31 @@ def test_200_mb_cell_is_bounded_and_spooled_whole(limited_kernel: tuple, spool: 
     assert memory.peak < 150 * MB, memory.peak
 
 
+def test_the_budget_counts_characters_and_the_kernels_count_never_reaches_a_frontend(
+    limited_kernel: tuple, spool: Path
+) -> None:
+    """Large messages of 2-byte characters and backslashes (each two bytes or more of JSON):
+    the budget is counted in characters, to the last whole line that fits, the rest spooled,
+    nothing lost; the journal agent's character count and number, which the proxy reads,
+    are in no message a frontend receives."""
+    _, kc = limited_kernel
+    line = "é\\" * 30 + "\n"
+    code = (
+        "import sys\n"
+        f"line = {line!r}\n"
+        "for _ in range(3):\n"
+        "    sys.stdout.write(line * 20_000)\n"
+        "    sys.stdout.flush()\n"
+    )
+    reply, outputs = run_cell(kc, code, timeout=120)
+    assert reply["content"]["status"] == "ok"
+    shown = streams(outputs)
+    head = "".join(shown[:-1])
+    assert 2 * MB - len(line) < len(head) <= 2 * MB  # the budget, to the last whole line
+    assert head + spooled(spool).decode() == line * 60_000
+    assert not [m["metadata"] for m in outputs if any(k.startswith("cgpu_") for k in m["metadata"])]
+
+
 def test_single_huge_messages_arrive_bounded(limited_kernel: tuple, spool: Path) -> None:
     _, kc = limited_kernel
     reply, outputs = run_cell(kc, "print('y' * 11_000_000)", timeout=120)

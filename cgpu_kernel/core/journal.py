@@ -14,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
-from cgpu_kernel.core.journal_agent import CHANNELS, INTERNAL_PREFIX, REQUEST_TYPE, SEQ_KEY
+from cgpu_kernel.core.journal_agent import (
+    CHANNELS,
+    CHARS_KEY,
+    INTERNAL_PREFIX,
+    REQUEST_TYPE,
+    SEQ_KEY,
+)
 from cgpu_kernel.core.wire import Buffer, JsonDict, Message, make_header, new_id
 from cgpu_kernel.exceptions import MalformedMessageError
 
@@ -119,11 +125,17 @@ def sequence_number(msg: Message) -> int | None:
 
 
 def without_sequence_number(msg: Message) -> Message:
-    """``msg`` as the kernel meant it, without the agent's number (frontends never see it)."""
+    """``msg`` as the kernel meant it, without the agent's number and character count
+    (frontends never see them); the count, an int, is kept as ``text_chars`` for the output
+    limits."""
     if _SEQ_BYTES not in msg.raw(2):
         return msg
-    metadata = {k: v for k, v in msg.metadata.items() if k != SEQ_KEY}
-    return msg.with_metadata(metadata)
+    metadata = {k: v for k, v in msg.metadata.items() if k not in (SEQ_KEY, CHARS_KEY)}
+    stripped = msg.with_metadata(metadata)
+    chars = msg.metadata.get(CHARS_KEY)
+    if type(chars) is int:  # not a bool, not a float: the agent writes len(text)
+        stripped.text_chars = chars
+    return stripped
 
 
 class OutputSequence:

@@ -21,7 +21,10 @@ falls behind drops from (at ZMQ's high-water mark) with no sign on the connectio
 number is the only evidence of such a drop, so the proxy checks the numbers of everything it
 receives, asks for what is missing, and strips the number before a frontend sees the message.
 Shell, control and stdin messages are not numbered: the server routes them to one connection
-each (a reply to another client is never seen here, and is not a loss).
+each (a reply to another client is never seen here, and is not a loss). A large stream message
+also carries its text's length (``metadata["cgpu_chars"]``) when the text holds no carriage
+return: the proxy's output limit counts characters, which here is ``len`` and there a pass
+over every byte of the JSON; the proxy strips it with the number.
 
 This module must stay standalone: it is sent as source to the remote kernel, which does not
 have cgpu-kernel installed. Python 3.8+, standard library only.
@@ -40,6 +43,13 @@ INTERNAL_PREFIX = "cgpu-internal-"
 CHANNELS = ("iopub", "shell", "control", "stdin")
 ENTRY_OVERHEAD = 300  # bytes a message costs beyond its text and buffers (headers, JSON)
 SEQ_KEY = "cgpu_seq"  # the metadata key of an iopub message's number
+#: The metadata key of a large stream message's character count, which the proxy's output
+#: limit reads instead of counting 1 MiB of JSON escapes on the user's machine (``len`` of the
+#: text here is free); absent when the text holds a carriage return (the proxy then parses it).
+CHARS_KEY = "cgpu_chars"
+#: Stream messages from this many characters on carry their count (the proxy counts smaller
+#: ones itself at no cost worth a metadata key).
+CHARS_MIN = 4096
 
 
 class Entry:
@@ -172,14 +182,26 @@ class Journal:
             if isinstance(parent_id, str) and parent_id.startswith(INTERNAL_PREFIX):
                 return msg_or_type, args, kwargs
         self.numbered += 1
+        added: dict[str, Any] = {SEQ_KEY: self.numbered}
         if isinstance(msg_or_type, dict):
-            metadata = dict(msg_or_type.get("metadata") or {}, **{SEQ_KEY: self.numbered})
+            header = msg_or_type.get("header")
+            msg_type = header.get("msg_type") if isinstance(header, dict) else None
+            content = msg_or_type.get("content")
+        else:
+            msg_type = msg_or_type
+            content = kwargs["content"] if "content" in kwargs else (args[0] if args else None)
+        if msg_type == "stream" and isinstance(content, dict):
+            text = content.get("text")
+            if isinstance(text, str) and len(text) >= CHARS_MIN and "\r" not in text:
+                added[CHARS_KEY] = len(text)
+        if isinstance(msg_or_type, dict):
+            metadata = dict(msg_or_type.get("metadata") or {}, **added)
             return dict(msg_or_type, metadata=metadata), args, kwargs
         if len(args) > 6:
             given = list(args)
-            given[6] = dict(given[6] or {}, **{SEQ_KEY: self.numbered})
+            given[6] = dict(given[6] or {}, **added)
             return msg_or_type, tuple(given), kwargs
-        metadata = dict(kwargs.get("metadata") or {}, **{SEQ_KEY: self.numbered})
+        metadata = dict(kwargs.get("metadata") or {}, **added)
         return msg_or_type, args, dict(kwargs, metadata=metadata)
 
     def _record(

@@ -264,8 +264,14 @@ class OutputLimiter:
         budget = self.budgets.max_stream_bytes
         part = msg.parts[3]
         raw: Raw = part if isinstance(part, bytes | memoryview) else msg.raw(3)
-        # A small message is parsed: the JSON around its text would count for much of it.
-        bound = _text_bound(raw) if len(raw) >= UNPARSED_STREAM else None
+        chars = msg.text_chars
+        if chars is not None and 0 <= chars <= len(raw):
+            # the kernel's own count (its journal agent's; a character is a byte or more of
+            # JSON, so a larger one is not believed): no pass over the bytes here
+            bound: int | None = chars
+        else:
+            # A small message is parsed: the JSON around its text would count for much of it.
+            bound = _text_bound(raw) if len(raw) >= UNPARSED_STREAM else None
         if (
             bound is not None
             and not cell.holding

@@ -133,7 +133,9 @@ class Message:
     """One Jupyter message on one channel, holding its JSON parts as raw bytes.
 
     ``header`` and ``parent_header`` are parsed on construction (routing needs them);
-    ``metadata`` and ``content`` are parsed on first access.
+    ``metadata`` and ``content`` are parsed on first access. ``text_chars`` is a stream
+    message's character count as the remote kernel's journal agent gave it (its metadata key is
+    stripped before the relay sees the message; the output limits read it): None when unknown.
     """
 
     __slots__ = (
@@ -145,6 +147,7 @@ class Message:
         "header",
         "parent_header",
         "parts",
+        "text_chars",
     )
 
     def __init__(
@@ -168,6 +171,7 @@ class Message:
         )
         self._metadata: JsonDict | None = None
         self._content: JsonDict | None = content
+        self.text_chars: int | None = None
         if not isinstance(self.header.get("msg_id"), str) or not isinstance(
             self.header.get("msg_type"), str
         ):
@@ -251,6 +255,7 @@ class Message:
             content=self._content,
         )
         msg._metadata = metadata
+        msg.text_chars = self.text_chars  # the same content
         return msg
 
     @property
