@@ -878,20 +878,29 @@ def test_a_bad_cgpu_line_is_an_error_reply_that_never_reaches_the_remote() -> No
     assert kinds(out) == ["SendToRemote"]
 
 
-def test_cells_wait_for_the_uploads_on_start_and_a_failure_fails_the_first() -> None:
+def test_a_failed_upload_on_start_fails_the_first_cell_and_aborts_the_rest() -> None:
     from cgpu_kernel.exceptions import LocalPathError
 
     relay = connected_relay()
     assert relay.files_on_start() == []
     first = request("execute_request", code="1")
     assert relay.frontend_message("shell", NOTEBOOK, first) == []
+    behind = request("execute_request", code="open('inputs.csv')")  # "Run All"
+    assert relay.frontend_message("shell", NOTEBOOK, behind) == []
     out = relay.files_finished(None, "", LocalPathError("inputs.csv is missing"))
     assert kinds(out) == [
         "publish:status",
         "publish:error",
         "shell:execute_reply",
         "publish:status",
+        # the cell behind the failed one is aborted, as ipykernel aborts its queue
+        "publish:status",
+        "shell:execute_reply",
+        "publish:status",
     ]
+    replies = [a.msg for a in out if isinstance(a, SendToFrontend)]
+    assert [r.parent_header["msg_id"] for r in replies] == [first.msg_id, behind.msg_id]
+    assert [r.content["status"] for r in replies] == ["error", "aborted"]
     assert kinds(
         relay.frontend_message("shell", NOTEBOOK, request("execute_request", code="2"))
     ) == ["SendToRemote"]

@@ -503,7 +503,8 @@ class Relay:
 
         A failed or interrupted transfer aborts the cells waiting behind it, as ipykernel
         aborts its queue when a cell fails (unless the cell asked ``stop_on_error: false``):
-        after "Run All", the cells that read the file must not run without it."""
+        after "Run All", the cells that read the file must not run without it. A failed
+        ``upload_on_start`` fails the first waiting cell and aborts the others the same way."""
         self._files_busy = False
         actions: list[Action] = []
         if request is None:
@@ -532,7 +533,11 @@ class Relay:
             actions.append(self._status("idle", request.msg))
         while self._held_cells and not self._files_busy:
             held = self._held_cells.popleft()
+            told = self._startup_files_error is not None  # this cell gets the uploads' error
             actions.extend(self.frontend_message(held.channel, held.identities, held.msg))
+            if told and held.msg.content.get("stop_on_error", True):
+                while self._held_cells:  # and the cells behind it are aborted, as above
+                    actions.extend(self._abort(self._held_cells.popleft()))
         return actions
 
     def _abort(self, request: Request) -> list[Action]:
