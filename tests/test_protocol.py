@@ -73,6 +73,38 @@ def test_input_and_getpass(any_remote: tuple[str, RemoteServer]) -> None:
         km.shutdown_kernel()
 
 
+def test_an_input_asked_before_the_frontends_stdin_connects_reaches_it(jupyter_spec: str) -> None:
+    """A frontend connects each socket on its own, retrying every 100 ms until the kernel has
+    bound it, so its stdin can connect after its shell has sent the cell. A ROUTER drops a
+    message for a peer it does not know, so a quick ``input()`` was lost and the cell waited
+    forever (``cgpu-kernel run`` with piped input hung about one run in twenty). Here the
+    frontend's stdin connects a second after the kernel asked: the prompt must still come."""
+    km = KernelManager(kernel_name=jupyter_spec)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels(stdin=False)
+    try:
+        kc.wait_for_ready(timeout=60)
+        msg_id = kc.execute("late = input('late? ')", allow_stdin=True)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:  # the kernel is in input(): busy, no reply
+            msg = kc.get_iopub_msg(timeout=TIMEOUT)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+                break
+        time.sleep(1.0)  # it asked by now, with no stdin socket connected
+        kc.stdin_channel.start()
+        request = kc.get_stdin_msg(timeout=TIMEOUT)
+        assert request["content"] == {"prompt": "late? ", "password": False}
+        kc.input("here")
+        collect_iopub(kc, msg_id)
+        assert kc.get_shell_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
+        _, outputs = run_cell(kc, "print(late)")
+        assert stdout_of(outputs) == "here\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+
+
 def test_two_frontends_share_one_kernel(
     proxy: tuple[KernelManager, BlockingKernelClient],
 ) -> None:

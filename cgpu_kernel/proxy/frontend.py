@@ -12,6 +12,14 @@ to a callback, and signs what the relay sends out. Routing lives in ``relay``.
   relay publishes waits here and ``on_flow(True)`` tells the proxy to stop reading the
   WebSocket (flow control back to the remote), until the frontends catch up.
 * heartbeat: a ROUTER echo in its own thread, so it answers even while the loop is busy.
+
+stdin is also ``ROUTER_MANDATORY``. A frontend connects its five sockets independently, each
+retrying every 100 ms (ZMQ's reconnect interval) until the kernel has bound them, so its stdin
+socket can connect after its shell socket has sent the cell. A quick ``input()`` then asked a
+frontend that was not there yet, and a ROUTER drops such a message silently: the kernel waited
+for an answer forever (``cgpu-kernel run`` with piped input hung about one run in twenty). Now a
+message to a stdin not yet connected waits here, and is sent again every
+:data:`STDIN_RETRY` s, in order, for up to :data:`STDIN_WAIT` s.
 """
 
 from __future__ import annotations
@@ -62,6 +70,10 @@ FLOW_POLL = 0.005
 #: A frontend that takes nothing for this long has stopped reading iopub, not slowed down:
 #: the WebSocket is read again (replies must reach it) and its output is held in memory.
 IOPUB_STUCK = 30.0
+#: How often a message for a frontend's stdin that is not connected yet is tried again, and for
+#: how long (see the module's docstring).
+STDIN_RETRY = 0.02
+STDIN_WAIT = 30.0
 # Plain ints: flag arithmetic on pyzmq's IntFlag enums costs more than the send itself.
 _NOWAIT = int(zmq.DONTWAIT)
 _NOWAIT_MORE = int(zmq.DONTWAIT | zmq.SNDMORE)
@@ -199,6 +211,10 @@ class FrontendSockets:
         self._flow_timer: asyncio.TimerHandle | None = None
         self._last_progress = 0.0
         self._stuck = False
+        #: signed stdin messages whose frontend's socket is not connected yet, with when to
+        #: give up on each
+        self._stdin_waiting: deque[tuple[float, list[Buffer]]] = deque()
+        self._stdin_timer: asyncio.TimerHandle | None = None
 
     def bind(self) -> None:
         for channel in ("shell", "control", "stdin"):
@@ -206,6 +222,8 @@ class FrontendSockets:
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
             socket.sndhwm = 0  # see iopub below
             socket.linger = 1000
+            if channel == "stdin":  # refuse, not drop, a send to a frontend not connected yet
+                socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
             _bind(socket, socket_address(self.info, _port(self.info, channel)))
             self.sockets[channel] = socket
         iopub = self.context.socket(zmq.XPUB)
@@ -345,9 +363,36 @@ class FrontendSockets:
         return identities, msg
 
     def send(self, channel: str, identities: tuple[bytes, ...], msg: Message) -> None:
-        self._send_now(
-            channel, zmq_frames(list(identities), self.session.sign(msg.wire_parts), msg)
-        )
+        frames = zmq_frames(list(identities), self.session.sign(msg.wire_parts), msg)
+        if channel != "stdin":
+            self._send_now(channel, frames)
+            return
+        self._stdin_waiting.append((time.monotonic() + STDIN_WAIT, frames))
+        if self._stdin_timer is None:  # else a retry is due, and this waits behind the others
+            self._send_stdin()
+
+    def _send_stdin(self) -> None:
+        """Send the waiting stdin messages in order; one whose frontend's stdin socket is not
+        connected yet stops the rest, and all are tried again in :data:`STDIN_RETRY` s."""
+        self._stdin_timer = None
+        while self._stdin_waiting:
+            give_up_at, frames = self._stdin_waiting[0]
+            try:
+                self._send_now("stdin", frames)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                if time.monotonic() < give_up_at:
+                    self._stdin_timer = asyncio.get_running_loop().call_later(
+                        STDIN_RETRY, self._send_stdin
+                    )
+                    return
+                log.warning(
+                    "a message for a frontend's stdin (an input() prompt) was dropped: that"
+                    " frontend connected no stdin socket within %g s; interrupt the cell",
+                    STDIN_WAIT,
+                )
+            self._stdin_waiting.popleft()
 
     def _send_now(self, channel: str, frames: list[Buffer]) -> None:
         """Send at once: ROUTER and XPUB sockets never block a send (their high-water mark is
@@ -457,6 +502,8 @@ class FrontendSockets:
     def close(self) -> None:
         if self._flow_timer is not None:
             self._flow_timer.cancel()
+        if self._stdin_timer is not None:
+            self._stdin_timer.cancel()
         while self._backlog and self._publish_frames(self._backlog[0]):
             self._backlog.popleft()
         for socket in self.sockets.values():
