@@ -239,6 +239,38 @@ def test_replies_are_signed_and_routed_to_the_sender(info: dict[str, Any]) -> No
     with_shell(info, body)
 
 
+def test_stdin_waits_for_a_late_frontend_socket_in_order_then_gives_up(
+    info: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frontend's stdin socket that connects after the kernel asked (its sockets connect on
+    their own) gets every waiting message, in order; for one that never connects, the message
+    is dropped after ``STDIN_WAIT`` with a warning, and later ones are not held behind it."""
+    from cgpu_kernel.proxy import frontend as frontend_module
+
+    async def body(running: Running, frontend: Frontend) -> None:
+        asks = [own_message(f"ask {n}") for n in range(3)]
+        for ask in asks:
+            running.shell.send("stdin", (b"late-frontend",), ask)
+        await asyncio.sleep(0.3)  # retried meanwhile: nobody there
+        stdin = frontend.connect(zmq.DEALER, "stdin_port", identity=b"late-frontend")
+        got = []
+        for _ in asks:
+            _, signed = frontend.session.feed_identities(await receive(stdin))
+            got.append(frontend.session.deserialize(signed)["header"]["msg_id"])
+        assert got == [ask.msg_id for ask in asks]
+
+        monkeypatch.setattr(frontend_module, "STDIN_WAIT", 0.2)
+        running.shell.send("stdin", (b"never-connects",), own_message("lost"))
+        after = own_message("after")
+        running.shell.send("stdin", (b"late-frontend",), after)
+        _, signed = frontend.session.feed_identities(await receive(stdin))
+        assert frontend.session.deserialize(signed)["header"]["msg_id"] == after.msg_id
+        assert "was dropped" in caplog.text
+
+    with caplog.at_level("WARNING"):
+        with_shell(info, body)
+
+
 def test_iopub_is_held_until_the_first_subscription(info: dict[str, Any]) -> None:
     async def body(running: Running, frontend: Frontend) -> None:
         early = [own_message(str(i)) for i in range(3)]
